@@ -1,0 +1,80 @@
+"""``DistillationArguments``: ``TrainingArguments`` plus the distillation knobs.
+
+Every knob is a dataclass field, so ``HfArgumentParser``, YAML/JSON configs and the CLI read the same thing.
+``distillers`` is a list of dicts ``{"name": ..., **options}``; on the command line it is a JSON string::
+
+    --distillers '[{"name": "kl", "temperature": 2.0, "weight": 0.5}]'
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class DistillationArguments(TrainingArguments):
+    """Arguments of :class:`~hf_kd.DistillationTrainer`; all ``TrainingArguments`` fields keep their meaning."""
+
+    hard_label_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the student's own loss (e.g. cross-entropy on `labels`); 0 for pure distillation."},
+    )
+    distillers: list[dict[str, Any]] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Distillers as a list of dicts {'name': ..., **options} (a JSON string on the command line), "
+            "e.g. [{'name': 'kl', 'temperature': 2.0}]. See hf_kd.list_distillers() for the names."
+        },
+    )
+    teacher_dtype: str | None = field(
+        default=None,
+        metadata={"help": "dtype the teacher runs in: float32, bfloat16 or float16. None keeps the loaded dtype."},
+    )
+    teacher_eval_metrics: bool = field(
+        default=False,
+        metadata={"help": "Also evaluate the teacher once (metrics logged with the prefix `eval_teacher_`)."},
+    )
+    fused_lm_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "For causal LMs with a linear output head, form logits chunk by chunk inside the loss during "
+            "training, so neither model holds [batch, tokens, vocab] logits."
+        },
+    )
+    loss_chunk_size: int = field(
+        default=1024,
+        metadata={"help": "Rows (tokens) per chunk in token-level losses; peak loss memory is one chunk of logits."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.distillers, str):
+            try:
+                self.distillers = json.loads(self.distillers)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"`distillers` must be a JSON list of dicts, e.g. '[{{\"name\": \"kl\"}}]'; got {self.distillers!r}."
+                ) from error
+        if isinstance(self.distillers, dict):
+            self.distillers = [self.distillers]
+        self.distillers = list(self.distillers or [])
+        if self.hard_label_weight < 0:
+            raise ValueError(f"`hard_label_weight` must be >= 0, got {self.hard_label_weight}.")
+        if self.loss_chunk_size <= 0:
+            raise ValueError(f"`loss_chunk_size` must be a positive number of rows, got {self.loss_chunk_size}.")
+        if self.teacher_dtype is not None and self.teacher_dtype not in _DTYPES:
+            raise ValueError(
+                f"`teacher_dtype` must be one of {sorted(_DTYPES)} or None, got {self.teacher_dtype!r}."
+            )
+
+    @property
+    def teacher_torch_dtype(self) -> torch.dtype | None:
+        return _DTYPES[self.teacher_dtype] if self.teacher_dtype else None

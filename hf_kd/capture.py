@@ -1,0 +1,135 @@
+"""What a forward pass exposes to the distillers.
+
+:class:`Requirements` says which outputs a distiller reads; the trainer takes the union over all distillers and
+asks the models for nothing more (no hidden states or attention maps for a logit-only run).
+:class:`ModelView` is the one object a distiller reads a model's outputs from.
+
+Token-level losses on causal LMs can skip the ``[B, T, V]`` logits altogether: :func:`capture_head_input` runs the
+model up to the input of its output head (``get_output_embeddings()``), and the loss forms logits chunk by chunk
+(see :mod:`hf_kd.row_loss`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field, fields
+from typing import Iterator, Literal
+
+import torch
+from torch import nn
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+)
+
+Task = Literal["causal_lm", "classification", "other"]
+
+# Config attributes that post-process logits after the output head; the fused head path cannot reproduce them.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """Which outputs of the student and teacher a distiller reads."""
+
+    logits: bool = False
+    hidden_states: bool = False
+    attentions: bool = False
+    labels: bool = False  # the distiller needs ground-truth labels in the batch
+    teacher: bool = True  # the distiller needs a teacher model
+
+    def __or__(self, other: "Requirements") -> "Requirements":
+        return Requirements(**{f.name: getattr(self, f.name) or getattr(other, f.name) for f in fields(self)})
+
+
+@dataclass
+class ModelView:
+    """The outputs of one model on one batch, as distillers read them.
+
+    ``logits`` is ``[B, C]`` for classifiers and ``[B, T, V]`` for causal LMs. On the fused causal-LM path
+    ``logits`` is ``None`` and ``head_input`` (``[B, T, H]``) plus ``head`` stand in for it. ``hidden_states`` and
+    ``attentions`` are filled only when some distiller requires them. Teacher tensors carry no autograd history.
+    """
+
+    model: nn.Module
+    task: Task
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    loss: torch.Tensor | None = None
+    head_input: torch.Tensor | None = None
+    head: nn.Linear | None = None
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return getattr(self.model, "config", None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare transformers model under DDP/compile/peft wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DataParallel
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def task_of(model: nn.Module) -> Task:
+    """Classify a transformers model by its head: causal LM, classifier, or anything else."""
+    name = type(unwrap(model)).__name__
+    if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        return "causal_lm"
+    classifiers = set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values()) | set(
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.values()
+    )
+    if name in classifiers or name.endswith(("ForSequenceClassification", "ForImageClassification")):
+        return "classification"
+    return "other"
+
+
+def output_head(model: nn.Module) -> nn.Linear | None:
+    """The linear output head of a causal LM when logits are exactly ``head(hidden)``, else ``None``."""
+    model = unwrap(model)
+    config = getattr(model, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING):
+        return None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return head if isinstance(head, nn.Linear) else None
+
+
+def logits_width(model: nn.Module) -> int | None:
+    """Size of the last logits dimension: vocabulary rows of the LM head, or ``num_labels`` of a classifier."""
+    head = output_head(model)
+    if head is not None:
+        return head.out_features
+    config = getattr(unwrap(model), "config", None)
+    if task_of(model) == "classification":
+        return getattr(config, "num_labels", None)
+    return getattr(config, "vocab_size", None)
+
+
+@contextlib.contextmanager
+def capture_head_input(head: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the input of ``head`` and hand it an empty sequence, so the model never forms full logits.
+
+    The model's returned logits are ``[B, 0, V]``; the recorded ``[B, T, H]`` input is in ``captured["input"]``.
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        captured["input"] = hidden
+        return (hidden.narrow(-2, 0, 0), *args[1:])
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()

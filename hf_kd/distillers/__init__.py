@@ -1,0 +1,30 @@
+"""Distillers: the registry and every built-in method (importing this package registers them)."""
+
+from .base import Distiller, build_distiller, list_distillers, register_distiller
+from .logit import (
+    DKDDistiller,
+    JSDDistiller,
+    KLDistiller,
+    LogitDistiller,
+    LogitMSEDistiller,
+    ReverseKLDistiller,
+    SkewKLDistiller,
+    SkewReverseKLDistiller,
+    TVDDistiller,
+)
+
+__all__ = [
+    "DKDDistiller",
+    "Distiller",
+    "JSDDistiller",
+    "KLDistiller",
+    "LogitDistiller",
+    "LogitMSEDistiller",
+    "ReverseKLDistiller",
+    "SkewKLDistiller",
+    "SkewReverseKLDistiller",
+    "TVDDistiller",
+    "build_distiller",
+    "list_distillers",
+    "register_distiller",
+]

@@ -1,0 +1,149 @@
+"""The contract every distiller implements, and the registry that builds them by name.
+
+A distiller is an ``nn.Module``: its projectors, memory banks or auxiliary branches are submodules, so the trainer
+puts their trainable parameters in the optimizer (own param group) and their state in every checkpoint, and never
+in the exported student.
+
+Life cycle inside :class:`~hf_kd.DistillationTrainer`:
+
+1. ``setup(student, teacher)`` once, before training: size projectors from the two configs and raise on
+   configurations that cannot work.
+2. At each optimizer step the schedules of its knobs (``weight``, ``temperature``, ...) are applied.
+3. ``forward(student, teacher, batch)`` returns a scalar loss, or ``(loss, {sub_term: value})`` to log sub-terms.
+   Distillers whose loss is a sum over rows of logits implement ``row_loss`` instead (see
+   :class:`~hf_kd.distillers.logit.LogitDistiller`) and are evaluated together in one chunked pass.
+4. ``on_step_end()`` after each optimizer step (memory-bank updates and the like).
+
+The total loss is ``hard_label_weight * student_loss + sum_i weight_i * distiller_i``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..capture import ModelView, Requirements
+from ..schedules import Schedule
+
+_REGISTRY: dict[str, type["Distiller"]] = {}
+
+
+def register_distiller(name: str):
+    """Class decorator: make a distiller buildable from ``{"name": name, **kwargs}``."""
+
+    def decorate(cls: type[Distiller]) -> type[Distiller]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"A distiller named {name!r} is already registered ({_REGISTRY[name].__name__}).")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def list_distillers() -> list[str]:
+    """The registry names that ``DistillationArguments.distillers`` and ``build_distiller`` accept."""
+    return sorted(_REGISTRY)
+
+
+def build_distiller(spec: "Distiller | Mapping[str, Any]") -> "Distiller":
+    """A distiller from an instance (returned as is) or a dict ``{"name": ..., **kwargs}``."""
+    if isinstance(spec, Distiller):
+        return spec
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise ValueError(
+            f"A distiller is given as a Distiller instance or a dict like {{'name': 'kl', 'temperature': 2.0}}; "
+            f"got {spec!r}."
+        )
+    kwargs = dict(spec)
+    name = kwargs.pop("name")
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown distiller {name!r}. Valid names: {', '.join(list_distillers())}.")
+    cls = _REGISTRY[name]
+    accepted = _init_parameters(cls)
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(
+            f"Distiller {name!r} has no option(s) {unknown}. Its options are: {', '.join(sorted(accepted))}."
+        )
+    return cls(**kwargs)
+
+
+def _init_parameters(cls: type) -> set[str]:
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass in (Distiller, nn.Module, object) or "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        names |= {p for p, v in params.items() if p != "self" and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)}
+    return names | {"weight"}
+
+
+class Distiller(nn.Module):
+    """Base class of all distillers.
+
+    Args:
+        weight: Factor of this distiller's loss in the total loss; a number, a :class:`~hf_kd.Schedule`, or a
+            schedule dict such as ``{"schedule": "linear", "start": 0.0, "end": 1.0}``.
+    """
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[Requirements] = Requirements()
+
+    def __init__(self, weight: float | Schedule | Mapping[str, Any] = 1.0) -> None:
+        super().__init__()
+        self.schedules: dict[str, Schedule] = {}
+        self.global_step = 0
+        self.weight = self.schedulable("weight", weight)
+
+    def schedulable(
+        self, attr: str, value: float | Schedule | Mapping[str, Any], *, positive: bool = False
+    ) -> float:
+        """Register ``value`` (number or schedule) as the knob ``attr`` and return its value at step 0.
+
+        Every value the knob can take must be ``>= 0`` (``> 0`` with ``positive``), checked here, before training.
+        """
+        if isinstance(value, Mapping):
+            value = Schedule.from_dict(value)
+        if isinstance(value, Schedule):
+            self.schedules[attr] = value
+            candidates = value.values()
+            initial = value(0)
+        else:
+            candidates = [float(value)]
+            initial = float(value)
+        for v in candidates:
+            if v < 0 or (positive and v == 0):
+                bound = "> 0" if positive else ">= 0"
+                raise ValueError(
+                    f"Distiller {self.name or type(self).__name__!r}: `{attr}` must be {bound}, got {v}. "
+                    f"Set `{attr}` to a {'positive' if positive else 'non-negative'} value."
+                )
+        return initial
+
+    def set_progress(self, step: int, max_steps: int | None) -> None:
+        """Apply every schedule for optimizer step ``step`` (called by ``ScheduleCallback``)."""
+        self.global_step = step
+        for attr, schedule in self.schedules.items():
+            setattr(self, attr, schedule(step, max_steps))
+
+    def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Check the student/teacher pair and build parameters sized from their configs (override as needed)."""
+
+    def forward(
+        self, student: ModelView, teacher: ModelView | None, batch: Mapping[str, Any]
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError(f"{type(self).__name__} must implement forward() or row_loss().")
+
+    def teacher_parameters(self) -> Iterable[nn.Parameter]:
+        """Teacher-side parameters this distiller trains (online methods). Empty: the teacher stays frozen."""
+        return ()
+
+    def on_step_end(self) -> None:
+        """Called after every optimizer step."""
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}"

@@ -1,0 +1,89 @@
+"""Per-row divergences between two sets of logits.
+
+Every function takes ``student`` and ``teacher`` logits of shape ``[n, C]`` (already divided by the temperature,
+fp32) and returns ``[n]``: one value per sample (classifier) or per token (causal LM). ``KL(p || q)`` is
+``sum_c p_c (log p_c - log q_c)``. Reductions and the ``T^2`` factor are applied by the distillers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q)`` per row from log-probabilities."""
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+
+
+def forward_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``KL(p_t || p_s)``: mode-covering (Hinton et al., 2015)."""
+    return kl_from_log_probs(teacher.log_softmax(-1), student.log_softmax(-1))
+
+
+def reverse_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``KL(p_s || p_t)``: mode-seeking (MiniLLM, Gu et al., 2024)."""
+    return kl_from_log_probs(student.log_softmax(-1), teacher.log_softmax(-1))
+
+
+def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:
+    """``log(weight_p * p + (1 - weight_p) * q)``, computed stably."""
+    return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
+
+
+def generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, beta: float) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence of GKD (Agarwal et al., 2024), as TRL defines it.
+
+    ``M = beta * p_t + (1 - beta) * p_s`` and ``JSD_beta = beta * KL(p_t || M) + (1 - beta) * KL(p_s || M)``.
+    ``beta = 0`` is defined as forward ``KL(p_t || p_s)`` and ``beta = 1`` as reverse ``KL(p_s || p_t)``.
+    """
+    log_s, log_t = student.log_softmax(-1), teacher.log_softmax(-1)
+    if beta == 0.0:
+        return kl_from_log_probs(log_t, log_s)
+    if beta == 1.0:
+        return kl_from_log_probs(log_s, log_t)
+    log_m = _log_mixture(log_t, log_s, beta)
+    return beta * kl_from_log_probs(log_t, log_m) + (1.0 - beta) * kl_from_log_probs(log_s, log_m)
+
+
+def skew_kl(student: torch.Tensor, teacher: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Skew KL of DistiLLM (Ko et al., 2024): ``KL(p_t || alpha * p_t + (1 - alpha) * p_s)``."""
+    log_s, log_t = student.log_softmax(-1), teacher.log_softmax(-1)
+    return kl_from_log_probs(log_t, _log_mixture(log_t, log_s, alpha))
+
+
+def skew_reverse_kl(student: torch.Tensor, teacher: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Skew reverse KL of DistiLLM: ``KL(p_s || (1 - alpha) * p_t + alpha * p_s)``."""
+    log_s, log_t = student.log_softmax(-1), teacher.log_softmax(-1)
+    return kl_from_log_probs(log_s, _log_mixture(log_s, log_t, alpha))
+
+
+def total_variation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Total variation distance ``0.5 * sum_c |p_t - p_s|``."""
+    return 0.5 * (teacher.softmax(-1) - student.softmax(-1)).abs().sum(-1)
+
+
+def logit_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between raw logits, averaged over classes: ``mean_c (z_s - z_t)^2``."""
+    return (student - teacher).pow(2).mean(-1)
+
+
+def decoupled_kd(
+    student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, alpha: float, beta: float
+) -> torch.Tensor:
+    """Decoupled KD (Zhao et al., CVPR 2022): ``alpha * TCKD + beta * NCKD``.
+
+    TCKD is the KL between the binary distributions ``[p_y, 1 - p_y]``; NCKD the KL between the distributions over
+    the non-target classes (the target logit is pushed down by 1000 before the softmax, as mdistiller does).
+    """
+    target_mask = F.one_hot(targets, student.shape[-1]).bool()
+    p_s, p_t = student.softmax(-1), teacher.softmax(-1)
+    binary_s = torch.stack([p_s[target_mask], 1.0 - p_s[target_mask]], dim=-1).clamp_min(1e-12)
+    binary_t = torch.stack([p_t[target_mask], 1.0 - p_t[target_mask]], dim=-1).clamp_min(1e-12)
+    tckd = kl_from_log_probs(binary_t.log(), binary_s.log())
+    nckd = kl_from_log_probs(
+        (teacher - 1000.0 * target_mask).log_softmax(-1), (student - 1000.0 * target_mask).log_softmax(-1)
+    )
+    return alpha * tckd + beta * nckd

@@ -1,0 +1,178 @@
+"""Logit distillers: soft labels for classifiers (``[B, C]``) and token-level causal LMs (``[B, T, V]``).
+
+Each distiller is a per-row divergence (one row = one sample, or one predicted token). For causal LMs the rows are
+the shifted positions whose label is not -100, and the loss is normalised by the number of such tokens (over the
+whole accumulated batch when the trainer passes ``num_items_in_batch``), so gradient accumulation changes nothing.
+
+Temperature ``T`` softens both distributions: ``p = softmax(z / T)``, and every temperature-based divergence is
+multiplied by ``T^2`` so its gradient keeps the same scale as ``T`` changes (Hinton et al., 2015).
+Use with a ``DistillationTrainer``, or call one on two ``ModelView``s yourself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from ..capture import ModelView, Requirements
+from ..row_loss import RowTerm, row_losses, rows_from_views
+from ..schedules import Schedule
+from . import divergences
+from .base import Distiller, register_distiller
+
+Knob = float | Schedule | Mapping[str, Any]
+
+
+class LogitDistiller(Distiller):
+    """A per-row loss on student and teacher logits.
+
+    Subclasses implement ``divergence(student, teacher, targets)`` on temperature-scaled fp32 logits ``[n, C]``.
+
+    Args:
+        weight: Factor of the loss in the total (number or schedule).
+        temperature: Softmax temperature ``T`` (number or schedule); the divergence is multiplied by ``T^2``.
+    Inside a trainer all logit distillers share one chunked pass over the rows (``DistillationArguments.
+    loss_chunk_size``); called on its own, a distiller uses ``chunk_size`` rows per chunk.
+    """
+
+    requires = Requirements(logits=True)
+
+    def __init__(self, weight: Knob = 1.0, temperature: Knob = 1.0) -> None:
+        super().__init__(weight)
+        self.temperature = self.schedulable("temperature", temperature, positive=True)
+
+    def divergence(self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def row_loss(self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+        """Loss of each row from raw fp32 logits: ``T^2 * divergence(z_s / T, z_t / T)``."""
+        t = self.temperature
+        return self.divergence(student / t, teacher / t, targets) * (t * t)
+
+    def forward(
+        self, student: ModelView, teacher: ModelView | None, batch: Mapping[str, Any], chunk_size: int = 1024
+    ) -> torch.Tensor:
+        """The loss averaged over rows (samples, or valid tokens of a causal LM)."""
+        rows = rows_from_views(student, teacher, batch)
+        total, _ = row_losses(
+            [RowTerm(self.name, self.row_loss, 1.0)],
+            rows.student,
+            rows.teacher,
+            rows.rows,
+            rows.targets,
+            rows.vocab_size,
+            normalizer=max(rows.rows.numel(), 1),
+            chunk_size=chunk_size,
+        )
+        return total
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, temperature={self.temperature}"
+
+
+@register_distiller("kl")
+class KLDistiller(LogitDistiller):
+    """Forward KL ``T^2 * KL(p_t^T || p_s^T)`` — Hinton et al., "Distilling the Knowledge in a Neural Network" (2015)."""
+
+    def divergence(self, student, teacher, targets):
+        return divergences.forward_kl(student, teacher)
+
+
+@register_distiller("reverse_kl")
+class ReverseKLDistiller(LogitDistiller):
+    """Reverse KL ``T^2 * KL(p_s^T || p_t^T)`` (mode-seeking; MiniLLM, Gu et al., ICLR 2024, token-level form)."""
+
+    def divergence(self, student, teacher, targets):
+        return divergences.reverse_kl(student, teacher)
+
+
+@register_distiller("jsd")
+class JSDDistiller(LogitDistiller):
+    """Generalized JSD of GKD (Agarwal et al., ICLR 2024): ``beta * KL(p_t || M) + (1 - beta) * KL(p_s || M)``.
+
+    ``M = beta * p_t + (1 - beta) * p_s``; ``beta = 0`` is forward KL and ``beta = 1`` reverse KL (TRL convention).
+    """
+
+    def __init__(self, weight: Knob = 1.0, temperature: Knob = 1.0, beta: float = 0.5):
+        super().__init__(weight, temperature)
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"jsd: `beta` must lie in [0, 1] (0 = forward KL, 1 = reverse KL), got {beta}.")
+        self.beta = beta
+
+    def divergence(self, student, teacher, targets):
+        return divergences.generalized_jsd(student, teacher, self.beta)
+
+
+class _SkewDistiller(LogitDistiller):
+    def __init__(self, weight: Knob = 1.0, temperature: Knob = 1.0, alpha: float = 0.1):
+        super().__init__(weight, temperature)
+        if not 0.0 <= alpha < 1.0:
+            raise ValueError(f"{self.name}: `alpha` (skew) must lie in [0, 1), got {alpha}.")
+        self.alpha = alpha
+
+
+@register_distiller("skew_kl")
+class SkewKLDistiller(_SkewDistiller):
+    """Skew KL of DistiLLM (Ko et al., ICML 2024): ``KL(p_t || alpha * p_t + (1 - alpha) * p_s)``, alpha=0.1."""
+
+    def divergence(self, student, teacher, targets):
+        return divergences.skew_kl(student, teacher, self.alpha)
+
+
+@register_distiller("skew_reverse_kl")
+class SkewReverseKLDistiller(_SkewDistiller):
+    """Skew reverse KL of DistiLLM: ``KL(p_s || (1 - alpha) * p_t + alpha * p_s)``, alpha=0.1."""
+
+    def divergence(self, student, teacher, targets):
+        return divergences.skew_reverse_kl(student, teacher, self.alpha)
+
+
+@register_distiller("tvd")
+class TVDDistiller(LogitDistiller):
+    """Total variation distance ``T^2 * 0.5 * sum_c |p_t^T - p_s^T|``."""
+
+    def divergence(self, student, teacher, targets):
+        return divergences.total_variation(student, teacher)
+
+
+@register_distiller("mse")
+class LogitMSEDistiller(LogitDistiller):
+    """Mean squared error between raw logits, ``mean_c (z_s - z_t)^2`` (no temperature; Ba & Caruana, 2014)."""
+
+    def __init__(self, weight: Knob = 1.0) -> None:
+        super().__init__(weight, 1.0)
+
+    def row_loss(self, student, teacher, targets):
+        return divergences.logit_mse(student, teacher)
+
+
+@register_distiller("dkd")
+class DKDDistiller(LogitDistiller):
+    """Decoupled KD (Zhao et al., CVPR 2022): ``min(step / warmup_steps, 1) * T^2 * (alpha*TCKD + beta*NCKD)``.
+
+    Needs labels (the target class; for causal LMs the next token). mdistiller's CIFAR defaults: alpha=1, beta=8,
+    T=4, warm-up of 20 epochs — here the warm-up is counted in optimizer steps (``warmup_steps=0``: none).
+    The student's own cross-entropy is the trainer's ``hard_label_weight`` term.
+    """
+
+    requires = Requirements(logits=True, labels=True)
+
+    def __init__(
+        self,
+        weight: Knob = 1.0,
+        temperature: Knob = 4.0,
+        alpha: float = 1.0,
+        beta: float = 8.0,
+        warmup_steps: int = 0,
+    ) -> None:
+        super().__init__(weight, temperature)
+        if alpha < 0 or beta < 0 or warmup_steps < 0:
+            raise ValueError(f"dkd: `alpha`, `beta` and `warmup_steps` must be >= 0, got {alpha}, {beta}, {warmup_steps}.")
+        self.alpha, self.beta, self.warmup_steps = alpha, beta, warmup_steps
+
+    def divergence(self, student, teacher, targets):
+        if targets is None:
+            raise ValueError("dkd needs `labels` in the batch (the target class of each row).")
+        ramp = min(self.global_step / self.warmup_steps, 1.0) if self.warmup_steps else 1.0
+        return ramp * divergences.decoupled_kd(student, teacher, targets, self.alpha, self.beta)

@@ -1,0 +1,396 @@
+"""``DistillationTrainer``: ``transformers.Trainer`` with a teacher and a list of distillers.
+
+One training step (see ``design.md``)::
+
+    loss = hard_label_weight * student_loss + sum_i weight_i(step) * distiller_i(student_view, teacher_view, batch)
+
+The trainer knows no method by name. It asks the distillers what they read (``requires``) and captures only that;
+distillers with a per-row loss on logits (``row_loss``) share one chunked pass over samples/tokens
+(:mod:`hf_kd.row_loss`); the others are called with the two :class:`~hf_kd.capture.ModelView`s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .arguments import DistillationArguments
+from .callbacks import ScheduleCallback
+from .capture import ModelView, Requirements, capture_head_input, output_head, task_of, unwrap
+from .distillers.base import Distiller, build_distiller
+from .ledger import LossLedger
+from .row_loss import RowTerm, cross_entropy_rows, row_losses, rows_from_views
+from .teachers import prepare_teacher, shared_logit_width
+
+DISTILLER_STATE_NAME = "distillers.pt"
+_NOT_MODEL_INPUTS = ("labels", "num_items_in_batch")
+
+
+class DistillationTrainer(Trainer):
+    """A ``Trainer`` that distils ``teacher_model`` into ``model`` (the student).
+
+    Args:
+        model: The student. Trained, saved and evaluated exactly as ``Trainer`` does.
+        teacher_model: The teacher: frozen, in eval mode, run without autograd, placed by Accelerate in
+            ``args.teacher_dtype``. Never in the optimizer or in a saved checkpoint of the student.
+        args: ``DistillationArguments`` (``hard_label_weight``, ``distillers``, ``teacher_dtype``, ...).
+        distillers: ``Distiller`` instances or dicts ``{"name": ..., **options}``; overrides ``args.distillers``.
+        **kwargs: Every other ``Trainer`` argument (``train_dataset``, ``eval_dataset``, ``processing_class``,
+            ``data_collator``, ``compute_metrics``, ``callbacks``, ``optimizers``, ...).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        teacher_model: nn.Module | None = None,
+        args: DistillationArguments | None = None,
+        distillers: Sequence[Distiller | Mapping[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if args is None:
+            args = DistillationArguments(output_dir="trainer_output")
+        if not isinstance(args, DistillationArguments):
+            raise TypeError(
+                f"`args` must be hf_kd.DistillationArguments (it adds the distillation fields), got "
+                f"{type(args).__name__}. Build it with DistillationArguments(output_dir=..., ...)."
+            )
+        if distillers is not None and args.distillers:
+            raise ValueError("Distillers are given both as `distillers=` and in `args.distillers`; keep one of them.")
+        specs = list(distillers) if distillers is not None else args.distillers
+        if not specs:
+            raise ValueError(
+                "No distillers given. Pass `distillers=[{'name': 'kl', 'temperature': 2.0}]` (or set "
+                "`DistillationArguments.distillers`); hf_kd.list_distillers() lists the names."
+            )
+        self.distillers = nn.ModuleList(build_distiller(spec) for spec in specs)
+        self.distiller_keys = _unique_keys(self.distillers)
+        self.requirements = _union(d.requires for d in self.distillers)
+        if self.requirements.teacher and teacher_model is None:
+            raise ValueError(
+                f"Distillers {self.distiller_keys} need a teacher: pass `teacher_model=` to DistillationTrainer."
+            )
+        callbacks = [*(kwargs.pop("callbacks", None) or []), ScheduleCallback(self.distillers), _StepEvents(self)]
+        super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
+
+        student = unwrap(self.model)
+        self.teacher = None
+        if teacher_model is not None:
+            self.teacher = prepare_teacher(teacher_model, self.accelerator, args.teacher_torch_dtype)
+        teacher = unwrap(self.teacher) if self.teacher is not None else None
+        self._check_outputs_available(student, teacher)
+        if self.requirements.logits and teacher is not None:
+            shared_logit_width(student, teacher, self.processing_class)
+        for distiller in self.distillers:
+            distiller.setup(student, teacher)
+        self.distillers.to(args.device)
+
+        self._row_distillers = [(k, d) for k, d in zip(self.distiller_keys, self.distillers) if hasattr(d, "row_loss")]
+        self._other_distillers = [
+            (k, d) for k, d in zip(self.distiller_keys, self.distillers) if not hasattr(d, "row_loss")
+        ]
+        self._teacher_trained = any(any(True for _ in d.teacher_parameters()) for d in self.distillers)
+        self._fused_lm = (
+            args.fused_lm_loss
+            and teacher is not None
+            and task_of(student) == "causal_lm"
+            and output_head(student) is not None
+            and output_head(teacher) is not None
+            and not self._teacher_trained
+            and not any(d.requires.logits for _, d in self._other_distillers)
+        )
+        self._teacher_inputs = _accepted_inputs(teacher) if teacher is not None else None
+        self.ledger = LossLedger()
+        self._teacher_evaluated = False
+        self._evaluating_teacher = False
+
+    # ---- checks made before the first step -------------------------------------------------------------------
+    def _check_outputs_available(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        if not self.requirements.attentions:
+            return
+        for role, model in (("student", student), ("teacher", teacher)):
+            implementation = getattr(getattr(model, "config", None), "_attn_implementation", "eager")
+            if model is not None and implementation != "eager":
+                raise ValueError(
+                    f"A distiller reads attention maps, but the {role} uses attn_implementation="
+                    f"{implementation!r}, which returns none. Load it with "
+                    f"from_pretrained(..., attn_implementation='eager')."
+                )
+
+    def _check_batch(self, inputs: Mapping[str, Any]) -> None:
+        if "labels" in inputs:
+            return
+        if self.args.hard_label_weight > 0 and not self._evaluating_teacher:
+            raise ValueError(
+                f"hard_label_weight={self.args.hard_label_weight} but the batch has no `labels`. Set "
+                "hard_label_weight=0 for pure distillation, or give the batch labels (e.g. a `label` column, or "
+                "DataCollatorForLanguageModeling(tokenizer, mlm=False) for causal LMs)."
+            )
+        if self.requirements.labels:
+            needing = [k for k, d in zip(self.distiller_keys, self.distillers) if d.requires.labels]
+            raise ValueError(f"Distillers {needing} need `labels` in every batch, and this batch has none.")
+
+    # ---- the loss --------------------------------------------------------------------------------------------
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        if self._evaluating_teacher:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._check_batch(inputs)
+        training = model.training and torch.is_grad_enabled()
+        fused = self._fused_lm and training
+        hard_weight = self.args.hard_label_weight
+        want_hard = hard_weight > 0 and "labels" in inputs
+
+        student, outputs = self._student_forward(model, inputs, fused, want_hard and not fused, num_items_in_batch)
+        teacher = self._teacher_forward(inputs, fused) if self.teacher is not None else None
+
+        components: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=self.args.device)
+        if student.loss is not None:  # already scaled like Trainer's loss
+            components["hard"] = student.loss
+            total = total + hard_weight * student.loss
+
+        scaled_for_ga = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        distill_total, values = self._distiller_losses(
+            student, teacher, inputs, fused and want_hard, num_items_in_batch if scaled_for_ga else None
+        )
+        loss_scale = self._loss_scale(num_items_in_batch)
+        total = total + loss_scale * distill_total
+        components.update({name: value * loss_scale for name, value in values.items()})
+        self._record(model, components, total, inputs, num_items_in_batch)
+        return (total, outputs) if return_outputs else total
+
+    def _distiller_losses(self, student, teacher, inputs, fused_hard, num_items):
+        """``sum_i w_i * L_i`` over the distillers (plus the student CE on the fused path) and each ``L_i``."""
+        values: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=self.args.device)
+        terms = [RowTerm(key, d.row_loss, d.weight) for key, d in self._row_distillers]
+        if fused_hard:
+            terms.insert(0, RowTerm("hard", cross_entropy_rows, self.args.hard_label_weight))
+        if terms:
+            rows = rows_from_views(student, teacher, inputs)
+            normalizer = num_items if num_items is not None else max(rows.rows.numel(), 1)
+            total, values = row_losses(
+                terms, rows.student, rows.teacher, rows.rows, rows.targets, rows.vocab_size, normalizer,
+                self.args.loss_chunk_size,
+            )
+        for key, distiller in self._other_distillers:
+            result = distiller(student, teacher, inputs)
+            value, parts = result if isinstance(result, tuple) else (result, {})
+            total = total + distiller.weight * value
+            values[key] = value
+            values.update({f"{key}/{part}": v for part, v in parts.items()})
+        return total, values
+
+    def _loss_scale(self, num_items_in_batch) -> float:
+        """The factor Trainer.compute_loss puts on a loss normalised over tokens of all processes."""
+        if (
+            self.args.average_tokens_across_devices
+            and (self.model_accepts_loss_kwargs or self.compute_loss_func)
+            and num_items_in_batch is not None
+        ):
+            return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+        return 1
+
+    # ---- forward passes --------------------------------------------------------------------------------------
+    def _output_flags(self) -> dict[str, bool]:
+        flags = {}
+        if self.requirements.hidden_states:
+            flags["output_hidden_states"] = True
+        if self.requirements.attentions:
+            flags["output_attentions"] = True
+        return flags
+
+    def _student_forward(self, model, inputs, fused, with_hard_loss, num_items_in_batch):
+        bare = unwrap(model)
+        flags = self._output_flags()
+        head = output_head(bare) if fused else None
+        hard = None
+        with capture_head_input(head) if fused else contextlib.nullcontext({}) as captured:
+            if with_hard_loss:  # Trainer's own loss path: label smoothing, compute_loss_func, token averaging
+                hard, outputs = super().compute_loss(
+                    model, {**inputs, **flags}, return_outputs=True, num_items_in_batch=num_items_in_batch
+                )
+            else:
+                outputs = model(**{k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}, **flags)
+        view = _view(bare, outputs, captured.get("input"), head)
+        view.loss = hard
+        # Only the logits go back to Trainer (prediction_step gathers every returned tensor for compute_metrics).
+        return view, type(outputs)(loss=hard, logits=outputs.logits) if hasattr(outputs, "logits") else outputs
+
+    def _teacher_forward(self, inputs, fused) -> ModelView:
+        bare = unwrap(self.teacher)
+        head = output_head(bare) if fused else None
+        teacher_inputs = {k: v for k, v in inputs.items() if self._teacher_inputs(k)}
+        frozen = not self._teacher_trained
+        with torch.inference_mode() if frozen else contextlib.nullcontext():
+            with capture_head_input(head) if fused else contextlib.nullcontext({}) as captured:
+                outputs = self.teacher(**teacher_inputs, **self._output_flags())
+        view = _view(bare, outputs, captured.get("input"), head)
+        if frozen:  # inference tensors cannot be saved for backward: hand distillers ordinary tensors
+            view.hidden_states = _autograd_safe(view.hidden_states)
+            view.attentions = _autograd_safe(view.attentions)
+            if view.logits is not None and view.logits.dim() == 2:
+                view.logits = view.logits.clone()
+        return view
+
+    # ---- logging ---------------------------------------------------------------------------------------------
+    def _record(self, model, components, total, inputs, num_items_in_batch) -> None:
+        named = {f"loss/{name}": value for name, value in components.items()}
+        if model.training and torch.is_grad_enabled():
+            self.ledger.add_train({"loss": total, **named}, 1.0 / self._ga_divisor(num_items_in_batch),
+                                  self.state.global_step)
+        elif not model.training:
+            self.ledger.add_eval(components, _batch_size(inputs))
+
+    def _ga_divisor(self, num_items_in_batch) -> int:
+        """What Trainer.training_step divides the loss by (mirrors its rule)."""
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+        return 1 if scaled else getattr(self, "current_gradient_accumulation_steps", 1)
+
+    def _gather(self, value: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather(value.reshape(1))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the components averaged over the same window as `loss`
+            window = self.ledger.pop_window(self.state.global_step, self._gather)
+            logs.update({k: v for k, v in window.items() if k != "loss"})
+        super().log(logs, start_time)
+
+    def _dispatch_step_losses(self, args, state, control) -> None:
+        listeners = [cb for cb in self.callback_handler.callbacks if hasattr(cb, "on_distillation_step")]
+        if not listeners:
+            self.ledger.step = {}
+            return
+        losses = self.ledger.pop_step()
+        for callback in listeners:
+            result = callback.on_distillation_step(
+                args, state, control, losses=losses, model=self.model, teacher_model=self.teacher
+            )
+            if result is not None:
+                control = result
+
+    # ---- evaluation ------------------------------------------------------------------------------------------
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        for name, value in self.ledger.pop_eval(self._gather).items():
+            output.metrics[f"{metric_key_prefix}_loss/{name}"] = value
+        return output
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.args.teacher_eval_metrics and not self._teacher_evaluated and self.teacher is not None:
+            metrics.update(self.evaluate_teacher(eval_dataset, ignore_keys, f"{metric_key_prefix}_teacher"))
+        return metrics
+
+    def evaluate_teacher(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval_teacher"):
+        """Evaluate the teacher alone with the trainer's data, collator and ``compute_metrics``."""
+        if self.teacher is None:
+            raise ValueError("This trainer has no teacher to evaluate.")
+        student, wrapped = self.model, self.model_wrapped
+        self.model = self.model_wrapped = self.teacher
+        self._evaluating_teacher = True
+        try:
+            metrics = Trainer.evaluate(self, eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self.model, self.model_wrapped = student, wrapped
+            self._evaluating_teacher = False
+        self._teacher_evaluated = True
+        return metrics
+
+    # ---- optimizer and checkpoints ----------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        taken = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        params = [p for p in self.distillers.parameters() if p.requires_grad and id(p) not in taken]
+        if params:
+            optimizer.add_param_group({"params": params, "weight_decay": self.args.weight_decay})
+        return optimizer
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        state = self.distillers.state_dict()
+        if state and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            torch.save(state, os.path.join(folder, DISTILLER_STATE_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        # Runs on every resume, whatever the backend, so distiller state is restored next to the optimizer's.
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, DISTILLER_STATE_NAME) if checkpoint else None
+        if path and os.path.isfile(path):
+            self.distillers.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
+
+
+class _StepEvents(TrainerCallback):
+    """Sends ``on_distillation_step`` to the callbacks that define it, after every optimizer step."""
+
+    def __init__(self, trainer: DistillationTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._dispatch_step_losses(args, state, control)
+
+
+def _view(model: nn.Module, outputs, head_input, head) -> ModelView:
+    logits = None if head_input is not None else getattr(outputs, "logits", None)
+    return ModelView(
+        model=model,
+        task=task_of(model),
+        logits=logits,
+        hidden_states=getattr(outputs, "hidden_states", None),
+        attentions=getattr(outputs, "attentions", None),
+        head_input=head_input,
+        head=head,
+    )
+
+
+def _autograd_safe(tensors):
+    return None if tensors is None else tuple(t.clone() for t in tensors)
+
+
+def _accepted_inputs(model: nn.Module):
+    params = inspect.signature(model.forward).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return lambda key: key not in _NOT_MODEL_INPUTS
+    return lambda key: key in params and key not in _NOT_MODEL_INPUTS
+
+
+def _batch_size(inputs: Mapping[str, Any]) -> int:
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return 1
+
+
+def _unique_keys(distillers: Sequence[Distiller]) -> list[str]:
+    """Registry names, numbered when a name repeats (``kl``, ``kl_2``); used in logs as ``loss/<key>``."""
+    keys, seen = [], {}
+    for distiller in distillers:
+        name = distiller.name or type(distiller).__name__
+        seen[name] = seen.get(name, 0) + 1
+        keys.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return keys
+
+
+def _union(requirements) -> Requirements:
+    result = Requirements(teacher=False)
+    for requirement in requirements:
+        result = result | requirement
+    return result

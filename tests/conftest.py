@@ -1,0 +1,94 @@
+"""Tiny models built from configs and small synthetic datasets: no network, seconds per test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+VOCAB = 97
+
+
+def bert(num_labels: int = 3, layers: int = 2, hidden: int = 32, seed: int = 0, **kwargs) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels, **kwargs,
+    )
+    return BertForSequenceClassification(config)
+
+
+def llama(vocab: int = VOCAB, layers: int = 2, hidden: int = 32, seed: int = 0, **kwargs) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        **kwargs,
+    )
+    return LlamaForCausalLM(config)
+
+
+def gpt2(vocab: int = VOCAB, layers: int = 2, hidden: int = 32, seed: int = 0, **kwargs) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=2,
+        **kwargs,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def vit(num_labels: int = 4, layers: int = 2, hidden: int = 32, seed: int = 0, **kwargs) -> ViTForImageClassification:
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=8, patch_size=2, num_channels=1, hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=2, intermediate_size=2 * hidden, num_labels=num_labels, **kwargs,
+    )
+    return ViTForImageClassification(config)
+
+
+def text_classification_data(n: int = 16, length: int = 12, num_labels: int = 3, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[::3, length // 2 :] = 0  # some padded rows
+    labels = torch.randint(0, num_labels, (n,), generator=g)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()})
+
+
+def lm_data(n: int = 16, length: int = 12, vocab: int = VOCAB, seed: int = 0, with_labels: bool = True) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[::3, length - 4 :] = 0  # right padding in some rows
+    columns = {"input_ids": ids.tolist(), "attention_mask": mask.tolist()}
+    if with_labels:
+        columns["labels"] = ids.masked_fill(mask == 0, -100).tolist()
+    return Dataset.from_dict(columns)
+
+
+def image_data(n: int = 16, num_labels: int = 4, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(n, 1, 8, 8, generator=g)
+    labels = torch.randint(0, num_labels, (n,), generator=g)
+    return Dataset.from_dict({"pixel_values": pixels.tolist(), "labels": labels.tolist()})
+
+
+@pytest.fixture
+def output_dir(tmp_path):
+    return str(tmp_path / "out")
