@@ -164,11 +164,6 @@ def row_losses(
     return total, {term.name: value for term, value in zip(terms, values.unbind())}
 
 
-def cross_entropy_rows(student: torch.Tensor, teacher: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor:
-    """The student's own loss on the fused path: ``-log softmax(z_s)[y]`` per row."""
-    return F.cross_entropy(student, targets, reduction="none")
-
-
 @dataclass
 class RowBatch:
     """The rows of one batch that row losses run over, and where both models' logits for them come from."""

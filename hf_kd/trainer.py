@@ -17,6 +17,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -26,7 +27,7 @@ from .callbacks import ScheduleCallback
 from .capture import ModelView, Requirements, capture_head_input, output_head, task_of, unwrap
 from .distillers.base import Distiller, build_distiller
 from .ledger import LossLedger
-from .row_loss import RowTerm, cross_entropy_rows, row_losses, rows_from_views
+from .row_loss import RowTerm, row_losses, rows_from_views
 from .teachers import prepare_teacher, shared_logit_width
 
 DISTILLER_STATE_NAME = "distillers.pt"
@@ -105,6 +106,7 @@ class DistillationTrainer(Trainer):
             and not self._teacher_trained
             and not any(d.requires.logits for _, d in self._other_distillers)
         )
+        self._student_task = task_of(student)
         self._teacher_inputs = _accepted_inputs(teacher) if teacher is not None else None
         self.ledger = LossLedger()
         self._teacher_evaluated = False
@@ -151,33 +153,56 @@ class DistillationTrainer(Trainer):
         fused = self._fused_lm and training
         hard_weight = self.args.hard_label_weight
         want_hard = hard_weight > 0 and "labels" in inputs
+        hard_as_row = want_hard and self._hard_loss_is_cross_entropy(inputs)
 
-        student, outputs = self._student_forward(model, inputs, fused, want_hard and not fused, num_items_in_batch)
+        student, outputs = self._student_forward(
+            model, inputs, fused, want_hard and not hard_as_row, num_items_in_batch
+        )
         teacher = self._teacher_forward(inputs, fused) if self.teacher is not None else None
 
         components: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.args.device)
-        if student.loss is not None:  # already scaled like Trainer's loss
+        if student.loss is not None:  # the model's own loss, already scaled like Trainer's loss
             components["hard"] = student.loss
             total = total + hard_weight * student.loss
 
         scaled_for_ga = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         distill_total, values = self._distiller_losses(
-            student, teacher, inputs, fused and want_hard, num_items_in_batch if scaled_for_ga else None
+            student, teacher, inputs, hard_as_row, num_items_in_batch if scaled_for_ga else None
         )
         loss_scale = self._loss_scale(num_items_in_batch)
         total = total + loss_scale * distill_total
         components.update({name: value * loss_scale for name, value in values.items()})
         self._record(model, components, total, inputs, num_items_in_batch)
-        return (total, outputs) if return_outputs else total
+        if return_outputs:
+            return total, type(outputs)(loss=total.detach(), logits=outputs.logits)
+        return total
 
-    def _distiller_losses(self, student, teacher, inputs, fused_hard, num_items):
-        """``sum_i w_i * L_i`` over the distillers (plus the student CE on the fused path) and each ``L_i``."""
+    def _hard_loss_is_cross_entropy(self, inputs) -> bool:
+        """Whether the student's own loss is plain (label-smoothed) cross-entropy on its logits.
+
+        Then it is computed in the shared row pass, normalised exactly like the distillers (the models' own losses
+        do not all honour ``num_items_in_batch``). Otherwise (regression, multi-label, ``compute_loss_func``) the
+        model's / Trainer's own loss is used.
+        """
+        if self.compute_loss_func is not None or self._student_task not in ("classification", "causal_lm"):
+            return False
+        labels = inputs["labels"]
+        if self._student_task == "causal_lm":
+            return True
+        problem = getattr(unwrap(self.model).config, "problem_type", None)
+        return labels.dim() == 1 and not labels.is_floating_point() and problem in (None, "single_label_classification")
+
+    def _cross_entropy(self, student, teacher, targets):
+        return F.cross_entropy(student, targets, reduction="none", label_smoothing=self.args.label_smoothing_factor)
+
+    def _distiller_losses(self, student, teacher, inputs, hard_as_row, num_items):
+        """``sum_i w_i * L_i`` over the distillers (plus the student's cross-entropy) and each ``L_i``."""
         values: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.args.device)
         terms = [RowTerm(key, d.row_loss, d.weight) for key, d in self._row_distillers]
-        if fused_hard:
-            terms.insert(0, RowTerm("hard", cross_entropy_rows, self.args.hard_label_weight))
+        if hard_as_row:
+            terms.insert(0, RowTerm("hard", self._cross_entropy, self.args.hard_label_weight))
         if terms:
             rows = rows_from_views(student, teacher, inputs)
             normalizer = num_items if num_items is not None else max(rows.rows.numel(), 1)
@@ -212,13 +237,13 @@ class DistillationTrainer(Trainer):
             flags["output_attentions"] = True
         return flags
 
-    def _student_forward(self, model, inputs, fused, with_hard_loss, num_items_in_batch):
+    def _student_forward(self, model, inputs, fused, model_loss, num_items_in_batch):
         bare = unwrap(model)
         flags = self._output_flags()
         head = output_head(bare) if fused else None
         hard = None
         with capture_head_input(head) if fused else contextlib.nullcontext({}) as captured:
-            if with_hard_loss:  # Trainer's own loss path: label smoothing, compute_loss_func, token averaging
+            if model_loss:  # Trainer's own loss path: label smoothing, compute_loss_func, token averaging
                 hard, outputs = super().compute_loss(
                     model, {**inputs, **flags}, return_outputs=True, num_items_in_batch=num_items_in_batch
                 )
@@ -226,8 +251,7 @@ class DistillationTrainer(Trainer):
                 outputs = model(**{k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}, **flags)
         view = _view(bare, outputs, captured.get("input"), head)
         view.loss = hard
-        # Only the logits go back to Trainer (prediction_step gathers every returned tensor for compute_metrics).
-        return view, type(outputs)(loss=hard, logits=outputs.logits) if hasattr(outputs, "logits") else outputs
+        return view, outputs
 
     def _teacher_forward(self, inputs, fused) -> ModelView:
         bare = unwrap(self.teacher)
@@ -339,10 +363,24 @@ class DistillationTrainer(Trainer):
 
 
 class _StepEvents(TrainerCallback):
-    """Sends ``on_distillation_step`` to the callbacks that define it, after every optimizer step."""
+    """The distillers' share of each optimizer step, which Trainer only does for the student.
+
+    Averages distiller gradients over processes before the step, clears them after it, and sends
+    ``on_distillation_step`` to the callbacks that define it.
+    """
 
     def __init__(self, trainer: DistillationTrainer) -> None:
         self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        accelerator = self.trainer.accelerator
+        if accelerator.num_processes > 1:
+            for param in self.trainer.distillers.parameters():
+                if param.grad is not None:
+                    param.grad = accelerator.reduce(param.grad, reduction="mean")
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.distillers.zero_grad(set_to_none=True)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._dispatch_step_losses(args, state, control)

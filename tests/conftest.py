@@ -1,4 +1,5 @@
-"""Tiny models built from configs and small synthetic datasets: no network, seconds per test."""
+"""Tiny models built from configs (dropout off, so train-mode outputs are deterministic) and small synthetic
+datasets: no network, seconds per test."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def bert(num_labels: int = 3, layers: int = 2, hidden: int = 32, seed: int = 0, 
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels, **kwargs,
+        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kwargs,
     )
     return BertForSequenceClassification(config)
 
@@ -48,7 +50,7 @@ def gpt2(vocab: int = VOCAB, layers: int = 2, hidden: int = 32, seed: int = 0, *
     torch.manual_seed(seed)
     config = GPT2Config(
         vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=2,
-        **kwargs,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kwargs,
     )
     return GPT2LMHeadModel(config)
 
