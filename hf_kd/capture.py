@@ -12,7 +12,7 @@ model up to the input of its output head (``get_output_embeddings()``), and the 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Iterator, Literal
 
 import torch
@@ -60,7 +60,6 @@ class ModelView:
     loss: torch.Tensor | None = None
     head_input: torch.Tensor | None = None
     head: nn.Linear | None = None
-    features: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def config(self):
