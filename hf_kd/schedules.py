@@ -62,7 +62,9 @@ class Schedule:
         """Every value the schedule can take (used to validate bounds up front)."""
         if self.schedule == "step":
             return [self.start * self.gamma**k for k in range(len(self.milestones) + 1)]
-        return [self.start] + ([self.end] if self.end is not None else [])
+        if self.schedule == "constant":
+            return [self.start]
+        return [self.start, self.end]
 
     def __call__(self, step: int, max_steps: int | None = None) -> float:
         if self.schedule == "constant":
@@ -71,7 +73,7 @@ class Schedule:
             reached = sum(step >= m for m in self.milestones)
             return self.start * self.gamma**reached
         end_step = self.end_step if self.end_step is not None else max_steps
-        if not end_step:  # length of training unknown (no trainer.train() yet)
+        if end_step is None or (self.end_step is None and not max_steps):  # training length unknown (no train())
             return self.start
         if end_step <= self.start_step:  # a jump rather than a ramp
             return self.start if step < self.start_step else self.end

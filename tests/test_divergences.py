@@ -242,19 +242,11 @@ def test_jsd_interior_beta_by_hand():
     assert all(0 < v < math.log(2) for v in row_loss(JSDDistiller(beta=0.5)))
 
 
-SKEW_ALPHA_ZERO_BUG = (
-    "hf_kd bug: divergences._log_mixture computes math.log(weight_p), which raises 'math domain error' for "
-    "alpha=0 although _SkewDistiller accepts alpha in [0, 1)"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=SKEW_ALPHA_ZERO_BUG)
 def test_skew_kl_alpha_zero_is_forward_kl():
     forward = [kl(softmax(t, 2.0), softmax(s, 2.0)) * 4 for s, t in zip(STUDENT, TEACHER)]
     assert row_loss(SkewKLDistiller(temperature=2.0, alpha=0.0)) == approx(forward)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=SKEW_ALPHA_ZERO_BUG)
 def test_skew_reverse_kl_alpha_zero_is_reverse_kl():
     reverse = [kl(softmax(s, 2.0), softmax(t, 2.0)) * 4 for s, t in zip(STUDENT, TEACHER)]
     assert row_loss(SkewReverseKLDistiller(temperature=2.0, alpha=0.0)) == approx(reverse)

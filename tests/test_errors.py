@@ -53,13 +53,6 @@ def test_unknown_option_of_a_distiller():
         build_distiller({"name": "dkd", "warmup": 5, "gamma": 1.0})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="hf_kd bug: base._init_parameters unions __init__ parameters over the whole MRO, so `temperature` "
-    "(a LogitDistiller option) passes the unknown-option check for 'mse', whose __init__ does not accept it: "
-    "LogitMSEDistiller(temperature=...) then raises a bare TypeError instead of the listed-options ValueError",
-)
 def test_unknown_option_of_a_subclass_that_narrows_its_signature():
     with pytest.raises(ValueError, match=r"Distiller 'mse' has no option\(s\) \['temperature'\]. Its options are: weight"):
         build_distiller({"name": "mse", "temperature": 2.0})

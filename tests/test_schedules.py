@@ -77,12 +77,6 @@ def test_end_step_not_after_start_step_is_a_jump():
     assert [s(0), s(4), s(5), s(6)] == [1.0, 1.0, 3.0, 3.0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hf_kd bug: Schedule.__call__ tests `if not end_step` after resolving end_step, so an explicit "
-    "end_step=0 is taken for 'length of training unknown' and the schedule stays at `start` forever, "
-    "instead of the documented jump to `end` (end_step <= start_step)",
-)
 def test_explicit_end_step_zero_is_a_jump_at_step_zero():
     s = Schedule("linear", start=1.0, end=3.0, end_step=0)
     assert [s(0), s(5), s(5, 100)] == [3.0, 3.0, 3.0]

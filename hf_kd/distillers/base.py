@@ -73,13 +73,16 @@ def build_distiller(spec: "Distiller | Mapping[str, Any]") -> "Distiller":
 
 
 def _init_parameters(cls: type) -> set[str]:
+    """Keyword options of ``cls``: its ``__init__`` parameters, plus its parents' while it forwards ``**kwargs``."""
     names: set[str] = set()
     for klass in cls.__mro__:
-        if klass in (Distiller, nn.Module, object) or "__init__" not in vars(klass):
+        if "__init__" not in vars(klass):
             continue
         params = inspect.signature(klass.__init__).parameters
         names |= {p for p, v in params.items() if p != "self" and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)}
-    return names | {"weight"}
+        if klass is Distiller or not any(v.kind == v.VAR_KEYWORD for v in params.values()):
+            return names
+    return names
 
 
 class Distiller(nn.Module):

@@ -30,6 +30,10 @@ def reverse_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:
     """``log(weight_p * p + (1 - weight_p) * q)``, computed stably."""
+    if weight_p == 0.0:
+        return log_q
+    if weight_p == 1.0:
+        return log_p
     return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
 
 
