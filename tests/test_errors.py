@@ -31,9 +31,8 @@ def make_args(tmp_path, **kwargs):
 def test_unknown_distiller_name_lists_valid_names(tmp_path):
     with pytest.raises(ValueError, match="Unknown distiller 'kld'. Valid names: ") as info:
         build_distiller({"name": "kld"})
-    for name in list_distillers():
+    for name in ["dkd", "jsd", "kl", "mse", "reverse_kl", "skew_kl", "skew_reverse_kl", "tvd", *list_distillers()]:
         assert name in str(info.value)
-    assert "dkd, jsd, kl, mse, reverse_kl, skew_kl, skew_reverse_kl, tvd" in str(info.value)
     # through the trainer, at construction
     with pytest.raises(ValueError, match="Unknown distiller 'kld'"):
         DistillationTrainer(model=llama(), teacher_model=llama(seed=1), args=make_args(tmp_path, distillers=[{"name": "kld"}]))
