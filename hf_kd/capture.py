@@ -12,8 +12,8 @@ model up to the input of its output head (``get_output_embeddings()``), and the 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, fields
-from typing import Iterator, Literal
+from dataclasses import dataclass, field, fields
+from typing import Iterable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -43,13 +43,25 @@ class Requirements:
         return Requirements(**{f.name: getattr(self, f.name) or getattr(other, f.name) for f in fields(self)})
 
 
+@dataclass(frozen=True)
+class FeatureSpec:
+    """The output (or input) of a named submodule, read with a forward hook (torchdistill-style).
+
+    ``path`` is the dotted name from ``model.named_modules()``, e.g. ``"bert.encoder.layer.1.output"``.
+    """
+
+    path: str
+    what: Literal["output", "input"] = "output"
+
+
 @dataclass
 class ModelView:
     """The outputs of one model on one batch, as distillers read them.
 
     ``logits`` is ``[B, C]`` for classifiers and ``[B, T, V]`` for causal LMs. On the fused causal-LM path
     ``logits`` is ``None`` and ``head_input`` (``[B, T, H]``) plus ``head`` stand in for it. ``hidden_states`` and
-    ``attentions`` are filled only when some distiller requires them. Teacher tensors carry no autograd history.
+    ``attentions`` are filled only when some distiller requires them; ``features`` holds the hooked module
+    outputs that distillers asked for (see :class:`FeatureSpec`). Teacher tensors carry no autograd history.
     """
 
     model: nn.Module
@@ -60,6 +72,7 @@ class ModelView:
     loss: torch.Tensor | None = None
     head_input: torch.Tensor | None = None
     head: nn.Linear | None = None
+    features: dict[FeatureSpec, torch.Tensor] = field(default_factory=dict)
 
     @property
     def config(self):
@@ -132,3 +145,39 @@ def capture_head_input(head: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
         yield captured
     finally:
         handle.remove()
+
+
+def find_module(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)`` with an error that lists the model's modules of the same kind of name."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        leaf = path.rsplit(".", 1)[-1]
+        similar = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] == leaf][:8]
+        hint = f" Modules with that name: {similar}." if similar else ""
+        raise ValueError(f"{type(model).__name__} has no submodule {path!r}.{hint}") from None
+
+
+@contextlib.contextmanager
+def capture_features(model: nn.Module, specs: Iterable[FeatureSpec]) -> Iterator[dict[FeatureSpec, torch.Tensor]]:
+    """Record the outputs/inputs of the modules named in ``specs`` during the forward passes inside the block.
+
+    Hooks exist only inside the ``with`` block, so nothing leaks into evaluation or the saved model.
+    """
+    captured: dict[FeatureSpec, torch.Tensor] = {}
+    handles = []
+    try:
+        for spec in specs:
+            module = find_module(model, spec.path)
+            if spec.what == "output":
+                def record_output(_module, _args, output, spec=spec):
+                    captured[spec] = output[0] if isinstance(output, (tuple, list)) else output
+                handles.append(module.register_forward_hook(record_output))
+            else:
+                def record_input(_module, args, kwargs, spec=spec):
+                    captured[spec] = args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v))
+                handles.append(module.register_forward_pre_hook(record_input, with_kwargs=True))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -24,7 +24,15 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arguments import DistillationArguments
 from .callbacks import ScheduleCallback
-from .capture import ModelView, Requirements, capture_head_input, output_head, task_of, unwrap
+from .capture import (
+    ModelView,
+    Requirements,
+    capture_features,
+    capture_head_input,
+    output_head,
+    task_of,
+    unwrap,
+)
 from .distillers.base import Distiller, build_distiller
 from .ledger import LossLedger
 from .row_loss import RowTerm, row_losses, rows_from_views
@@ -91,6 +99,8 @@ class DistillationTrainer(Trainer):
         for distiller in self.distillers:
             distiller.setup(student, teacher)
         self.distillers.to(args.device)
+        self._student_features = _ordered_union(d.student_features() for d in self.distillers)
+        self._teacher_features = _ordered_union(d.teacher_features() for d in self.distillers)
 
         self._row_distillers = [(k, d) for k, d in zip(self.distiller_keys, self.distillers) if hasattr(d, "row_loss")]
         self._other_distillers = [
@@ -242,7 +252,9 @@ class DistillationTrainer(Trainer):
         flags = self._output_flags()
         head = output_head(bare) if fused else None
         hard = None
-        with capture_head_input(head) if fused else contextlib.nullcontext({}) as captured:
+        with capture_head_input(head) if fused else contextlib.nullcontext({}) as captured, capture_features(
+            bare, self._student_features
+        ) as features:
             if model_loss:  # Trainer's own loss path: label smoothing, compute_loss_func, token averaging
                 hard, outputs = super().compute_loss(
                     model, {**inputs, **flags}, return_outputs=True, num_items_in_batch=num_items_in_batch
@@ -250,7 +262,7 @@ class DistillationTrainer(Trainer):
             else:
                 outputs = model(**{k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}, **flags)
         view = _view(bare, outputs, captured.get("input"), head)
-        view.loss = hard
+        view.loss, view.features = hard, features
         return view, outputs
 
     def _teacher_forward(self, inputs, fused) -> ModelView:
@@ -259,12 +271,16 @@ class DistillationTrainer(Trainer):
         teacher_inputs = {k: v for k, v in inputs.items() if self._teacher_inputs(k)}
         frozen = not self._teacher_trained
         with torch.inference_mode() if frozen else contextlib.nullcontext():
-            with capture_head_input(head) if fused else contextlib.nullcontext({}) as captured:
+            with capture_head_input(head) if fused else contextlib.nullcontext({}) as captured, capture_features(
+                bare, self._teacher_features
+            ) as features:
                 outputs = self.teacher(**teacher_inputs, **self._output_flags())
         view = _view(bare, outputs, captured.get("input"), head)
+        view.features = features
         if frozen:  # inference tensors cannot be saved for backward: hand distillers ordinary tensors
             view.hidden_states = _autograd_safe(view.hidden_states)
             view.attentions = _autograd_safe(view.attentions)
+            view.features = {spec: value.clone() for spec, value in features.items()}
             if view.logits is not None and view.logits.dim() == 2:
                 view.logits = view.logits.clone()
         return view
@@ -425,6 +441,10 @@ def _unique_keys(distillers: Sequence[Distiller]) -> list[str]:
         seen[name] = seen.get(name, 0) + 1
         keys.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
     return keys
+
+
+def _ordered_union(groups) -> tuple:
+    return tuple(dict.fromkeys(item for group in groups for item in group))
 
 
 def _union(requirements) -> Requirements:

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..capture import ModelView, Requirements
+from ..capture import FeatureSpec, ModelView, Requirements
 from ..schedules import Schedule
 
 _REGISTRY: dict[str, type["Distiller"]] = {}
@@ -140,6 +140,14 @@ class Distiller(nn.Module):
         self, student: ModelView, teacher: ModelView | None, batch: Mapping[str, Any]
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError(f"{type(self).__name__} must implement forward() or row_loss().")
+
+    def student_features(self) -> Iterable[FeatureSpec]:
+        """Student submodule outputs/inputs to capture with forward hooks (known after ``setup``)."""
+        return ()
+
+    def teacher_features(self) -> Iterable[FeatureSpec]:
+        """Teacher submodule outputs/inputs to capture with forward hooks (known after ``setup``)."""
+        return ()
 
     def teacher_parameters(self) -> Iterable[nn.Parameter]:
         """Teacher-side parameters this distiller trains (online methods). Empty: the teacher stays frozen."""
