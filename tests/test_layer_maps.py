@@ -54,6 +54,8 @@ def test_captured_features_equal_module_outputs_and_hooks_are_removed():
     model = bert(layers=2).eval()
     ids = torch.randint(3, 90, (2, 6))
     specs = [FeatureSpec("bert.encoder.layer.1.output"), FeatureSpec("bert.encoder.layer.1", "input")]
+    with torch.no_grad():
+        model(input_ids=ids, output_hidden_states=True)  # transformers installs its own recording hooks lazily
     hooks_before = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
     with torch.no_grad(), capture_features(model, specs) as features:
         out = model(input_ids=ids, output_hidden_states=True)
