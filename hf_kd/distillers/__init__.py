@@ -12,8 +12,13 @@ from .logit import (
     SkewReverseKLDistiller,
     TVDDistiller,
 )
+from .representation import AttentionDistiller, FeatureDistiller, HiddenStatesDistiller, LayerMappedDistiller
 
 __all__ = [
+    "AttentionDistiller",
+    "FeatureDistiller",
+    "HiddenStatesDistiller",
+    "LayerMappedDistiller",
     "DKDDistiller",
     "Distiller",
     "JSDDistiller",

@@ -1,0 +1,317 @@
+"""Internal-representation distillers: hidden states, attention maps, and features of named modules.
+
+Layer maps (:mod:`hf_kd.layer_maps`) pair student and teacher layers of models of different depth; projectors
+(:mod:`hf_kd.projectors`) map the student's width to the teacher's and are trained with the student, checkpointed,
+and never exported. Each mapped layer is logged as a sub-term (``loss/<name>/layer_<s>``) and the loss is the mean
+over the active layers, so its scale does not depend on how many layers a progressive schedule has switched on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..capture import FeatureSpec, ModelView, Requirements, find_module
+from ..layer_maps import LayerMapSpec, num_layers, resolve_layer_map
+from ..projectors import ProjectorKind, build_projector
+from ..schedules import Schedule
+from .base import Distiller, register_distiller
+
+Knob = float | Schedule | Mapping[str, Any]
+FeatureLoss = Literal["mse", "cosine", "smooth_l1", "pkd"]
+Tokens = Literal["all", "cls", "mean", "last"]
+_EPS = 1e-12
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, loss: FeatureLoss) -> torch.Tensor:
+    """Per-position loss between features ``[..., D]``, reduced over the last dimension.
+
+    ``mse``: ``mean_d (s - t)^2``; ``cosine``: ``1 - cos(s, t)``; ``smooth_l1``: ``mean_d smoothL1(s - t)``;
+    ``pkd``: ``|| s/||s|| - t/||t|| ||^2`` (Patient KD, Sun et al., 2019).
+    """
+    if loss == "mse":
+        return (student - teacher).pow(2).mean(-1)
+    if loss == "cosine":
+        return 1.0 - F.cosine_similarity(student, teacher, dim=-1, eps=1e-8)
+    if loss == "smooth_l1":
+        return F.smooth_l1_loss(student, teacher, reduction="none").mean(-1)
+    if loss == "pkd":
+        return (F.normalize(student, dim=-1, eps=1e-8) - F.normalize(teacher, dim=-1, eps=1e-8)).pow(2).sum(-1)
+    raise ValueError(f"Unknown feature loss {loss!r}; choose mse, cosine, smooth_l1 or pkd.")
+
+
+def select_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor | None, tokens: Tokens):
+    """``(features, weights)``: the positions a token-level loss averages over.
+
+    ``all``: every non-padding token (``[B, T, D]`` with weights = attention mask); ``cls``: the first token;
+    ``mean``: the mask-weighted mean over tokens; ``last``: the last non-padding token (causal LMs). Pooled choices
+    return ``[B, D]`` with weights of one.
+    """
+    batch, length = hidden.shape[:2]
+    mask = attention_mask.to(hidden.dtype) if attention_mask is not None else hidden.new_ones(batch, length)
+    if tokens == "all":
+        return hidden, mask
+    if tokens == "cls":
+        return hidden[:, 0], None
+    if tokens == "mean":
+        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0), None
+    if tokens == "last":
+        last = (mask.sum(1).long() - 1).clamp_min(0)
+        return hidden[torch.arange(batch, device=hidden.device), last], None
+    raise ValueError(f"Unknown `tokens` {tokens!r}; choose all, cls, mean or last.")
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` (any shape), or its ``weights``-weighted mean."""
+    if weights is None:
+        return values.mean()
+    return (values * weights).sum() / weights.sum().clamp_min(_EPS)
+
+
+def hidden_size(model: nn.Module) -> int:
+    return int(model.config.hidden_size)
+
+
+class LayerMappedDistiller(Distiller):
+    """Base of distillers that compare student layer ``s`` with teacher layer ``layer_map[s]``.
+
+    Args:
+        layer_map: ``uniform``, ``skip``, ``last``, ``last_k`` or a dict ``{student_layer: teacher_layer}``.
+        last_k: How many last layers ``layer_map="last_k"`` pairs.
+        include_embeddings: Also pair the embedding outputs (layer 0).
+
+    ``active_layers`` (``None``: all) restricts the loss to some student layers; progressive schedules set it.
+    """
+
+    def __init__(
+        self, weight: Knob = 1.0, layer_map: LayerMapSpec = "uniform", last_k: int = 1, include_embeddings: bool = False
+    ) -> None:
+        super().__init__(weight)
+        self.layer_map_spec = layer_map
+        self.last_k = last_k
+        self.include_embeddings = include_embeddings
+        self.layer_map: dict[int, int] = {}
+        self.active_layers: set[int] | None = None
+
+    def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        self.layer_map = resolve_layer_map(
+            self.layer_map_spec, num_layers(student), num_layers(teacher),
+            last_k=self.last_k, include_embeddings=self.include_embeddings,
+        )
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """The (student, teacher) layer pairs the loss runs over now."""
+        return [(s, t) for s, t in self.layer_map.items() if self.active_layers is None or s in self.active_layers]
+
+    def mean_over_layers(self, per_layer: dict[str, torch.Tensor], like: torch.Tensor):
+        if not per_layer:
+            return like.new_zeros(()), {}
+        return torch.stack(list(per_layer.values())).mean(), per_layer
+
+
+@register_distiller("hidden_states")
+class HiddenStatesDistiller(LayerMappedDistiller):
+    """Match hidden states layer by layer: ``mean_layers mean_tokens loss(P(h_s^l), h_t^{map(l)})``.
+
+    FitNets (Romero et al., 2015) / TinyBERT (Jiao et al., 2020) with ``loss="mse"``; Patient KD (Sun et al., 2019)
+    with ``loss="pkd", tokens="cls", layer_map="skip"``; Aguilar et al. (2020) with ``loss="cosine", tokens="cls"``.
+
+    Args:
+        loss: ``mse``, ``cosine`` (1 - cos), ``smooth_l1`` or ``pkd`` (normalised MSE).
+        tokens: ``all`` non-padding tokens, ``cls`` (first token), ``mean`` (mean-pooled) or ``last`` (last
+            non-padding token, for causal LMs).
+        projector: ``auto`` (identity when widths match, else linear), ``linear``, ``mlp`` or ``none``; one projector
+            shared by all layers (TinyBERT's ``W_h``) unless ``projector_per_layer``.
+    """
+
+    requires = Requirements(hidden_states=True)
+
+    def __init__(
+        self,
+        weight: Knob = 1.0,
+        layer_map: LayerMapSpec = "uniform",
+        last_k: int = 1,
+        include_embeddings: bool = False,
+        loss: FeatureLoss = "mse",
+        tokens: Tokens = "all",
+        projector: ProjectorKind = "auto",
+        projector_per_layer: bool = False,
+    ) -> None:
+        super().__init__(weight, layer_map, last_k, include_embeddings)
+        feature_loss(torch.zeros(1, 1), torch.zeros(1, 1), loss)  # validate the name now
+        if tokens not in ("all", "cls", "mean", "last"):
+            raise ValueError(f"hidden_states: unknown `tokens` {tokens!r}; choose all, cls, mean or last.")
+        self.loss, self.tokens = loss, tokens
+        self.projector_kind, self.projector_per_layer = projector, projector_per_layer
+        self.projectors = nn.ModuleDict()
+
+    def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        super().setup(student, teacher)
+        widths = (hidden_size(student), hidden_size(teacher))
+        keys = [str(s) for s in self.layer_map] if self.projector_per_layer else ["shared"]
+        self.projectors = nn.ModuleDict({key: build_projector(*widths, self.projector_kind) for key in keys})
+
+    def project(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self.projectors[str(layer) if self.projector_per_layer else "shared"](hidden)
+
+    def forward(self, student: ModelView, teacher: ModelView, batch: Mapping[str, Any]):
+        mask = batch.get("attention_mask")
+        per_layer = {}
+        for s, t in self.pairs():
+            hs, weights = select_tokens(self.project(s, student.hidden_states[s]), mask, self.tokens)
+            ht, _ = select_tokens(teacher.hidden_states[t], mask, self.tokens)
+            per_layer[f"layer_{s}"] = weighted_mean(feature_loss(hs, ht.to(hs.dtype), self.loss), weights)
+        return self.mean_over_layers(per_layer, student.hidden_states[0])
+
+
+@register_distiller("attention")
+class AttentionDistiller(LayerMappedDistiller):
+    """Match attention distributions layer by layer.
+
+    ``loss="kl"``: ``mean_{heads, query rows} KL(A_t[i, :] || A_s[i, :])`` (Aguilar et al., 2020; MiniLM, Wang et al.,
+    2020). ``loss="mse"``: ``mean (A_s - A_t)^2`` over heads and valid (query, key) pairs, TinyBERT-style but on
+    the attention *probabilities* models return — transformers does not expose the pre-softmax scores TinyBERT used.
+    Padded queries and keys are ignored.
+
+    Attention maps come only from ``attn_implementation="eager"``; the trainer raises before training, naming the
+    setting, when a model uses sdpa/flash attention (switching the user's model silently would change its saved
+    config). Different head counts: ``head_mismatch="average"`` compares the head-averaged maps (documented loss of
+    per-head detail); ``"error"`` refuses.
+    """
+
+    requires = Requirements(attentions=True)
+
+    def __init__(
+        self,
+        weight: Knob = 1.0,
+        layer_map: LayerMapSpec = "uniform",
+        last_k: int = 1,
+        loss: Literal["kl", "mse"] = "kl",
+        head_mismatch: Literal["average", "error"] = "average",
+    ) -> None:
+        super().__init__(weight, layer_map, last_k, include_embeddings=False)
+        if loss not in ("kl", "mse"):
+            raise ValueError(f"attention: unknown `loss` {loss!r}; choose kl or mse.")
+        if head_mismatch not in ("average", "error"):
+            raise ValueError(f"attention: `head_mismatch` must be 'average' or 'error', got {head_mismatch!r}.")
+        self.loss, self.head_mismatch = loss, head_mismatch
+        self.average_heads = False
+
+    def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        super().setup(student, teacher)
+        if 0 in self.layer_map:
+            raise ValueError("attention: layer 0 (embeddings) has no attention map; remove it from `layer_map`.")
+        heads = (student.config.num_attention_heads, teacher.config.num_attention_heads)
+        if heads[0] != heads[1] and self.head_mismatch == "error":
+            raise ValueError(
+                f"attention: the student has {heads[0]} heads and the teacher {heads[1]}; per-head matching needs "
+                f"equal counts. Set head_mismatch='average' to compare head-averaged maps."
+            )
+        self.average_heads = heads[0] != heads[1]
+
+    def forward(self, student: ModelView, teacher: ModelView, batch: Mapping[str, Any]):
+        mask = batch.get("attention_mask")
+        per_layer = {}
+        for s, t in self.pairs():
+            a_s, a_t = student.attentions[s - 1].float(), teacher.attentions[t - 1].float()
+            if self.average_heads:
+                a_s, a_t = a_s.mean(1, keepdim=True), a_t.mean(1, keepdim=True)
+            per_layer[f"layer_{s}"] = attention_map_loss(a_s, a_t, mask, self.loss)
+        return self.mean_over_layers(per_layer, student.attentions[0])
+
+
+def attention_map_loss(a_s: torch.Tensor, a_t: torch.Tensor, mask: torch.Tensor | None, loss: str) -> torch.Tensor:
+    """KL per query row (averaged over heads and valid rows) or MSE over valid (query, key) pairs; ``[B, H, T, T]``."""
+    rows = None if mask is None else mask[:, None, :, None].to(a_s.dtype)  # valid queries
+    if loss == "kl":
+        kl = (torch.special.xlogy(a_t, a_t) - a_t * a_s.clamp_min(_EPS).log()).sum(-1, keepdim=True)
+        return weighted_mean(kl, None if rows is None else rows.expand_as(kl))
+    pairs = None if mask is None else (rows * mask[:, None, None, :].to(a_s.dtype)).expand_as(a_s)
+    return weighted_mean((a_s - a_t).pow(2), pairs)
+
+
+@register_distiller("feature")
+class FeatureDistiller(Distiller):
+    """Match the output (or input) of any named student module with a named teacher module (torchdistill-style
+    forward hooks; nothing in the models changes).
+
+    ``[B, D]`` and ``[B, T, D]`` features are compared on the last dimension (token features over non-padding
+    tokens); ``[B, C, H, W]`` maps over channels at every position, the larger map average-pooled to the smaller.
+    The projector (``Linear``, or a 1x1 ``Conv2d`` for 4-D maps) is sized from the hooked modules; give
+    ``student_dim``/``teacher_dim`` when it cannot be read off them.
+    """
+
+    requires = Requirements()
+
+    def __init__(
+        self,
+        student_module: str,
+        teacher_module: str,
+        weight: Knob = 1.0,
+        what: Literal["output", "input"] = "output",
+        loss: FeatureLoss = "mse",
+        projector: ProjectorKind = "auto",
+        student_dim: int | None = None,
+        teacher_dim: int | None = None,
+    ) -> None:
+        super().__init__(weight)
+        feature_loss(torch.zeros(1, 1), torch.zeros(1, 1), loss)
+        self.student_spec, self.teacher_spec = FeatureSpec(student_module, what), FeatureSpec(teacher_module, what)
+        self.loss, self.projector_kind = loss, projector
+        self.student_dim, self.teacher_dim = student_dim, teacher_dim
+        self.projector: nn.Module = nn.Identity()
+
+    def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        s_module, t_module = find_module(student, self.student_spec.path), find_module(teacher, self.teacher_spec.path)
+        s_dim = self.student_dim or module_width(s_module, self.student_spec.what)
+        t_dim = self.teacher_dim or module_width(t_module, self.teacher_spec.what)
+        if s_dim is None or t_dim is None:
+            raise ValueError(
+                f"feature: cannot read the width of {self.student_spec.path!r} / {self.teacher_spec.path!r}; "
+                f"pass `student_dim` and `teacher_dim`."
+            )
+        self.projector = build_projector(s_dim, t_dim, self.projector_kind)
+        if isinstance(self.projector, nn.Linear) and isinstance(s_module, nn.Conv2d):  # channels of 4-D maps
+            self.projector = nn.Conv2d(s_dim, t_dim, kernel_size=1)
+
+    def student_features(self):
+        return (self.student_spec,)
+
+    def teacher_features(self):
+        return (self.teacher_spec,)
+
+    def forward(self, student: ModelView, teacher: ModelView, batch: Mapping[str, Any]):
+        f_s, f_t = student.features[self.student_spec], teacher.features[self.teacher_spec]
+        if f_s.dim() == 4:
+            f_s, f_t = _match_spatial(self.projector(f_s), f_t)
+            return feature_loss(f_s.flatten(2).transpose(1, 2), f_t.flatten(2).transpose(1, 2).to(f_s.dtype),
+                                self.loss).mean()
+        f_s = self.projector(f_s)
+        weights = batch.get("attention_mask") if f_s.dim() == 3 else None
+        if weights is not None and weights.shape != f_s.shape[:2]:
+            weights = None  # e.g. ViT patch tokens: no padding
+        return weighted_mean(feature_loss(f_s, f_t.to(f_s.dtype), self.loss),
+                             None if weights is None else weights.to(f_s.dtype))
+
+
+def module_width(module: nn.Module, what: str) -> int | None:
+    """Feature width a module produces (``output``) or takes (``input``), read from its layers."""
+    leaves = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.Embedding))]
+    if not leaves:
+        return None
+    leaf = leaves[0] if what == "input" else leaves[-1]
+    if isinstance(leaf, nn.Linear):
+        return leaf.in_features if what == "input" else leaf.out_features
+    if isinstance(leaf, nn.Conv2d):
+        return leaf.in_channels if what == "input" else leaf.out_channels
+    if isinstance(leaf, nn.LayerNorm):
+        return leaf.normalized_shape[-1]
+    return None if what == "input" else leaf.embedding_dim
+
+
+def _match_spatial(f_s: torch.Tensor, f_t: torch.Tensor):
+    size = min(f_s.shape[-2], f_t.shape[-2]), min(f_s.shape[-1], f_t.shape[-1])
+    return F.adaptive_avg_pool2d(f_s, size), F.adaptive_avg_pool2d(f_t, size)
