@@ -287,7 +287,8 @@ def test_resume_from_checkpoint_continues_with_identical_losses(output_dir):
             args=make_args(out, max_steps=6, save_strategy="steps", save_steps=3, per_device_train_batch_size=2,
                            learning_rate=1e-2),
             distillers=[{"name": "kl", "temperature": {"schedule": "cosine", "start": 4.0, "end": 1.0}},
-                        {"name": "test_scaled_kl", "weight": 0.5}],
+                        {"name": "test_scaled_kl", "weight": 0.5},
+                        {"name": "hidden_states", "projector": "linear", "weight": 0.1}],
             train_dataset=text_classification_data(),
         )
 
@@ -301,10 +302,12 @@ def test_resume_from_checkpoint_continues_with_identical_losses(output_dir):
     resumed = build(output_dir + "_resumed")
     resumed.train(resume_from_checkpoint=checkpoint)
     assert resumed.distillers[1].scale.item() == pytest.approx(full.distillers[1].scale.item(), rel=1e-6)
+    for key, value in full.distillers.state_dict().items():  # the projector too
+        torch.testing.assert_close(resumed.distillers.state_dict()[key], value)
     resumed_losses = {h["step"]: h for h in resumed.state.log_history if "loss" in h}
     assert sorted(resumed_losses) == [1, 2, 3, 4, 5, 6]  # 1-3 come back from the checkpoint's trainer state
     for step in (4, 5, 6):
-        for key in ("loss", "loss/hard", "loss/kl", "loss/test_scaled_kl"):
+        for key in ("loss", "loss/hard", "loss/kl", "loss/test_scaled_kl", "loss/hidden_states"):
             assert resumed_losses[step][key] == pytest.approx(full_losses[step][key], rel=1e-5), (step, key)
 
 
