@@ -176,3 +176,66 @@ def test_hidden_and_attention_distillation_runs_for_vit_and_causal_lm(tmp_path, 
     logs = trainer.state.log_history[0]
     assert {"loss/hidden_states/layer_1", "loss/hidden_states/layer_2", "loss/attention/layer_2"} <= logs.keys()
     assert all(math.isfinite(v) and v >= 0 for k, v in logs.items() if k.startswith("loss/"))
+
+
+# ---- MiniLMv2 relations -----------------------------------------------------------------------------------------
+def _explicit_relation_kl(x_s, x_t, heads, mask):
+    """sum over relation heads/rows of KL(softmax(x_t x_t^T/sqrt d) || softmax(x_s x_s^T/sqrt d)), written out."""
+    total, count = 0.0, 0
+    batch, length, _ = x_s.shape
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(length):
+                if not mask[b, i]:
+                    continue
+                rows = []
+                for x in (x_s, x_t):
+                    d = x.shape[-1] // heads
+                    q = x[b, i, h * d:(h + 1) * d]
+                    scores = [float(q @ x[b, j, h * d:(h + 1) * d]) / math.sqrt(d) if mask[b, j] else -math.inf
+                              for j in range(length)]
+                    top = max(scores)
+                    exps = [math.exp(v - top) for v in scores]
+                    rows.append([e / sum(exps) for e in exps])
+                p_s, p_t = rows
+                total += sum(pt * math.log(pt / ps) for pt, ps in zip(p_t, p_s) if pt > 0)
+                count += 1
+    return total / count
+
+
+def test_minilm_relation_matches_explicit_kl_with_different_head_counts():
+    student, teacher = bert(layers=2, hidden=32, heads=2), bert(layers=4, hidden=48, heads=4)
+    d = distiller({"name": "minilm_relation", "num_relation_heads": 4, "relations": ["query", "value"]}, student,
+                  teacher)
+    assert d.layer_map == {2: 4}
+    assert [s.path for s in d.student_features()] == ["bert.encoder.layer.1.attention.self.query",
+                                                      "bert.encoder.layer.1.attention.self.value"]
+    assert [s.path for s in d.teacher_features()] == ["bert.encoder.layer.3.attention.self.query",
+                                                      "bert.encoder.layer.3.attention.self.value"]
+    g = torch.Generator().manual_seed(0)
+    s_feats = {spec: torch.randn(2, 3, 32, generator=g) for spec in d.student_features()}
+    t_feats = {spec: torch.randn(2, 3, 48, generator=g) for spec in d.teacher_features()}
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    loss, parts = d(view(features=s_feats), view(features=t_feats), {"attention_mask": mask})
+    s_specs, t_specs = d.student_features(), d.teacher_features()
+    expected_q = _explicit_relation_kl(s_feats[s_specs[0]], t_feats[t_specs[0]], 4, mask)
+    expected_v = _explicit_relation_kl(s_feats[s_specs[1]], t_feats[t_specs[1]], 4, mask)
+    assert parts["layer_2/query"].item() == pytest.approx(expected_q, rel=1e-5)
+    assert parts["layer_2/value"].item() == pytest.approx(expected_v, rel=1e-5)
+    assert loss.item() == pytest.approx(expected_q + expected_v, rel=1e-5)
+
+
+def test_minilm_relation_resolves_projections_across_architectures():
+    from conftest import gpt2
+
+    assert {s.path for s in distiller({"name": "minilm_relation"}, vit(), vit(layers=3)).student_features()} == {
+        "vit.layers.1.attention.q_proj", "vit.layers.1.attention.k_proj", "vit.layers.1.attention.v_proj"}
+    assert {s.path for s in distiller({"name": "minilm_relation"}, llama(), llama(layers=3)).teacher_features()} == {
+        "model.layers.2.self_attn.q_proj", "model.layers.2.self_attn.k_proj", "model.layers.2.self_attn.v_proj"}
+    fused = distiller({"name": "minilm_relation"}, gpt2(), gpt2(layers=3))
+    assert [p.part for p in fused.projections[("student", 2)].values()] == [0, 1, 2]
+    custom = distiller({"name": "minilm_relation", "relations": ["key"],
+                        "student_modules": {"key": "bert.encoder.layer.{index}.attention.self.key"}}, bert(), bert())
+    assert [s.path for s in custom.student_features()] == ["bert.encoder.layer.1.attention.self.key"]
+    with pytest.raises(ValueError, match="num_relation_heads=5 does not divide the student's query width 32"):
+        distiller({"name": "minilm_relation", "num_relation_heads": 5}, bert(), bert())

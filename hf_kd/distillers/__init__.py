@@ -12,6 +12,7 @@ from .logit import (
     SkewReverseKLDistiller,
     TVDDistiller,
 )
+from .relation import MiniLMRelationDistiller
 from .representation import AttentionDistiller, FeatureDistiller, HiddenStatesDistiller, LayerMappedDistiller
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "KLDistiller",
     "LogitDistiller",
     "LogitMSEDistiller",
+    "MiniLMRelationDistiller",
     "ReverseKLDistiller",
     "SkewKLDistiller",
     "SkewReverseKLDistiller",

@@ -106,10 +106,12 @@ class LayerMappedDistiller(Distiller):
         """The (student, teacher) layer pairs the loss runs over now."""
         return [(s, t) for s, t in self.layer_map.items() if self.active_layers is None or s in self.active_layers]
 
-    def mean_over_layers(self, per_layer: dict[str, torch.Tensor], like: torch.Tensor):
+    @staticmethod
+    def mean_over_layers(per_layer: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        """The distiller's loss: the mean of the per-layer losses (zero when no layer is active)."""
         if not per_layer:
-            return like.new_zeros(()), {}
-        return torch.stack(list(per_layer.values())).mean(), per_layer
+            return torch.zeros((), device=device)
+        return torch.stack(list(per_layer.values())).mean()
 
 
 @register_distiller("hidden_states")
@@ -164,7 +166,7 @@ class HiddenStatesDistiller(LayerMappedDistiller):
             hs, weights = select_tokens(self.project(s, student.hidden_states[s]), mask, self.tokens)
             ht, _ = select_tokens(teacher.hidden_states[t], mask, self.tokens)
             per_layer[f"layer_{s}"] = weighted_mean(feature_loss(hs, ht.to(hs.dtype), self.loss), weights)
-        return self.mean_over_layers(per_layer, student.hidden_states[0])
+        return self.mean_over_layers(per_layer, student.hidden_states[0].device), per_layer
 
 
 @register_distiller("attention")
@@ -220,7 +222,7 @@ class AttentionDistiller(LayerMappedDistiller):
             if self.average_heads:
                 a_s, a_t = a_s.mean(1, keepdim=True), a_t.mean(1, keepdim=True)
             per_layer[f"layer_{s}"] = attention_map_loss(a_s, a_t, mask, self.loss)
-        return self.mean_over_layers(per_layer, student.attentions[0])
+        return self.mean_over_layers(per_layer, student.attentions[0].device), per_layer
 
 
 def attention_map_loss(a_s: torch.Tensor, a_t: torch.Tensor, mask: torch.Tensor | None, loss: str) -> torch.Tensor:
