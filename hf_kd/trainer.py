@@ -252,9 +252,12 @@ class DistillationTrainer(Trainer):
         flags = self._output_flags()
         head = output_head(bare) if fused else None
         hard = None
-        with capture_head_input(head) if fused else contextlib.nullcontext({}) as captured, capture_features(
-            bare, self._student_features
-        ) as features:
+        training = model.training and torch.is_grad_enabled()
+        with contextlib.ExitStack() as stack:
+            for distiller in self.distillers:
+                stack.enter_context(distiller.student_forward_context(bare, training))
+            captured = stack.enter_context(capture_head_input(head)) if fused else {}
+            features = stack.enter_context(capture_features(bare, self._student_features))
             if model_loss:  # Trainer's own loss path: label smoothing, compute_loss_func, token averaging
                 hard, outputs = super().compute_loss(
                     model, {**inputs, **flags}, return_outputs=True, num_items_in_batch=num_items_in_batch

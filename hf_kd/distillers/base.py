@@ -14,13 +14,18 @@ Life cycle inside :class:`~hf_kd.DistillationTrainer`:
    :class:`~hf_kd.distillers.logit.LogitDistiller`) and are evaluated together in one chunked pass.
 4. ``on_step_end()`` after each optimizer step (memory-bank updates and the like).
 
+Optional hooks: ``student_features()`` / ``teacher_features()`` name submodules whose outputs are captured with
+forward hooks; ``student_forward_context()`` may alter the student's forward pass during training;
+``teacher_parameters()`` declares teacher-side parameters an online method trains.
+
 The total loss is ``hard_label_weight * student_loss + sum_i weight_i * distiller_i``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar, ContextManager, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -148,6 +153,12 @@ class Distiller(nn.Module):
     def teacher_features(self) -> Iterable[FeatureSpec]:
         """Teacher submodule outputs/inputs to capture with forward hooks (known after ``setup``)."""
         return ()
+
+    def student_forward_context(self, student: nn.Module, training: bool) -> ContextManager:
+        """A context the student's forward pass runs in, for methods that alter it during training (e.g. swapping in
+        teacher blocks). Whatever it installs must be gone when it exits, so evaluation and export see the plain
+        student."""
+        return contextlib.nullcontext()
 
     def teacher_parameters(self) -> Iterable[nn.Parameter]:
         """Teacher-side parameters this distiller trains (online methods). Empty: the teacher stays frozen."""
