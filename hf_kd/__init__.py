@@ -4,36 +4,56 @@ from .arguments import DistillationArguments
 from .callbacks import DistillationCallback, ScheduleCallback
 from .capture import ModelView, Requirements
 from .distillers import (
+    AttentionDistiller,
+    BlockSwapDistiller,
+    CompositeDistiller,
     DKDDistiller,
     Distiller,
+    FeatureDistiller,
+    FeatureMixingDistiller,
+    HiddenStatesDistiller,
+    InstanceFeatureDistiller,
     JSDDistiller,
     KLDistiller,
     LogitDistiller,
     LogitMSEDistiller,
+    MiniLMRelationDistiller,
     ReverseKLDistiller,
     SkewKLDistiller,
     SkewReverseKLDistiller,
     TVDDistiller,
+    TinyBERTDistiller,
     build_distiller,
     list_distillers,
     register_distiller,
 )
+from .progressive import ProgressiveLayerCallback, ProgressiveLayers
 from .schedules import Schedule
 from .trainer import DistillationTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionDistiller",
+    "BlockSwapDistiller",
+    "CompositeDistiller",
     "DKDDistiller",
     "DistillationArguments",
     "DistillationCallback",
     "DistillationTrainer",
     "Distiller",
+    "FeatureDistiller",
+    "FeatureMixingDistiller",
+    "HiddenStatesDistiller",
+    "InstanceFeatureDistiller",
     "JSDDistiller",
     "KLDistiller",
     "LogitDistiller",
     "LogitMSEDistiller",
+    "MiniLMRelationDistiller",
     "ModelView",
+    "ProgressiveLayerCallback",
+    "ProgressiveLayers",
     "Requirements",
     "ReverseKLDistiller",
     "Schedule",
@@ -41,6 +61,7 @@ __all__ = [
     "SkewKLDistiller",
     "SkewReverseKLDistiller",
     "TVDDistiller",
+    "TinyBERTDistiller",
     "build_distiller",
     "list_distillers",
     "register_distiller",

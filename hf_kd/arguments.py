@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
+from .progressive import ProgressiveLayers
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -42,6 +44,14 @@ class DistillationArguments(TrainingArguments):
         default=False,
         metadata={"help": "Also evaluate the teacher once (metrics logged with the prefix `eval_teacher_`)."},
     )
+    progressive_layers: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Progressive layer-wise distillation (Aguilar et al., 2020) as a dict (a JSON string on the "
+            "command line), e.g. {'layer_distillers': ['attention', 'hidden_states'], 'mode': 'progressive', "
+            "'steps_per_layer': 100, 'final_distillers': ['kl']}; keys are the trainer's distiller keys."
+        },
+    )
     fused_lm_loss: bool = field(
         default=True,
         metadata={
@@ -63,6 +73,15 @@ class DistillationArguments(TrainingArguments):
                 raise ValueError(
                     f"`distillers` must be a JSON list of dicts, e.g. '[{{\"name\": \"kl\"}}]'; got {self.distillers!r}."
                 ) from error
+        if isinstance(self.progressive_layers, str):
+            try:
+                self.progressive_layers = json.loads(self.progressive_layers)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"`progressive_layers` must be a JSON dict; got {self.progressive_layers!r}."
+                ) from error
+        if self.progressive_layers is not None:
+            ProgressiveLayers.from_dict(self.progressive_layers)  # fail early on bad options
         if isinstance(self.distillers, dict):
             self.distillers = [self.distillers]
         self.distillers = list(self.distillers or [])

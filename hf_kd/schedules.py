@@ -48,6 +48,11 @@ class Schedule:
         self.milestones = tuple(sorted(int(m) for m in self.milestones))
 
     @classmethod
+    def jump(cls, before: float, after: float, step: int) -> "Schedule":
+        """``before`` until optimizer step ``step``, ``after`` from it on (a zero-length ramp)."""
+        return cls("linear", start=before, end=after, start_step=step, end_step=step)
+
+    @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> "Schedule":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(spec) - known)

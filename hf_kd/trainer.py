@@ -33,8 +33,9 @@ from .capture import (
     task_of,
     unwrap,
 )
-from .distillers.base import Distiller, build_distiller
+from .distillers.base import Distiller, build_distiller, ordered_union
 from .ledger import LossLedger
+from .progressive import ProgressiveLayerCallback
 from .row_loss import RowTerm, row_losses, rows_from_views
 from .teachers import prepare_teacher, shared_logit_width
 
@@ -99,8 +100,10 @@ class DistillationTrainer(Trainer):
         for distiller in self.distillers:
             distiller.setup(student, teacher)
         self.distillers.to(args.device)
-        self._student_features = _ordered_union(d.student_features() for d in self.distillers)
-        self._teacher_features = _ordered_union(d.teacher_features() for d in self.distillers)
+        self._student_features = ordered_union(d.student_features() for d in self.distillers)
+        self._teacher_features = ordered_union(d.teacher_features() for d in self.distillers)
+        if args.progressive_layers:
+            self.add_callback(ProgressiveLayerCallback(self.distillers, self.distiller_keys, **args.progressive_layers))
 
         self._row_distillers = [(k, d) for k, d in zip(self.distiller_keys, self.distillers) if hasattr(d, "row_loss")]
         self._other_distillers = [
@@ -444,10 +447,6 @@ def _unique_keys(distillers: Sequence[Distiller]) -> list[str]:
         seen[name] = seen.get(name, 0) + 1
         keys.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
     return keys
-
-
-def _ordered_union(groups) -> tuple:
-    return tuple(dict.fromkeys(item for group in groups for item in group))
 
 
 def _union(requirements) -> Requirements:

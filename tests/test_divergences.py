@@ -151,8 +151,7 @@ LOGIT_DISTILLERS = ["dkd", "jsd", "kl", "mse", "reverse_kl", "skew_kl", "skew_re
 
 
 def test_registry_holds_the_logit_distillers():
-    builtin = [name for name in list_distillers() if not name.startswith("test_")]  # tests register their own
-    assert builtin == LOGIT_DISTILLERS
+    assert set(LOGIT_DISTILLERS) <= set(list_distillers())
     classes = {
         "kl": KLDistiller, "reverse_kl": ReverseKLDistiller, "jsd": JSDDistiller, "skew_kl": SkewKLDistiller,
         "skew_reverse_kl": SkewReverseKLDistiller, "tvd": TVDDistiller, "mse": LogitMSEDistiller, "dkd": DKDDistiller,

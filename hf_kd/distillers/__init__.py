@@ -12,13 +12,19 @@ from .logit import (
     SkewReverseKLDistiller,
     TVDDistiller,
 )
+from .presets import CompositeDistiller, TinyBERTDistiller
 from .relation import MiniLMRelationDistiller
+from .teacher_guided import BlockSwapDistiller, FeatureMixingDistiller, InstanceFeatureDistiller
 from .representation import AttentionDistiller, FeatureDistiller, HiddenStatesDistiller, LayerMappedDistiller
 
 __all__ = [
     "AttentionDistiller",
+    "BlockSwapDistiller",
+    "CompositeDistiller",
     "FeatureDistiller",
+    "FeatureMixingDistiller",
     "HiddenStatesDistiller",
+    "InstanceFeatureDistiller",
     "LayerMappedDistiller",
     "DKDDistiller",
     "Distiller",
@@ -31,6 +37,7 @@ __all__ = [
     "SkewKLDistiller",
     "SkewReverseKLDistiller",
     "TVDDistiller",
+    "TinyBERTDistiller",
     "build_distiller",
     "list_distillers",
     "register_distiller",

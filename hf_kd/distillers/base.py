@@ -77,6 +77,11 @@ def build_distiller(spec: "Distiller | Mapping[str, Any]") -> "Distiller":
     return cls(**kwargs)
 
 
+def ordered_union(groups: Iterable[Iterable]) -> tuple:
+    """The items of all groups, each once, in first-seen order (e.g. the features several distillers capture)."""
+    return tuple(dict.fromkeys(item for group in groups for item in group))
+
+
 def _init_parameters(cls: type) -> set[str]:
     """Keyword options of ``cls``: its ``__init__`` parameters, plus its parents' while it forwards ``**kwargs``."""
     names: set[str] = set()
@@ -108,11 +113,17 @@ class Distiller(nn.Module):
         self.weight = self.schedulable("weight", weight)
 
     def schedulable(
-        self, attr: str, value: float | Schedule | Mapping[str, Any], *, positive: bool = False
+        self,
+        attr: str,
+        value: float | Schedule | Mapping[str, Any],
+        *,
+        positive: bool = False,
+        maximum: float | None = None,
     ) -> float:
         """Register ``value`` (number or schedule) as the knob ``attr`` and return its value at step 0.
 
-        Every value the knob can take must be ``>= 0`` (``> 0`` with ``positive``), checked here, before training.
+        Every value the knob can take must be ``>= 0`` (``> 0`` with ``positive``) and at most ``maximum``, checked
+        here, before training.
         """
         if isinstance(value, Mapping):
             value = Schedule.from_dict(value)
@@ -123,12 +134,13 @@ class Distiller(nn.Module):
         else:
             candidates = [float(value)]
             initial = float(value)
+        lower = "> 0" if positive else ">= 0"
+        bounds = f"{lower} and <= {maximum}" if maximum is not None else lower
         for v in candidates:
-            if v < 0 or (positive and v == 0):
-                bound = "> 0" if positive else ">= 0"
+            if v < 0 or (positive and v == 0) or (maximum is not None and v > maximum):
                 raise ValueError(
-                    f"Distiller {self.name or type(self).__name__!r}: `{attr}` must be {bound}, got {v}. "
-                    f"Set `{attr}` to a {'positive' if positive else 'non-negative'} value."
+                    f"Distiller {self.name or type(self).__name__!r}: `{attr}` must be {bounds}, got {v}. "
+                    f"Set `{attr}` within those bounds."
                 )
         return initial
 
