@@ -239,3 +239,32 @@ def test_minilm_relation_resolves_projections_across_architectures():
     assert [s.path for s in custom.student_features()] == ["bert.encoder.layer.1.attention.self.key"]
     with pytest.raises(ValueError, match="num_relation_heads=5 does not divide the student's query width 32"):
         distiller({"name": "minilm_relation", "num_relation_heads": 5}, bert(), bert())
+
+
+def test_bert_6x384_teacher_to_2x128_student_runs_every_representation_distiller(tmp_path):
+    """The issue's reference pair; block_swap needs equal widths, so it gets a 6-layer teacher of width 128."""
+    data = text_classification_data(n=8)
+    args = DistillationArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True,
+                                 max_steps=2, logging_steps=1, save_strategy="no", per_device_train_batch_size=4)
+    student = bert(layers=2, hidden=128, heads=2, seed=1, **EAGER)
+    distillers = [
+        {"name": "hidden_states", "layer_map": "skip", "loss": "pkd", "tokens": "cls"},
+        {"name": "attention", "head_mismatch": "average"},
+        {"name": "minilm_relation", "num_relation_heads": 4},
+        {"name": "feature", "student_module": "bert.encoder.layer.1.output.dense",
+         "teacher_module": "bert.encoder.layer.5.output.dense"},
+        {"name": "tinybert", "intermediate_steps": 1},
+        {"name": "instance_feature"},
+        {"name": "feature_mixing", "ratio": 0.5},
+    ]
+    for teacher, specs in ((bert(layers=6, hidden=384, heads=12, seed=2, **EAGER), distillers),
+                           (bert(layers=6, hidden=128, heads=2, seed=3, **EAGER), [{"name": "block_swap"}])):
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
+                                      distillers=specs)
+        trainer.train()
+        logged = trainer.state.log_history[0]
+        for key in trainer.distiller_keys:
+            assert math.isfinite(logged[f"loss/{key}"]), key
+        if len(specs) > 1:
+            assert trainer.distillers[0].layer_map == {1: 3}  # PKD-Skip, 6 -> 2
+            assert trainer.distillers[1].layer_map == {1: 3, 2: 6} and trainer.distillers[1].average_heads
