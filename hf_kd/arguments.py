@@ -59,9 +59,12 @@ class DistillationArguments(TrainingArguments):
             "training, so neither model holds [batch, tokens, vocab] logits."
         },
     )
-    loss_chunk_size: int = field(
-        default=1024,
-        metadata={"help": "Rows (tokens) per chunk in token-level losses; peak loss memory is one chunk of logits."},
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Rows (tokens) per chunk in token-level losses; peak loss memory is one chunk of logits. "
+            "None: as many rows as fit 2**23 logits (about 170 tokens at a 49k vocabulary)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -87,7 +90,7 @@ class DistillationArguments(TrainingArguments):
         self.distillers = list(self.distillers or [])
         if self.hard_label_weight < 0:
             raise ValueError(f"`hard_label_weight` must be >= 0, got {self.hard_label_weight}.")
-        if self.loss_chunk_size <= 0:
+        if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
             raise ValueError(f"`loss_chunk_size` must be a positive number of rows, got {self.loss_chunk_size}.")
         if self.teacher_dtype is not None and self.teacher_dtype not in _DTYPES:
             raise ValueError(

@@ -82,54 +82,91 @@ def _device_of(*tensors: torch.Tensor | None) -> torch.device:
     return next(t.device for t in tensors if t is not None)
 
 
-def _logits(values, weight, bias, rows, vocab_size):
-    x = values[rows]
-    if weight is not None:
-        x = F.linear(x, weight[:vocab_size], None if bias is None else bias[:vocab_size])
-    return x[..., :vocab_size].float()
+ELEMENTS_PER_CHUNK = 2**23  # fp32 logits per chunk (32 MiB): ~170 tokens at a 49k vocabulary, all of a classifier
 
 
-def _row_pass(terms, student, teacher, rows, targets, vocab_size, chunk_size, normalizer, compute_grads):
-    """Evaluate all terms chunk by chunk; returns per-term sums / normalizer and, if asked, the input gradients."""
-    inputs = [*student, *teacher]
-    wants = [compute_grads and t is not None and t.requires_grad for t in inputs]
-    grads = [torch.zeros_like(t) if want else None for t, want in zip(inputs, wants)]
+def rows_per_chunk(vocab_size: int, chunk_size: int | None = None) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else as many as fit ``ELEMENTS_PER_CHUNK`` logits."""
+    return chunk_size if chunk_size is not None else max(1, ELEMENTS_PER_CHUNK // vocab_size)
+
+
+def _chunk_logits(values, weight, bias, chunk, vocab_size):
+    """``(x, z)``: the chunk's rows of ``values`` and their fp32 logits, without autograd history."""
+    with torch.no_grad():
+        x = values[chunk]
+        z = x if weight is None else F.linear(x, weight[:vocab_size], None if bias is None else bias[:vocab_size])
+        return x, z[..., :vocab_size].float()
+
+
+def _row_pass(terms, sources, rows, targets, vocab_size, chunk_size, normalizer, grads):
+    """Evaluate all terms chunk by chunk: per-term sums / normalizer.
+
+    ``grads`` holds, per source, accumulators for ``(values, head_weight, head_bias)`` (``None`` where no gradient is
+    wanted). Each chunk's gradient is taken with respect to its fp32 logits only and pushed back by hand:
+    ``dvalues[rows] = g @ W`` (or ``g`` itself for logits), ``dW += g^T x``, ``db += sum g`` — so nothing of full
+    size is built per chunk.
+    """
     sums = torch.zeros(len(terms), dtype=torch.float32, device=rows.device)
-    weights = [term.weight for term in terms]
+    weights = torch.tensor([term.weight for term in terms], dtype=torch.float32, device=rows.device)
+    wanted = [any(g is not None for g in source_grads) for source_grads in grads]
     for begin in range(0, rows.numel(), chunk_size):
         chunk = rows[begin : begin + chunk_size]
         chunk_targets = None if targets is None else targets[begin : begin + chunk_size]
-        with torch.set_grad_enabled(any(wants)):
-            leaves = [t.detach().requires_grad_() if want else t for t, want in zip(inputs, wants)]
-            s_logits = _logits(*leaves[:3], chunk, vocab_size)
-            t_logits = None if leaves[3] is None else _logits(*leaves[3:], chunk, vocab_size)
-            per_term = torch.stack([term.fn(s_logits, t_logits, chunk_targets).sum() for term in terms])
-            sums += per_term.detach()
-            if any(wants):
-                weighted = (per_term * per_term.new_tensor(weights)).sum() / normalizer
-                needed = [leaf for leaf, want in zip(leaves, wants) if want]
-                for grad, part in zip([g for g in grads if g is not None], torch.autograd.grad(weighted, needed)):
-                    grad += part
-    return sums / normalizer, grads
+        chunks = [_chunk_logits(*source, chunk, vocab_size) if source[0] is not None else (None, None)
+                  for source in sources]
+        logits = [z.requires_grad_() if want else z for (_, z), want in zip(chunks, wanted)]
+        with torch.enable_grad() if any(wanted) else torch.no_grad():
+            per_term = torch.stack([term.fn(logits[0], logits[1], chunk_targets).sum() for term in terms])
+            weighted = (per_term * weights).sum() / normalizer
+        sums += per_term.detach()
+        if not any(wanted):
+            continue
+        needed = [z for z, want in zip(logits, wanted) if want]
+        chunk_grads = iter(torch.autograd.grad(weighted, needed))
+        for (values, weight, _), (x, _), source_grads, want in zip(sources, chunks, grads, wanted):
+            if want:
+                _accumulate(next(chunk_grads), x, weight, chunk, vocab_size, *source_grads)
+    return sums / normalizer
+
+
+def _accumulate(g, x, weight, chunk, vocab_size, grad_values, grad_weight, grad_bias):
+    if weight is None:  # the source is logits
+        if grad_values is not None:
+            grad_values[chunk, :vocab_size] = g.to(grad_values.dtype)
+        return
+    if grad_values is not None:
+        grad_values[chunk] = (g @ weight[:vocab_size].detach().float()).to(grad_values.dtype)
+    if grad_weight is not None:
+        grad_weight[:vocab_size].addmm_(g.t(), x.float())
+    if grad_bias is not None:
+        grad_bias[:vocab_size] += g.sum(0)
 
 
 class _RowLossFunction(torch.autograd.Function):
+    """``sum_k w_k L_k`` with gradients computed during the forward pass, chunk by chunk."""
+
     @staticmethod
     def forward(ctx, spec, *inputs):
-        terms, rows, targets, vocab_size, chunk_size, normalizer, n_student = spec
-        values, grads = _row_pass(
-            terms, inputs[:n_student], inputs[n_student:], rows, targets, vocab_size, chunk_size, normalizer, True
-        )
-        ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in grads])
-        ctx.present = [g is not None for g in grads]
-        total = (values * values.new_tensor([t.weight for t in terms])).sum()
+        terms, rows, targets, vocab_size, chunk_size, normalizer = spec
+        sources = [inputs[:3], inputs[3:]]
+        grads = [[_zeros_for(t) if t is not None and t.requires_grad else None for t in source] for source in sources]
+        values = _row_pass(terms, sources, rows, targets, vocab_size, chunk_size, normalizer, grads)
+        ctx.grads = [g for source_grads in grads for g in source_grads]
+        ctx.dtypes = [None if t is None else t.dtype for t in inputs]
         ctx.mark_non_differentiable(values)
-        return total, values
+        return (values * values.new_tensor([t.weight for t in terms])).sum(), values
 
     @staticmethod
     def backward(ctx, grad_total, grad_values):
-        grads = [g * grad_total if present else None for g, present in zip(ctx.saved_tensors, ctx.present)]
+        grads = [None if g is None else g.mul_(grad_total).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes)]
+        ctx.grads = None
         return (None, *grads)
+
+
+def _zeros_for(tensor: torch.Tensor) -> torch.Tensor:
+    """Gradient accumulator: the tensor's own dtype for activations, fp32 for (possibly low-precision) weights."""
+    dtype = torch.float32 if isinstance(tensor, torch.nn.Parameter) else tensor.dtype
+    return torch.zeros(tensor.shape, dtype=dtype, device=tensor.device)
 
 
 def row_losses(
@@ -140,29 +177,38 @@ def row_losses(
     targets: torch.Tensor | None,
     vocab_size: int,
     normalizer: float | torch.Tensor,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(sum_k w_k * L_k, {name_k: L_k})`` with ``L_k = sum_rows fn_k / normalizer``.
 
     ``rows`` index the flattened leading dimensions of the sources; ``targets`` (one per row) are the labels the
     terms may read. Gradients flow to every source tensor that requires grad (the student's logits or head input
-    and head weights; the teacher's too when it is trained online).
+    and head weights; the teacher's too when it is trained online). ``chunk_size`` rows per chunk (default: as many
+    as fit ``ELEMENTS_PER_CHUNK`` logits).
     """
-    if chunk_size <= 0:
+    if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"`chunk_size` must be positive, got {chunk_size}.")
+    chunk_size = rows_per_chunk(vocab_size, chunk_size)
     if isinstance(normalizer, torch.Tensor):
         normalizer = normalizer.to(rows.device, torch.float32)
-    s_inputs = student.tensors()
-    t_inputs = teacher.tensors() if teacher is not None else (None, None, None)
-    inputs = (*s_inputs, *t_inputs)
-    spec = (list(terms), rows, targets, vocab_size, chunk_size, normalizer, len(s_inputs))
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        total, values = _RowLossFunction.apply(spec, *inputs)
+    teacher_inputs = teacher.tensors() if teacher is not None else (None, None, None)
+    inputs = (*student.tensors(), *teacher_inputs)
+    weights = [t.weight for t in terms]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    if not needs_grad:
+        values = _row_pass(terms, [inputs[:3], inputs[3:]], rows, targets, vocab_size, chunk_size, normalizer,
+                           [[None] * 3, [None] * 3])
+        total = (values * values.new_tensor(weights)).sum()
+    elif student.head_weight is None and teacher_inputs[1] is None and rows.numel() <= chunk_size:
+        # One small chunk of logits (classifiers): plain autograd is cheaper than the chunked machinery.
+        s_logits = inputs[0][rows][..., :vocab_size].float()
+        t_logits = None if inputs[3] is None else inputs[3][rows][..., :vocab_size].float()
+        per_term = torch.stack([term.fn(s_logits, t_logits, targets).sum() for term in terms]) / normalizer
+        total, values = (per_term * per_term.new_tensor(weights)).sum(), per_term.detach()
     else:
-        values, _ = _row_pass(terms, s_inputs, t_inputs, rows, targets, vocab_size, chunk_size, normalizer, False)
-        total = (values * values.new_tensor([t.weight for t in terms])).sum()
+        spec = (list(terms), rows, targets, vocab_size, chunk_size, normalizer)
+        total, values = _RowLossFunction.apply(spec, *inputs)
     return total, {term.name: value for term, value in zip(terms, values.unbind())}
-
 
 @dataclass
 class RowBatch:

@@ -120,6 +120,7 @@ class DistillationTrainer(Trainer):
             and not any(d.requires.logits for _, d in self._other_distillers)
         )
         self._student_task = task_of(student)
+        self._teacher_task = task_of(teacher) if teacher is not None else None
         self._teacher_inputs = _accepted_inputs(teacher) if teacher is not None else None
         self.ledger = LossLedger()
         self._teacher_evaluated = False
@@ -267,7 +268,7 @@ class DistillationTrainer(Trainer):
                 )
             else:
                 outputs = model(**{k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}, **flags)
-        view = _view(bare, outputs, captured.get("input"), head)
+        view = _view(bare, self._student_task, outputs, captured.get("input"), head)
         view.loss, view.features = hard, features
         return view, outputs
 
@@ -281,7 +282,7 @@ class DistillationTrainer(Trainer):
                 bare, self._teacher_features
             ) as features:
                 outputs = self.teacher(**teacher_inputs, **self._output_flags())
-        view = _view(bare, outputs, captured.get("input"), head)
+        view = _view(bare, self._teacher_task, outputs, captured.get("input"), head)
         view.features = features
         if frozen:  # inference tensors cannot be saved for backward: hand distillers ordinary tensors
             view.hidden_states = _autograd_safe(view.hidden_states)
@@ -408,11 +409,11 @@ class _StepEvents(TrainerCallback):
         self.trainer._dispatch_step_losses(args, state, control)
 
 
-def _view(model: nn.Module, outputs, head_input, head) -> ModelView:
+def _view(model: nn.Module, task, outputs, head_input, head) -> ModelView:
     logits = None if head_input is not None else getattr(outputs, "logits", None)
     return ModelView(
         model=model,
-        task=task_of(model),
+        task=task,
         logits=logits,
         hidden_states=getattr(outputs, "hidden_states", None),
         attentions=getattr(outputs, "attentions", None),

@@ -33,7 +33,8 @@ class LogitDistiller(Distiller):
         weight: Factor of the loss in the total (number or schedule).
         temperature: Softmax temperature ``T`` (number or schedule); the divergence is multiplied by ``T^2``.
     Inside a trainer all logit distillers share one chunked pass over the rows (``DistillationArguments.
-    loss_chunk_size``); called on its own, a distiller uses ``chunk_size`` rows per chunk.
+    loss_chunk_size``); called on its own, a distiller uses ``chunk_size`` rows per chunk (default: sized from the
+    vocabulary, see :func:`hf_kd.row_loss.rows_per_chunk`).
     """
 
     requires = Requirements(logits=True)
@@ -51,7 +52,7 @@ class LogitDistiller(Distiller):
         return self.divergence(student / t, teacher / t, targets) * (t * t)
 
     def forward(
-        self, student: ModelView, teacher: ModelView | None, batch: Mapping[str, Any], chunk_size: int = 1024
+        self, student: ModelView, teacher: ModelView | None, batch: Mapping[str, Any], chunk_size: int | None = None
     ) -> torch.Tensor:
         """The loss averaged over rows (samples, or valid tokens of a causal LM)."""
         rows = rows_from_views(student, teacher, batch)
