@@ -7,7 +7,8 @@ weight — from the same inputs (student hidden ``[B, T, H]`` + head ``[V, H]``,
 ``plain``      the straightforward implementation: full student logits ``hidden @ W.T``, full teacher logits
                (no grad), fp32 ``log_softmax`` of both, ``kl_div`` per token, mask, mean, backward.
 ``hf_kd_head`` hf_kd's fused path: ``hf_kd.row_loss.row_losses`` with ``LogitSource(hidden, W)`` for both models,
-               so logits exist one chunk of ``--chunk-size`` rows at a time (the trainer's default for causal LMs).
+               so logits exist one chunk of ``--chunk-size`` rows at a time (default: the trainer's, sized from the
+               vocabulary; the trainer's default for causal LMs).
 ``hf_kd_logits`` hf_kd from full logits (the trainer's path when ``fused_lm_loss=False``): full logits are formed
                as in ``plain``, then ``row_losses`` with ``LogitSource(logits)``.
 
@@ -41,6 +42,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from hf_kd.row_loss import rows_per_chunk
 
 VARIANTS = ("plain", "hf_kd_head", "hf_kd_logits")
 
@@ -179,7 +182,8 @@ def run_child(a, variant, memory):
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     for key in ("batch", "seq", "vocab", "hidden", "teacher_hidden", "threads", "reps", "chunk_size", "temperature",
                 "pad_fraction"):
-        cmd += [f"--{key.replace('_', '-')}", str(getattr(a, key))]
+        if getattr(a, key) is not None:
+            cmd += [f"--{key.replace('_', '-')}", str(getattr(a, key))]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"child {variant} failed:\n{out.stderr}")
@@ -193,7 +197,8 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=49152)
     p.add_argument("--hidden", type=int, default=576, help="student hidden size (SmolLM2-135M: 576)")
     p.add_argument("--teacher-hidden", type=int, default=576)
-    p.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk (DistillationArguments default)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="rows per chunk; default: the trainer's, sized from the vocabulary (hf_kd.row_loss.rows_per_chunk)")
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--pad-fraction", type=float, default=0.125, help="label -100 tail in every other row")
     p.add_argument("--threads", type=int, default=1)
@@ -214,7 +219,7 @@ def main(argv=None):
         check(a)
     rows = a.batch * (a.seq - 1)
     gib = a.batch * a.seq * a.vocab * 4 / 2**30
-    print(f"B={a.batch} T={a.seq} V={a.vocab} H={a.hidden} (teacher H={a.teacher_hidden}), chunk {a.chunk_size} rows, "
+    print(f"B={a.batch} T={a.seq} V={a.vocab} H={a.hidden} (teacher H={a.teacher_hidden}), chunk {rows_per_chunk(a.vocab, a.chunk_size)} rows, "
           f"T={a.temperature}; one fp32 [B, T, V] tensor = {gib:.3f} GiB; ~{rows} predicted tokens")
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     collected = {v: [] for v in variants}
