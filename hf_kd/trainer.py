@@ -48,8 +48,9 @@ class DistillationTrainer(Trainer):
 
     Args:
         model: The student. Trained, saved and evaluated exactly as ``Trainer`` does.
-        teacher_model: The teacher: frozen, in eval mode, run without autograd, placed by Accelerate in
-            ``args.teacher_dtype``. Never in the optimizer or in a saved checkpoint of the student.
+        teacher_model: The teacher: frozen in place (``eval()``, ``requires_grad_(False)``) when the trainer is
+            built, run without autograd, placed by Accelerate in ``args.teacher_dtype``. Never in the optimizer or
+            in a saved checkpoint of the student.
         args: ``DistillationArguments`` (``hard_label_weight``, ``distillers``, ``teacher_dtype``, ...).
         distillers: ``Distiller`` instances or dicts ``{"name": ..., **options}``; overrides ``args.distillers``.
         **kwargs: Every other ``Trainer`` argument (``train_dataset``, ``eval_dataset``, ``processing_class``,
