@@ -268,3 +268,11 @@ def test_bert_6x384_teacher_to_2x128_student_runs_every_representation_distiller
         if len(specs) > 1:
             assert trainer.distillers[0].layer_map == {1: 3}  # PKD-Skip, 6 -> 2
             assert trainer.distillers[1].layer_map == {1: 3, 2: 6} and trainer.distillers[1].average_heads
+
+
+@pytest.mark.parametrize("name", ["attention", "tinybert", "instance_feature"])
+def test_attention_reading_distillers_refuse_sdpa_models_before_training(tmp_path, name):
+    args = DistillationArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'.*attn_implementation='eager'"):
+        DistillationTrainer(model=bert(attn_implementation="sdpa"), teacher_model=bert(layers=4, **EAGER), args=args,
+                            distillers=[{"name": name}])
