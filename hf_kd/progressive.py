@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
 from transformers import TrainerCallback
 
 from .distillers.base import Distiller
 from .distillers.representation import LayerMappedDistiller
+from .configs import from_dict
 from .schedules import Schedule
 
 logger = logging.getLogger(__name__)
@@ -70,11 +71,7 @@ class ProgressiveLayers:
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> "ProgressiveLayers":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(spec) - known)
-        if unknown:
-            raise ValueError(f"progressive layers: unknown option(s) {unknown}; valid options are {sorted(known)}.")
-        return cls(**spec)
+        return from_dict(cls, spec, "progressive layers")
 
     def active_layers(self, layers: Sequence[int], step: int, steps_per_layer: int) -> set[int]:
         """The student layers trained at optimizer ``step``: phase ``k = step // steps_per_layer`` of ``layers``

@@ -12,8 +12,10 @@ In a distiller dict, a schedule is written in place of the number it drives::
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping
+
+from .configs import from_dict
 
 ScheduleKind = Literal["constant", "linear", "cosine", "step"]
 _KINDS = ("constant", "linear", "cosine", "step")
@@ -54,11 +56,7 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> "Schedule":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(spec) - known)
-        if unknown:
-            raise ValueError(f"Unknown schedule option(s) {unknown}; valid options are {sorted(known)}.")
-        return cls(**spec)
+        return from_dict(cls, spec, "schedule")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -33,7 +33,7 @@ from .capture import (
     task_of,
     unwrap,
 )
-from .distillers.base import Distiller, build_distiller, ordered_union
+from .distillers.base import Distiller, build_distiller, ordered_union, weighted_losses
 from .ledger import LossLedger
 from .progressive import ProgressiveLayerCallback
 from .row_loss import RowTerm, row_losses, rows_from_views
@@ -225,13 +225,8 @@ class DistillationTrainer(Trainer):
                 terms, rows.student, rows.teacher, rows.rows, rows.targets, rows.vocab_size, normalizer,
                 self.args.loss_chunk_size,
             )
-        for key, distiller in self._other_distillers:
-            result = distiller(student, teacher, inputs)
-            value, parts = result if isinstance(result, tuple) else (result, {})
-            total = total + distiller.weight * value
-            values[key] = value
-            values.update({f"{key}/{part}": v for part, v in parts.items()})
-        return total, values
+        other_total, other_values = weighted_losses(self._other_distillers, student, teacher, inputs)
+        return total + other_total, {**values, **other_values}
 
     def _loss_scale(self, num_items_in_batch) -> float:
         """The factor Trainer.compute_loss puts on a loss normalised over tokens of all processes."""

@@ -46,7 +46,7 @@ def test_callback_schedules_the_union_of_mapped_layers():
     ({"layer_distillers": ["attention"]}, "exactly one of `steps_per_layer` and `epochs_per_layer`"),
     ({"layer_distillers": ["attention"], "steps_per_layer": 0}, "must be > 0"),
     ({"layer_distillers": ["attention"], "steps_per_layer": 1, "mode": "top_down"}, "unknown `mode` 'top_down'"),
-    ({"layer_distillers": ["attention"], "steps_per_layer": 1, "epochs": 1}, r"unknown option\(s\) \['epochs'\]"),
+    ({"layer_distillers": ["attention"], "steps_per_layer": 1, "epochs": 1}, r"Unknown progressive layers option\(s\) \['epochs'\]"),
     ({"layer_distillers": ["attention"], "steps_per_layer": 1, "final_distillers": ["attention"]}, "both layer-sch"),
     ({"layer_distillers": ["attn"], "steps_per_layer": 1}, r"no distiller with key\(s\) \['attn'\]; the trainer's"),
     ({"layer_distillers": ["kl"], "steps_per_layer": 1}, r"\['kl'\] are not layer-mapped distillers"),

@@ -82,6 +82,21 @@ def ordered_union(groups: Iterable[Iterable]) -> tuple:
     return tuple(dict.fromkeys(item for group in groups for item in group))
 
 
+def weighted_losses(
+    named: Iterable[tuple[str, "Distiller"]], student: ModelView, teacher: ModelView | None, batch: Mapping[str, Any]
+) -> tuple[torch.Tensor | float, dict[str, torch.Tensor]]:
+    """Call each distiller: ``(sum_i weight_i * L_i, {name_i: L_i, name_i/part: ...})``."""
+    total: torch.Tensor | float = 0.0
+    values: dict[str, torch.Tensor] = {}
+    for name, distiller in named:
+        result = distiller(student, teacher, batch)
+        value, parts = result if isinstance(result, tuple) else (result, {})
+        total = total + distiller.weight * value
+        values[name] = value
+        values.update({f"{name}/{part}": v for part, v in parts.items()})
+    return total, values
+
+
 def _init_parameters(cls: type) -> set[str]:
     """Keyword options of ``cls``: its ``__init__`` parameters, plus its parents' while it forwards ``**kwargs``."""
     names: set[str] = set()

@@ -18,7 +18,7 @@ from ..capture import ModelView
 from ..layer_maps import LayerMapSpec
 from ..projectors import ProjectorKind
 from ..schedules import Schedule
-from .base import Distiller, build_distiller, ordered_union, register_distiller
+from .base import Distiller, build_distiller, ordered_union, register_distiller, weighted_losses
 from .logit import KLDistiller
 from .representation import AttentionDistiller, HiddenStatesDistiller
 
@@ -79,14 +79,7 @@ class CompositeDistiller(Distiller):
         return itertools.chain.from_iterable(c.teacher_parameters() for c in self.components.values())
 
     def forward(self, student: ModelView, teacher: ModelView | None, batch: Mapping[str, Any]):
-        total, parts = 0.0, {}
-        for name, child in self.components.items():
-            result = child(student, teacher, batch)
-            value, child_parts = result if isinstance(result, tuple) else (result, {})
-            total = total + child.weight * value
-            parts[name] = value
-            parts.update({f"{name}/{part}": v for part, v in child_parts.items()})
-        return total, parts
+        return weighted_losses(self.components.items(), student, teacher, batch)
 
 
 @register_distiller("tinybert")
