@@ -40,6 +40,13 @@ class DistillationArguments(TrainingArguments):
         default=None,
         metadata={"help": "dtype the teacher runs in: float32, bfloat16 or float16. None keeps the loaded dtype."},
     )
+    teacher_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of teacher-side parameters that online distillers train (their own param "
+            "group); None uses `learning_rate`."
+        },
+    )
     teacher_eval_metrics: bool = field(
         default=False,
         metadata={"help": "Also evaluate the teacher once (metrics logged with the prefix `eval_teacher_`)."},
@@ -90,6 +97,8 @@ class DistillationArguments(TrainingArguments):
         self.distillers = list(self.distillers or [])
         if self.hard_label_weight < 0:
             raise ValueError(f"`hard_label_weight` must be >= 0, got {self.hard_label_weight}.")
+        if self.teacher_learning_rate is not None and self.teacher_learning_rate < 0:
+            raise ValueError(f"`teacher_learning_rate` must be >= 0, got {self.teacher_learning_rate}.")
         if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
             raise ValueError(f"`loss_chunk_size` must be a positive number of rows, got {self.loss_chunk_size}.")
         if self.teacher_dtype is not None and self.teacher_dtype not in _DTYPES:

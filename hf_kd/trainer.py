@@ -40,6 +40,7 @@ from .row_loss import RowTerm, row_losses, rows_from_views
 from .teachers import prepare_teacher, shared_logit_width
 
 DISTILLER_STATE_NAME = "distillers.pt"
+TEACHER_STATE_NAME = "teacher_trained.pt"
 _NOT_MODEL_INPUTS = ("labels", "num_items_in_batch")
 
 
@@ -110,7 +111,11 @@ class DistillationTrainer(Trainer):
         self._other_distillers = [
             (k, d) for k, d in zip(self.distiller_keys, self.distillers) if not hasattr(d, "row_loss")
         ]
-        self._teacher_trained = any(any(True for _ in d.teacher_parameters()) for d in self.distillers)
+        self._teacher_params = list(ordered_union(d.teacher_parameters() for d in self.distillers))
+        for param in self._teacher_params:
+            param.requires_grad_(True)
+        self._teacher_trained = bool(self._teacher_params)
+        self._teacher_train_mode = any(d.teacher_train_mode for d in self.distillers)
         self._fused_lm = (
             args.fused_lm_loss
             and teacher is not None
@@ -173,7 +178,7 @@ class DistillationTrainer(Trainer):
         student, outputs = self._student_forward(
             model, inputs, fused, want_hard and not hard_as_row, num_items_in_batch
         )
-        teacher = self._teacher_forward(inputs, fused) if self.teacher is not None else None
+        teacher = self._teacher_forward(inputs, fused, training) if self.teacher is not None else None
 
         components: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.args.device)
@@ -268,8 +273,10 @@ class DistillationTrainer(Trainer):
         view.loss, view.features = hard, features
         return view, outputs
 
-    def _teacher_forward(self, inputs, fused) -> ModelView:
+    def _teacher_forward(self, inputs, fused, training) -> ModelView:
         bare = unwrap(self.teacher)
+        if self._teacher_train_mode:
+            self.teacher.train(training)
         head = output_head(bare) if fused else None
         teacher_inputs = {k: v for k, v in inputs.items() if self._teacher_inputs(k)}
         frozen = not self._teacher_trained
@@ -364,27 +371,56 @@ class DistillationTrainer(Trainer):
         params = [p for p in self.distillers.parameters() if p.requires_grad and id(p) not in taken]
         if params:
             optimizer.add_param_group({"params": params, "weight_decay": self.args.weight_decay})
+        teacher_params = [p for p in self._teacher_params if id(p) not in taken]
+        if teacher_params:
+            lr = self.args.teacher_learning_rate
+            optimizer.add_param_group({"params": teacher_params, "weight_decay": self.args.weight_decay,
+                                       "lr": self.args.learning_rate if lr is None else lr})
         return optimizer
+
+    def online_parameters(self) -> list[nn.Parameter]:
+        """Everything trained besides the student: distiller parameters and teacher-side parameters."""
+        return [*self.distillers.parameters(), *self._teacher_params]
+
+    def _trained_teacher_state(self) -> dict[str, torch.Tensor]:
+        trained = {id(p) for p in self._teacher_params}
+        return {name: p.detach() for name, p in unwrap(self.teacher).named_parameters() if id(p) in trained}
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
-        state = self.distillers.state_dict()
-        if state and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            torch.save(state, os.path.join(folder, DISTILLER_STATE_NAME))
+        if not self.args.should_save:
+            return
+        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        for name, state in ((DISTILLER_STATE_NAME, self.distillers.state_dict()),
+                            (TEACHER_STATE_NAME, self._trained_teacher_state() if self._teacher_trained else {})):
+            if state:
+                torch.save(state, os.path.join(folder, name))
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
-        # Runs on every resume, whatever the backend, so distiller state is restored next to the optimizer's.
+        # Runs on every resume, whatever the backend, so online state is restored next to the optimizer's.
         super()._load_optimizer_and_scheduler(checkpoint)
-        path = os.path.join(checkpoint, DISTILLER_STATE_NAME) if checkpoint else None
-        if path and os.path.isfile(path):
+        if not checkpoint:
+            return
+        path = os.path.join(checkpoint, DISTILLER_STATE_NAME)
+        if os.path.isfile(path):
             self.distillers.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
+        path = os.path.join(checkpoint, TEACHER_STATE_NAME)
+        if os.path.isfile(path) and self._teacher_trained:
+            saved = torch.load(path, map_location=self.args.device, weights_only=True)
+            current = self._trained_teacher_state()
+            if saved.keys() != current.keys():
+                raise ValueError(
+                    f"{path} holds teacher parameters {sorted(saved)}, but the distillers now train "
+                    f"{sorted(current)}; resume with the same distillers."
+                )
+            with torch.no_grad():
+                for name, value in saved.items():
+                    current[name].copy_(value)
 
 
 class _StepEvents(TrainerCallback):
-    """The distillers' share of each optimizer step, which Trainer only does for the student.
-
-    Averages distiller gradients over processes before the step, clears them after it, and sends
+    """The share of each optimizer step that Trainer only does for the student, for distiller and teacher-side
+    parameters: averages their gradients over processes before the step, clears them after it, and sends
     ``on_distillation_step`` to the callbacks that define it.
     """
 
@@ -394,12 +430,13 @@ class _StepEvents(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         accelerator = self.trainer.accelerator
         if accelerator.num_processes > 1:
-            for param in self.trainer.distillers.parameters():
+            for param in self.trainer.online_parameters():
                 if param.grad is not None:
                     param.grad = accelerator.reduce(param.grad, reduction="mean")
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer.distillers.zero_grad(set_to_none=True)
+        for param in self.trainer.online_parameters():
+            param.grad = None
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._dispatch_step_losses(args, state, control)

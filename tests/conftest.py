@@ -30,10 +30,10 @@ def bert(
     num_labels: int = 3, layers: int = 2, hidden: int = 32, seed: int = 0, heads: int = 2, **kwargs
 ) -> BertForSequenceClassification:
     torch.manual_seed(seed)
+    kwargs = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, **kwargs}
     config = BertConfig(
         vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kwargs,
+        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels, **kwargs,
     )
     return BertForSequenceClassification(config)
 

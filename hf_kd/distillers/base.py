@@ -120,6 +120,7 @@ class Distiller(nn.Module):
 
     name: ClassVar[str] = ""
     requires: ClassVar[Requirements] = Requirements()
+    teacher_train_mode: ClassVar[bool] = False  # run the teacher in train mode (dropout, BN) while training
 
     def __init__(self, weight: float | Schedule | Mapping[str, Any] = 1.0) -> None:
         super().__init__()
@@ -188,7 +189,12 @@ class Distiller(nn.Module):
         return contextlib.nullcontext()
 
     def teacher_parameters(self) -> Iterable[nn.Parameter]:
-        """Teacher-side parameters this distiller trains (online methods). Empty: the teacher stays frozen."""
+        """Teacher-side parameters this distiller trains (online methods; known after ``setup``).
+
+        The trainer unfreezes them, runs the teacher with autograd, trains them in their own param group
+        (``DistillationArguments.teacher_learning_rate``) and checkpoints them. Empty: the teacher stays frozen and
+        runs under ``torch.inference_mode()``.
+        """
         return ()
 
     def on_step_end(self) -> None:
