@@ -5,6 +5,10 @@ from .callbacks import DistillationCallback, ScheduleCallback
 from .capture import ModelView, Requirements
 from .distillers import (
     AttentionDistiller,
+    BDKDDistiller,
+    DualDEDistiller,
+    MutualLearningDistiller,
+    PeerToPeerDistiller,
     BlockSwapDistiller,
     CompositeDistiller,
     DKDDistiller,
@@ -19,6 +23,7 @@ from .distillers import (
     LogitMSEDistiller,
     MiniLMRelationDistiller,
     ReverseKLDistiller,
+    SOKDDistiller,
     SkewKLDistiller,
     SkewReverseKLDistiller,
     TVDDistiller,
@@ -35,6 +40,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionDistiller",
+    "BDKDDistiller",
+    "DualDEDistiller",
+    "MutualLearningDistiller",
+    "PeerToPeerDistiller",
     "BlockSwapDistiller",
     "CompositeDistiller",
     "DKDDistiller",
@@ -57,6 +66,7 @@ __all__ = [
     "Requirements",
     "ReverseKLDistiller",
     "Schedule",
+    "SOKDDistiller",
     "ScheduleCallback",
     "SkewKLDistiller",
     "SkewReverseKLDistiller",

@@ -178,7 +178,8 @@ class DistillationTrainer(Trainer):
         student, outputs = self._student_forward(
             model, inputs, fused, want_hard and not hard_as_row, num_items_in_batch
         )
-        teacher = self._teacher_forward(inputs, fused, training) if self.teacher is not None else None
+        needs_teacher = self.teacher is not None and self.requirements.teacher
+        teacher = self._teacher_forward(inputs, fused, training) if needs_teacher else None
 
         components: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.args.device)
@@ -280,11 +281,13 @@ class DistillationTrainer(Trainer):
         head = output_head(bare) if fused else None
         teacher_inputs = {k: v for k, v in inputs.items() if self._teacher_inputs(k)}
         frozen = not self._teacher_trained
-        with torch.inference_mode() if frozen else contextlib.nullcontext():
-            with capture_head_input(head) if fused else contextlib.nullcontext({}) as captured, capture_features(
-                bare, self._teacher_features
-            ) as features:
-                outputs = self.teacher(**teacher_inputs, **self._output_flags())
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode() if frozen else contextlib.nullcontext())
+            for distiller in self.distillers:
+                stack.enter_context(distiller.teacher_forward_context(bare, training))
+            captured = stack.enter_context(capture_head_input(head)) if fused else {}
+            features = stack.enter_context(capture_features(bare, self._teacher_features))
+            outputs = self.teacher(**teacher_inputs, **self._output_flags())
         view = _view(bare, self._teacher_task, outputs, captured.get("input"), head)
         view.features = features
         if frozen:  # inference tensors cannot be saved for backward: hand distillers ordinary tensors

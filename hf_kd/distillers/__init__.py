@@ -12,12 +12,25 @@ from .logit import (
     SkewReverseKLDistiller,
     TVDDistiller,
 )
+from .online import (
+    BDKDDistiller,
+    DualDEDistiller,
+    MutualLearningDistiller,
+    PeerToPeerDistiller,
+    register_bdkd_weighting,
+)
 from .presets import CompositeDistiller, TinyBERTDistiller
 from .relation import MiniLMRelationDistiller
+from .sokd import SOKDDistiller
 from .teacher_guided import BlockSwapDistiller, FeatureMixingDistiller, InstanceFeatureDistiller
 from .representation import AttentionDistiller, FeatureDistiller, HiddenStatesDistiller, LayerMappedDistiller
 
 __all__ = [
+    "BDKDDistiller",
+    "DualDEDistiller",
+    "MutualLearningDistiller",
+    "PeerToPeerDistiller",
+    "register_bdkd_weighting",
     "AttentionDistiller",
     "BlockSwapDistiller",
     "CompositeDistiller",
@@ -34,6 +47,7 @@ __all__ = [
     "LogitMSEDistiller",
     "MiniLMRelationDistiller",
     "ReverseKLDistiller",
+    "SOKDDistiller",
     "SkewKLDistiller",
     "SkewReverseKLDistiller",
     "TVDDistiller",

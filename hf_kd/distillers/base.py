@@ -15,7 +15,7 @@ Life cycle inside :class:`~hf_kd.DistillationTrainer`:
 4. ``on_step_end()`` after each optimizer step (memory-bank updates and the like).
 
 Optional hooks: ``student_features()`` / ``teacher_features()`` name submodules whose outputs are captured with
-forward hooks; ``student_forward_context()`` may alter the student's forward pass during training;
+forward hooks; ``student_forward_context()`` / ``teacher_forward_context()`` wrap the two forward passes;
 ``teacher_parameters()`` declares teacher-side parameters an online method trains.
 
 The total loss is ``hard_label_weight * student_loss + sum_i weight_i * distiller_i``.
@@ -186,6 +186,11 @@ class Distiller(nn.Module):
         """A context the student's forward pass runs in, for methods that alter it during training (e.g. swapping in
         teacher blocks). Whatever it installs must be gone when it exits, so evaluation and export see the plain
         student."""
+        return contextlib.nullcontext()
+
+    def teacher_forward_context(self, teacher: nn.Module, training: bool) -> ContextManager:
+        """A context the teacher's forward pass runs in (e.g. hooks recording what a teacher block received);
+        whatever it installs must be gone when it exits."""
         return contextlib.nullcontext()
 
     def teacher_parameters(self) -> Iterable[nn.Parameter]:

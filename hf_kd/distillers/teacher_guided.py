@@ -325,7 +325,7 @@ def _swap_blocks(layers: nn.ModuleList, swapped: dict[int, list[nn.Module]]) -> 
     handles = []
     try:
         for s, span in swapped.items():
-            hook = partial(_run_teacher_layers, span)
+            hook = partial(_replace_output, span)
             handles.append(layers[s - 1].register_forward_hook(hook, with_kwargs=True, prepend=True))
         yield
     finally:
@@ -333,8 +333,13 @@ def _swap_blocks(layers: nn.ModuleList, swapped: dict[int, list[nn.Module]]) -> 
             handle.remove()
 
 
-def _run_teacher_layers(span: list[nn.Module], _block: nn.Module, args: tuple, kwargs: dict, _output: Any) -> Any:
-    """The output of the teacher layers ``span``, chained, on the arguments the student block received.
+def _replace_output(span: list[nn.Module], _block: nn.Module, args: tuple, kwargs: dict, _output: Any) -> Any:
+    """Forward hook: the block's output becomes that of the teacher layers ``span`` on the block's arguments."""
+    return run_layers(span, args, kwargs)
+
+
+def run_layers(span: list[nn.Module], args: tuple, kwargs: dict) -> Any:
+    """The output of the transformer layers ``span``, chained, on the arguments one layer of the model received.
 
     KV caches are dropped (teacher layers carry the teacher's layer indices). The layers run in an empty
     ``contextvars.Context``: transformers' hooks that record ``output_hidden_states`` / ``output_attentions`` read
