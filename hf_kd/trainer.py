@@ -116,17 +116,17 @@ class DistillationTrainer(Trainer):
             param.requires_grad_(True)
         self._teacher_trained = bool(self._teacher_params)
         self._teacher_train_mode = any(d.teacher_train_mode for d in self.distillers)
+        self._student_task = task_of(student)
+        self._teacher_task = task_of(teacher) if teacher is not None else None
         self._fused_lm = (
             args.fused_lm_loss
             and teacher is not None
-            and task_of(student) == "causal_lm"
+            and self._student_task == "causal_lm"
             and output_head(student) is not None
             and output_head(teacher) is not None
             and not self._teacher_trained
             and not any(d.requires.logits for _, d in self._other_distillers)
         )
-        self._student_task = task_of(student)
-        self._teacher_task = task_of(teacher) if teacher is not None else None
         self._teacher_inputs = _accepted_inputs(teacher) if teacher is not None else None
         self.ledger = LossLedger()
         self._teacher_evaluated = False
