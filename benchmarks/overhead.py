@@ -8,7 +8,21 @@ the same pre-built batches, with the Trainer's defaults:
 - teacher forward under ``torch.inference_mode()``; student forward + backward; all fp32;
 - ``clip_grad_norm_(..., 1.0)``; ``torch.optim.AdamW`` built with exactly the kwargs the Trainer uses for its
   ``args.optim`` (transformers 5 on torch >= 2.8 defaults to ``adamw_torch_fused``, i.e. ``fused=True``;
-  lr 5e-5, betas (0.9, 0.999), eps 1e-8, weight_decay 0.0); linear LR decay to 0 over the run, no warmup.
+  lr 5e-5, betas (0.9, 0.999), eps 1e-8) and the Trainer's ``weight_decay`` 0.0 passed explicitly (torch's own
+  AdamW default is 0.01); linear LR decay to 0 over the run, no warmup.
+
+Cases (``--models``, default all three):
+
+- ``cls``: BERT classifier, student 4x256 / teacher 4x384, distiller ``kl``;
+- ``lm``: Llama causal LM, student 4x256 / teacher 4x384, distiller ``kl``, fused and unfused LM loss;
+- ``repr``: the ``cls`` pair with ``attn_implementation="eager"`` and ``--repr-heads`` (4) heads in both models,
+  distillers ``kl`` + ``hidden_states`` (uniform layer map, MSE over all non-padding tokens, one linear projector
+  256 -> 384 shared by all layers, built by the distiller) + ``attention`` (KL per query row, uniform map). The loop
+  runs both models with ``output_hidden_states``/``output_attentions`` and adds :func:`repr_loss` (written out by
+  hand) with its own ``nn.Linear(256, 384)`` projector whose initial weights are copied from the distiller's
+  (``trainer.distillers[1].projectors["shared"]``). The projector is in the loop's AdamW as a second param group
+  (the Trainer puts distiller parameters in their own group with the same lr / weight decay) and, as in the
+  Trainer, outside gradient clipping, which covers the student's parameters only.
 
 Data: ``batches`` is a list of dicts of tensors built once. The Trainer gets a map-style dataset whose item ``i``
 is ``batches[i]`` itself, ``per_device_train_batch_size=1``, ``train_sampling_strategy="sequential"`` and a
@@ -27,13 +41,18 @@ and off (``fused_lm_loss=True`` is the default; the switch flips the trainer's `
 the same flag ``DistillationArguments.fused_lm_loss`` sets), so fused / unfused / plain are all interleaved.
 
 Also reported: the full iteration time (begin of step k to begin of step k+1 inside a block), which adds the
-Trainer's dataloader, logging and callbacks around the step.
+Trainer's dataloader, logging and callbacks around the step; and the median CPU time of the same step region
+(``time.process_time()``, all threads of the process). With one intra-op thread, CPU time leaves out the time the
+process waits while other jobs hold the cores, so on a loaded machine its ratio is the steadier of the two
+(the wall-clock ratio stays the headline figure).
 
 Second phase (on by default, ``--no-hand-written`` skips it): a bare ``transformers.Trainer`` whose
-``compute_loss`` is the loop's loss, timed the same way and interleaved with the same loop. Its ratio is what
-Trainer + Accelerate cost by themselves; the difference to the DistillationTrainer ratio is hf_kd's share.
+``compute_loss`` is the loop's loss (for ``repr`` with its own copy of the projector in an extra param group),
+timed the same way and interleaved with the same loop. Its ratio is what Trainer + Accelerate cost by themselves;
+the difference to the DistillationTrainer ratio is hf_kd's share.
 
-Every case first checks that the trainer's loss equals the loop's on the first batch (same weights).
+Every case first checks that the trainer's loss equals the loop's on the first batch (same weights, and for
+``repr`` the same projector weights).
 
 Threads: ``torch.set_num_threads(--threads)`` (default 1) for everything. On a 2-core machine shared with other
 jobs, 2 intra-op threads get descheduled and step times vary by several x; 1 thread keeps the medians stable.
@@ -64,6 +83,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import Dataset
 from transformers import (
     BertConfig,
@@ -84,16 +104,27 @@ from hf_kd import DistillationArguments, DistillationTrainer
 # ----------------------------------------------------------------------------------------------------------------
 # models and data
 # ----------------------------------------------------------------------------------------------------------------
-def build_classifier(a, teacher: bool, seed: int):
+def build_classifier(a, teacher: bool, seed: int, heads: int | None = None, attn_implementation: str | None = None):
     torch.manual_seed(seed)
     hidden = a.cls_teacher_hidden if teacher else a.cls_hidden
     layers = a.cls_teacher_layers if teacher else a.cls_layers
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     config = BertConfig(
-        vocab_size=a.cls_vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(hidden // 64, 1),
+        vocab_size=a.cls_vocab, hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads or max(hidden // 64, 1),
         intermediate_size=4 * hidden, max_position_embeddings=max(512, a.cls_seq), num_labels=a.cls_labels,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,  # deterministic, so the loss check below is exact
+        **extra,
     )
     return BertForSequenceClassification(config)
+
+
+def build_repr_classifier(a, teacher: bool, seed: int):
+    """The classifier pair of ``cls`` with eager attention (maps are returned) and ``--repr-heads`` heads in both."""
+    model = build_classifier(a, teacher, seed, heads=a.repr_heads, attn_implementation="eager")
+    if model.config._attn_implementation != "eager":
+        raise SystemExit(f"Expected eager attention, got {model.config._attn_implementation!r}.")
+    return model
 
 
 def build_lm(a, teacher: bool, seed: int):
@@ -175,42 +206,106 @@ def kd_loss(s_logits, t_logits, labels, task, a):
     return a.hard_weight * hard + a.kd_weight * kd
 
 
+def uniform_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
+    """TinyBERT's uniform map, student layer ``m`` -> teacher layer ``m * N // M`` (``m = 1..M``; 0 = embeddings)."""
+    return {m: m * teacher_layers // student_layers for m in range(1, student_layers + 1)}
+
+
+def repr_loss(s_out, t_out, attention_mask, projector, layer_map, a):
+    """``hidden_weight * L_hidden + attention_weight * L_attention``, written the straightforward way.
+
+    ``L_hidden``: mean over mapped layers of the MSE between ``projector(h_s)`` and ``h_t`` (mean over the feature
+    dimension), averaged over non-padding tokens. ``L_attention``: mean over mapped layers of ``KL(A_t[i, :] ||
+    A_s[i, :])`` per query row, averaged over heads and non-padding query rows.
+    """
+    mask = attention_mask.float()
+    hidden = []
+    for s, t in layer_map.items():
+        per_token = (projector(s_out.hidden_states[s]) - t_out.hidden_states[t]).pow(2).mean(-1)
+        hidden.append((per_token * mask).sum() / mask.sum())
+    rows = mask[:, None, :, None]  # valid query rows
+    attention = []
+    for s, t in layer_map.items():
+        a_s = s_out.attentions[s - 1]
+        # the teacher ran under inference_mode, and kl_div saves its target for backward: a normal copy is needed
+        a_t = t_out.attentions[t - 1].clone()
+        kl = F.kl_div(a_s.clamp_min(1e-12).log(), a_t, reduction="none").sum(-1, keepdim=True)
+        attention.append((kl * rows).sum() / (rows.sum() * a_s.shape[1]))
+    return a.hidden_weight * torch.stack(hidden).mean() + a.attention_weight * torch.stack(attention).mean()
+
+
+REPR_FLAGS = {"output_hidden_states": True, "output_attentions": True}
+
+
 class HandWrittenKDTrainer(Trainer):
     """A bare ``transformers.Trainer`` whose ``compute_loss`` is :func:`kd_loss` (the usual hand-written KD trainer).
 
     Only used to split the overhead into what ``Trainer``/Accelerate cost and what hf_kd adds on top.
     """
 
-    def __init__(self, *args, teacher_model=None, task=None, bench_args=None, **kwargs):
+    def __init__(self, *args, teacher_model=None, task=None, bench_args=None, projector=None, layer_map=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher, self.task, self.bench_args = teacher_model.eval().requires_grad_(False), task, bench_args
+        self.projector, self.layer_map = projector, layer_map  # repr case: the hidden-state projector
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.projector is not None:  # its own param group, as hf_kd does for distiller parameters
+            optimizer.add_param_group({"params": list(self.projector.parameters()),
+                                       "weight_decay": self.args.weight_decay})
+        return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        flags = REPR_FLAGS if self.projector is not None else {}
+        if self.projector is not None:
+            self.projector.zero_grad(set_to_none=True)  # Trainer only zeroes the model's gradients
         with torch.inference_mode():
-            t_logits = self.teacher(**model_inputs).logits
-        outputs = model(**model_inputs)
-        loss = kd_loss(outputs.logits, t_logits, inputs["labels"], self.task, self.bench_args)
+            t_out = self.teacher(**model_inputs, **flags)
+        outputs = model(**model_inputs, **flags)
+        loss = kd_loss(outputs.logits, t_out.logits, inputs["labels"], self.task, self.bench_args)
+        if self.projector is not None:
+            loss = loss + repr_loss(outputs, t_out, inputs["attention_mask"], self.projector, self.layer_map,
+                                    self.bench_args)
         return (loss, outputs) if return_outputs else loss
 
 
 class PlainLoop:
-    """Same math as the trainer, written the straightforward way (full logits, fp32 log_softmax)."""
+    """Same math as the trainer, written the straightforward way (full logits, fp32 log_softmax).
 
-    def __init__(self, student, teacher, batches, total_steps, task, a, optimizer_kwargs):
+    With a ``projector`` (repr case) the loss adds :func:`repr_loss`; the projector is trained in its own param
+    group (same lr / weight decay) and, as in the Trainer, left out of gradient clipping, which covers the student.
+    """
+
+    def __init__(self, student, teacher, batches, total_steps, task, a, optimizer_kwargs, projector=None,
+                 layer_map=None):
         self.student, self.teacher, self.batches, self.task, self.a = student, teacher, batches, task, a
+        self.projector, self.layer_map = projector, layer_map
         self.student.train()
         self.teacher.eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.student.parameters(), **optimizer_kwargs)
+        groups = [{"params": list(self.student.parameters())}]
+        if projector is not None:
+            projector.train()
+            groups.append({"params": list(projector.parameters())})
+        self.optimizer = torch.optim.AdamW(groups, **optimizer_kwargs)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: max(0.0, (total_steps - s) / max(1, total_steps))
         )
         self.i = 0
         self.step_times: list[float] = []
+        self.cpu_times: list[float] = []
         self.iter_times: list[float] = []
 
     def loss(self, batch):
         model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if self.projector is not None:
+            with torch.inference_mode():
+                t_out = self.teacher(**model_inputs, **REPR_FLAGS)
+            s_out = self.student(**model_inputs, **REPR_FLAGS)
+            return kd_loss(s_out.logits, t_out.logits, batch["labels"], self.task, self.a) + repr_loss(
+                s_out, t_out, batch["attention_mask"], self.projector, self.layer_map, self.a
+            )
         with torch.inference_mode():
             t_logits = self.teacher(**model_inputs).logits
         s_logits = self.student(**model_inputs).logits
@@ -221,7 +316,7 @@ class PlainLoop:
         for _ in range(steps):
             batch = self.batches[self.i % len(self.batches)]
             self.i += 1
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             if previous is not None:
                 self.iter_times.append(start - previous)
             previous = start
@@ -230,8 +325,9 @@ class PlainLoop:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
             self.optimizer.step()
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)  # student and projector
             self.step_times.append(time.perf_counter() - start)
+            self.cpu_times.append(time.process_time() - cpu_start)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,6 +356,7 @@ class Clock:
         self.variants = trainer_variants  # e.g. ["fused", "unfused"] or ["trainer"]
         self.block, self.loop, self.switch, self.warmup = block, loop, switch, warmup
         self.step_times = {v: [] for v in self.variants}
+        self.cpu_times = {v: [] for v in self.variants}
         self.iter_times = {v: [] for v in self.variants}
         self.count = 0
         self.block_index = 0
@@ -283,18 +380,19 @@ class Clock:
         if self.count <= self.warmup:
             self.iter_times[v].clear()
         self.profiling = bool(self.profilers) and self.count >= self.warmup and self.profiled[v] < self.profile_steps
-        self.t0 = time.perf_counter()
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
         if self.profiling:
             self.profilers[v].enable()
 
     def end(self):
-        elapsed = time.perf_counter() - self.t0
+        elapsed, cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
         v = self.variant
         if self.profiling:
             self.profilers[v].disable()
             self.profiled[v] += 1
         elif self.count >= self.warmup:
             self.step_times[v].append(elapsed)
+            self.cpu_times[v].append(cpu)
         self.count += 1
         self.previous_begin = None
         if self.count % self.block == 0:
@@ -329,7 +427,11 @@ def trainer_optimizer_kwargs(args) -> dict:
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     if cls is not torch.optim.AdamW:
         raise SystemExit(f"This benchmark mirrors torch AdamW; args.optim={args.optim} gives {cls}.")
-    return dict(kwargs)
+    # Trainer sets weight decay per param group (args.weight_decay, 0.0 for biases/norms; both 0.0 by default);
+    # torch.optim.AdamW's own default is 0.01, so it has to be passed explicitly.
+    if args.weight_decay != 0.0:
+        raise SystemExit("This benchmark mirrors one weight decay for all parameters; keep weight_decay=0.0.")
+    return {**kwargs, "weight_decay": args.weight_decay}
 
 
 def common_args(output_dir, total):
@@ -360,14 +462,16 @@ def timed_train(trainer, loop, variants, switch, a):
     # warm-up steps of the loop before the first block (the trainer's warm-up steps are not recorded)
     loop.run(a.warmup)
     loop.step_times.clear()
+    loop.cpu_times.clear()
     loop.iter_times.clear()
     trainer.train()
     # a later variant's first step is its own warm-up and is dropped
     result = {"loop": median_ms(loop.step_times, 0), "loop_iter": median_ms(loop.iter_times, 0),
-              "n_loop": len(loop.step_times), "n_trainer": {}}
+              "loop_cpu": median_ms(loop.cpu_times, 0), "n_loop": len(loop.step_times), "n_trainer": {}}
     for i, v in enumerate(variants):
         result[v] = median_ms(clock.step_times[v], 0 if i == 0 else 1)
         result[v + "_iter"] = median_ms(clock.iter_times[v], 0 if i == 0 else 1)
+        result[v + "_cpu"] = median_ms(clock.cpu_times[v], 0 if i == 0 else 1)
         result["n_trainer"][v] = len(clock.step_times[v])
     for v, profiler in clock.profilers.items():
         for order in ("cumulative", "tottime"):
@@ -376,25 +480,44 @@ def timed_train(trainer, loop, variants, switch, a):
             result.setdefault("profiles", []).append((f"{v}, {clock.profiled[v]} steps, sorted by {order}",
                                                       stream.getvalue()))
     loop.step_times.clear()
+    loop.cpu_times.clear()
     loop.iter_times.clear()
     return result
 
 
-def run_case(name, a, student, teacher, batches, task, variants, output_dir):
+def run_case(name, a, student, teacher, batches, task, variants, output_dir, representation=False):
     block = a.block
     total = (math.ceil(a.warmup / block) + a.rounds * len(variants)) * block
     student_hw = copy.deepcopy(student) if a.hand_written else None  # same initial weights
+    student_loop, teacher_loop = copy.deepcopy(student), copy.deepcopy(teacher)
+    distillers = [{"name": "kl", "temperature": a.temperature, "weight": a.kd_weight}]
+    if representation:
+        distillers += [
+            {"name": "hidden_states", "weight": a.hidden_weight, "layer_map": "uniform", "loss": "mse",
+             "tokens": "all", "projector": "linear"},
+            {"name": "attention", "weight": a.attention_weight, "layer_map": "uniform", "loss": "kl"},
+        ]
     args = DistillationArguments(
         **common_args(os.path.join(output_dir, "hf_kd"), total),
         hard_label_weight=a.hard_weight,
-        distillers=[{"name": "kl", "temperature": a.temperature, "weight": a.kd_weight}],
+        distillers=distillers,
     )
     optimizer_kwargs = trainer_optimizer_kwargs(args)
-    loop = PlainLoop(copy.deepcopy(student), copy.deepcopy(teacher), batches, total, task, a, optimizer_kwargs)
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher, args=args,
         train_dataset=PrebuiltBatches(batches[:total]), data_collator=unwrap_collator,
     )
+    projector = projector_hw = layer_map = None
+    if representation:
+        # the loop's projector starts from the distiller's own (built in setup() from the global RNG)
+        shared = trainer.distillers[1].projectors["shared"]
+        projector = nn.Linear(shared.in_features, shared.out_features)
+        projector.load_state_dict(shared.state_dict())
+        projector_hw = copy.deepcopy(projector)
+        layer_map = uniform_layer_map(a.cls_layers, a.cls_teacher_layers)
+        if layer_map != trainer.distillers[1].layer_map or layer_map != trainer.distillers[2].layer_map:
+            raise SystemExit(f"layer maps differ: loop {layer_map}, trainer {trainer.distillers[1].layer_map}")
+    loop = PlainLoop(student_loop, teacher_loop, batches, total, task, a, optimizer_kwargs, projector, layer_map)
 
     def switch(variant):
         if variant in ("fused", "unfused"):
@@ -414,7 +537,7 @@ def run_case(name, a, student, teacher, batches, task, variants, output_dir):
         hw = HandWrittenKDTrainer(
             model=student_hw, args=TrainingArguments(**common_args(os.path.join(output_dir, "hw"), total_hw)),
             train_dataset=PrebuiltBatches(batches[:total_hw]), data_collator=unwrap_collator,
-            teacher_model=teacher, task=task, bench_args=a,
+            teacher_model=teacher, task=task, bench_args=a, projector=projector_hw, layer_map=layer_map,
         )
         result["phases"].append((["hand_written"], timed_train(hw, loop, ["hand_written"], lambda v: None, a)))
     return result
@@ -428,12 +551,13 @@ def report(r):
     print(f"\n== {r['name']} ==")
     for variants, phase in r["phases"]:
         print(f"  plain loop            : {phase['loop']:8.2f} ms/step   (n={phase['n_loop']}; full iteration "
-              f"{phase['loop_iter']:.2f} ms)")
+              f"{phase['loop_iter']:.2f} ms; CPU {phase['loop_cpu']:.2f} ms)")
         for v in variants:
             print(
                 f"  {LABELS[v]:<22}: {phase[v]:8.2f} ms/step   ratio {phase[v] / phase['loop']:.3f}   "
                 f"(n={phase['n_trainer'][v]}; full iteration {phase[v + '_iter']:.2f} ms, ratio "
-                f"{phase[v + '_iter'] / phase['loop_iter']:.3f})"
+                f"{phase[v + '_iter'] / phase['loop_iter']:.3f}; CPU {phase[v + '_cpu']:.2f} ms, ratio "
+                f"{phase[v + '_cpu'] / phase['loop_cpu']:.3f})"
             )
         if "fused" in variants and "unfused" in variants:
             print(f"  fused / unfused       : {phase['fused'] / phase['unfused']:.3f}")
@@ -443,7 +567,7 @@ def report(r):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="cls,lm", help="comma list of: cls, lm")
+    p.add_argument("--models", default="cls,lm,repr", help="comma list of: cls, lm, repr")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for both sides (1: robust when other processes load the CPU)")
     p.add_argument("--rounds", type=int, default=6, help="blocks per side (per trainer variant)")
     p.add_argument("--block", type=int, default=3, help="steps per block")
@@ -464,6 +588,10 @@ def main(argv=None):
     p.add_argument("--cls-layers", type=int, default=4)
     p.add_argument("--cls-teacher-hidden", type=int, default=384)
     p.add_argument("--cls-teacher-layers", type=int, default=4)
+    # representation distillation (the classifier sizes above, eager attention)
+    p.add_argument("--repr-heads", type=int, default=4, help="attention heads of both models in the repr case")
+    p.add_argument("--hidden-weight", type=float, default=1.0, help="repr: weight of the hidden_states distiller")
+    p.add_argument("--attention-weight", type=float, default=1.0, help="repr: weight of the attention distiller")
     # causal LM
     p.add_argument("--lm-batch", type=int, default=4)
     p.add_argument("--lm-seq", type=int, default=128)
@@ -505,19 +633,33 @@ def main(argv=None):
                         f"{a.lm_teacher_layers}x{a.lm_teacher_hidden}, vocab {a.lm_vocab}, batch {a.lm_batch} x seq "
                         f"{a.lm_seq}")
                 task = "causal_lm"
+            elif which == "repr":
+                variants = ["trainer"]
+                student, teacher = build_repr_classifier(a, False, 0), build_repr_classifier(a, True, 1)
+                n = a.warmup + a.rounds * a.block * len(variants) + 1
+                batches = classifier_batches(a, n)
+                name = (f"representation: BERT student {a.cls_layers}x{a.cls_hidden} / teacher "
+                        f"{a.cls_teacher_layers}x{a.cls_teacher_hidden}, {a.repr_heads} heads each, eager attention, "
+                        f"batch {a.cls_batch} x seq {a.cls_seq}; kl + hidden_states (mse, linear projector) + "
+                        f"attention (kl)")
+                task = "classification"
             else:
                 raise SystemExit(f"unknown model {which!r}")
             start = time.perf_counter()
-            r = run_case(name, a, student, teacher, batches, task, variants, os.path.join(tmp, which))
+            r = run_case(name, a, student, teacher, batches, task, variants, os.path.join(tmp, which),
+                         representation=which == "repr")
             r["wall"] = time.perf_counter() - start
             report(r)
             print(f"  (wall {r['wall']:.0f} s)")
             results.append(r)
-    print("\nSummary (median step time / median plain-loop step time, interleaved; target <= 1.05):")
+    print("\nSummary (median step time / median plain-loop step time, interleaved; "
+          "target <= 1.05 for classifier / causal LM, <= 1.10 for representation):")
+    print(f"  {'case':<14} {'trainer':<22} {'wall':>6} {'CPU':>6}")
     for r in results:
         for variants, phase in r["phases"]:
             for v in variants:
-                print(f"  {r['name'].split(':')[0]:<11} {LABELS[v]:<22} {phase[v] / phase['loop']:.3f}")
+                print(f"  {r['name'].split(':')[0]:<14} {LABELS[v]:<22} {phase[v] / phase['loop']:6.3f} "
+                      f"{phase[v + '_cpu'] / phase['loop_cpu']:6.3f}")
     return results
 
 

@@ -229,7 +229,7 @@ def attention_map_loss(a_s: torch.Tensor, a_t: torch.Tensor, mask: torch.Tensor 
     """KL per query row (averaged over heads and valid rows) or MSE over valid (query, key) pairs; ``[B, H, T, T]``."""
     rows = None if mask is None else mask[:, None, :, None].to(a_s.dtype)  # valid queries
     if loss == "kl":
-        kl = (torch.special.xlogy(a_t, a_t) - a_t * a_s.clamp_min(_EPS).log()).sum(-1, keepdim=True)
+        kl = (a_t * (a_t.clamp_min(_EPS).log() - a_s.clamp_min(_EPS).log())).sum(-1, keepdim=True)
         return weighted_mean(kl, None if rows is None else rows.expand_as(kl))
     pairs = None if mask is None else (rows * mask[:, None, None, :].to(a_s.dtype)).expand_as(a_s)
     return weighted_mean((a_s - a_t).pow(2), pairs)
