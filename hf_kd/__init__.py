@@ -4,6 +4,7 @@ from .arguments import DistillationArguments
 from .callbacks import DistillationCallback, ScheduleCallback
 from .capture import ModelView, Requirements
 from .distillers import (
+    ATSCDistiller,
     AttentionDistiller,
     BDKDDistiller,
     DualDEDistiller,
@@ -39,6 +40,7 @@ from .trainer import DistillationTrainer
 __version__ = "0.1.0"
 
 __all__ = [
+    "ATSCDistiller",
     "AttentionDistiller",
     "BDKDDistiller",
     "DualDEDistiller",

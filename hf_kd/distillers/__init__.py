@@ -1,5 +1,6 @@
 """Distillers: the registry and every built-in method (importing this package registers them)."""
 
+from .atsc import ATSCDistiller
 from .base import Distiller, build_distiller, list_distillers, register_distiller
 from .logit import (
     DKDDistiller,
@@ -26,6 +27,7 @@ from .teacher_guided import BlockSwapDistiller, FeatureMixingDistiller, Instance
 from .representation import AttentionDistiller, FeatureDistiller, HiddenStatesDistiller, LayerMappedDistiller
 
 __all__ = [
+    "ATSCDistiller",
     "BDKDDistiller",
     "DualDEDistiller",
     "MutualLearningDistiller",
