@@ -13,6 +13,7 @@ from .logit import (
     SkewReverseKLDistiller,
     TVDDistiller,
 )
+from .okd import OKDDistiller
 from .online import (
     BDKDDistiller,
     DualDEDistiller,
@@ -31,6 +32,7 @@ __all__ = [
     "BDKDDistiller",
     "DualDEDistiller",
     "MutualLearningDistiller",
+    "OKDDistiller",
     "PeerToPeerDistiller",
     "register_bdkd_weighting",
     "AttentionDistiller",
