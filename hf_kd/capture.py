@@ -25,6 +25,9 @@ from transformers.models.auto.modeling_auto import (
 
 Task = Literal["causal_lm", "classification", "other"]
 
+# Batch keys that are not model inputs: the trainer's labels and its token count.
+NOT_MODEL_INPUTS = ("labels", "num_items_in_batch")
+
 # Config attributes that post-process logits after the output head; the fused head path cannot reproduce them.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
@@ -77,6 +80,11 @@ class ModelView:
     @property
     def config(self):
         return getattr(self.model, "config", None)
+
+
+def model_inputs(batch) -> dict:
+    """The batch without labels and the trainer's token count: what a model's forward receives."""
+    return {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -25,10 +25,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .arguments import DistillationArguments
 from .callbacks import ScheduleCallback
 from .capture import (
+    NOT_MODEL_INPUTS,
     ModelView,
     Requirements,
     capture_features,
     capture_head_input,
+    model_inputs,
     output_head,
     task_of,
     unwrap,
@@ -41,7 +43,6 @@ from .teachers import prepare_teacher, shared_logit_width
 
 DISTILLER_STATE_NAME = "distillers.pt"
 TEACHER_STATE_NAME = "teacher_trained.pt"
-_NOT_MODEL_INPUTS = ("labels", "num_items_in_batch")
 
 
 class DistillationTrainer(Trainer):
@@ -269,7 +270,7 @@ class DistillationTrainer(Trainer):
                     model, {**inputs, **flags}, return_outputs=True, num_items_in_batch=num_items_in_batch
                 )
             else:
-                outputs = model(**{k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}, **flags)
+                outputs = model(**model_inputs(inputs), **flags)
         view = _view(bare, self._student_task, outputs, captured.get("input"), head)
         view.loss, view.features = hard, features
         return view, outputs
@@ -465,8 +466,8 @@ def _autograd_safe(tensors):
 def _accepted_inputs(model: nn.Module):
     params = inspect.signature(model.forward).parameters
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return lambda key: key not in _NOT_MODEL_INPUTS
-    return lambda key: key in params and key not in _NOT_MODEL_INPUTS
+        return lambda key: key not in NOT_MODEL_INPUTS
+    return lambda key: key in params and key not in NOT_MODEL_INPUTS
 
 
 def _batch_size(inputs: Mapping[str, Any]) -> int:

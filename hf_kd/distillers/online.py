@@ -30,12 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..capture import ModelView, Requirements
+from ..capture import ModelView, Requirements, model_inputs
 from .base import Distiller, register_distiller
 from .divergences import forward_kl, reverse_kl
 from .logit import Knob
-
-_NOT_MODEL_INPUTS = ("labels", "num_items_in_batch")
 
 Weighting = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -57,10 +55,6 @@ def _labels(batch: Mapping[str, Any], method: str) -> torch.Tensor:
     if labels is None:
         raise ValueError(f"{method} needs `labels` (one class index per sample) in every batch.")
     return labels
-
-
-def _model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
 
 
 def _kl_t(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -413,7 +407,7 @@ class MutualLearningDistiller(Distiller):
         return folders
 
     def peer_logits(self, batch: Mapping[str, Any], training: bool) -> list[torch.Tensor]:
-        inputs = _model_inputs(batch)
+        inputs = model_inputs(batch)
         logits = []
         for peer in self.peers:
             peer.train(training)
