@@ -1,4 +1,4 @@
-"""Online distillers (hf_kd.distillers.online): bdkd, dualde, mutual, p2p.
+"""Online distillers (hf_kd.distillers.bdkd, .dualde, .peers): bdkd, dualde, mutual, p2p.
 
 Losses are checked against hand computations on tiny logits; the trainer runs check which parameters learn.
 """
@@ -13,13 +13,9 @@ from transformers import AutoModelForSequenceClassification, TrainerCallback
 
 from conftest import bert, image_data, text_classification_data, vit
 from hf_kd import DistillationArguments, DistillationTrainer, ModelView, build_distiller
-from hf_kd.distillers.online import (
-    BDKDDistiller,
-    DualDEDistiller,
-    MutualLearningDistiller,
-    PeerToPeerDistiller,
-    entropy_weighting,
-)
+from hf_kd.distillers.bdkd import BDKDDistiller, entropy_weighting
+from hf_kd.distillers.dualde import DualDEDistiller
+from hf_kd.distillers.peers import MutualLearningDistiller, PeerToPeerDistiller
 from hf_kd.trainer import DISTILLER_STATE_NAME, TEACHER_STATE_NAME
 
 Z_S = torch.tensor([[1.0, 2.0, 0.0], [0.5, -1.0, 2.0]])

@@ -14,13 +14,9 @@ from .logit import (
     TVDDistiller,
 )
 from .okd import OKDDistiller
-from .online import (
-    BDKDDistiller,
-    DualDEDistiller,
-    MutualLearningDistiller,
-    PeerToPeerDistiller,
-    register_bdkd_weighting,
-)
+from .bdkd import BDKDDistiller, register_bdkd_weighting
+from .dualde import DualDEDistiller
+from .peers import MutualLearningDistiller, PeerToPeerDistiller
 from .presets import CompositeDistiller, TinyBERTDistiller
 from .relation import MiniLMRelationDistiller
 from .sokd import SOKDDistiller
