@@ -1,0 +1,47 @@
+"""The ``hf-kd`` console script: run a recipe from its YAML config, or show the config a run would use.
+
+    hf-kd run recipes/vit_digits.yaml max_steps=5 "distillers=[{name: kl, temperature: 2}]"
+    hf-kd show recipes/vit_digits.yaml seed=1
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+from .recipes.config import dump_config, load_config, load_recipe
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-kd",
+        description="Run hf_kd recipes from YAML configs. A config's keys are the recipe's settings and any "
+        "DistillationArguments/TrainingArguments field; `key=value` overrides are read as YAML values.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("run", "Run the recipe of CONFIG with the overrides applied."),
+                            ("show", "Print the fully resolved config of a run as YAML, without running it.")):
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        command.add_argument("config", type=Path, help="A recipe's YAML config, e.g. recipes/vit_digits.yaml.")
+        command.add_argument("overrides", nargs="*", metavar="key=value",
+                             help="Settings over the config's, e.g. max_steps=5 seed=1 "
+                             "\"distillers=[{name: kl, temperature: 2}]\".")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    cli = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(cli.config)
+        args, training_args = recipe.parse_dict(load_config(cli.config, cli.overrides))
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    if cli.command == "show":
+        print(dump_config(recipe.to_dict(args, training_args)), end="")
+        return 0
+    recipe.run(args, training_args)
+    results = Path(training_args.output_dir) / "results.json"
+    print(f"results: {results}" if results.is_file() else f"the recipe wrote no results.json in {results.parent}")
+    return 0

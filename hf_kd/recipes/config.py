@@ -1,0 +1,266 @@
+"""Recipe configuration: the shared ``RecipeArguments``, the ``Recipe`` object and YAML configs with overrides.
+
+One recipe run starts three ways, all reading the same dataclass fields::
+
+    python recipes/<name>.py --max_steps 5                 # Recipe.main (HfArgumentParser)
+    hf-kd run recipes/<name>.yaml max_steps=5              # load_config + load_recipe + Recipe.parse_dict
+    RECIPE.run(*RECIPE.parse_dict({"max_steps": 5}))       # Python
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import importlib.util
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import yaml
+from transformers import HfArgumentParser
+
+from ..arguments import DistillationArguments
+
+RECIPE_KEY = "recipe"
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3`` / ``5E+4`` as floats (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+@dataclass
+class RecipeArguments:
+    """The settings every recipe shares; a recipe subclasses it to add its own fields."""
+
+    teacher: str | None = field(
+        default=None,
+        metadata={"help": "Teacher: a Hub id or a local path. None: the recipe's embedded default teacher."},
+    )
+    student: str | None = field(
+        default=None,
+        metadata={"help": "Student: a Hub id or a local path. None: built by the recipe from its own spec fields."},
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A `datasets.load_dataset` name (e.g. `glue`) or a local csv/json/jsonl/parquet file or folder. "
+            "None: the recipe's embedded default data."
+        },
+    )
+    task: str | None = field(default=None, metadata={"help": "Dataset config name, e.g. `sst2` for `glue`."})
+    train_split: str = field(default="train", metadata={"help": "Split the students (and teacher) train on."})
+    eval_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Split to evaluate on. None: `validation` if the dataset has it, else `test`, else "
+            "`eval_fraction` of the train split held out with a fixed seed."
+        },
+    )
+    eval_fraction: float = field(
+        default=0.2, metadata={"help": "Share of the train split held out when the dataset has no eval split."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many train examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many eval examples."})
+    baseline: bool = field(
+        default=True,
+        metadata={"help": "Also train the same student without distillation (same steps and seed) to compare."},
+    )
+    teacher_epochs: float = field(
+        default=1.0, metadata={"help": "Epochs of teacher fine-tuning, when the recipe has to train the teacher."}
+    )
+    teacher_finetune_learning_rate: float = field(
+        default=5e-5, metadata={"help": "Learning rate of teacher fine-tuning, when the recipe has to train it."}
+    )
+    cache_dir: str = field(
+        default="~/.cache/hf_kd",
+        metadata={"help": "Where fine-tuned teachers and converted models are cached (outside the repository)."},
+    )
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as YAML-safe plain data: enums become their value, dataclasses and tuples dicts and lists."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A runnable recipe: its own arguments, its run function and its defaults for ``DistillationArguments``.
+
+    Args:
+        name: The recipe's name (``recipes/<name>.py``), shown in ``--help`` and model cards.
+        arguments: A :class:`RecipeArguments` subclass with the recipe's extra fields.
+        run: ``run(args, training_args) -> dict``: the whole recipe (training, evaluation, reports).
+        training_defaults: The recipe's defaults for ``DistillationArguments`` fields (``output_dir``,
+            ``learning_rate``, ``distillers``, ``report_to``, ...), applied under the command line / config.
+    """
+
+    name: str
+    arguments: type
+    run: Callable[[Any, DistillationArguments], dict]
+    training_defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.arguments, type) and issubclass(self.arguments, RecipeArguments)):
+            raise TypeError(f"Recipe {self.name!r}: `arguments` must be a RecipeArguments subclass, got {self.arguments!r}.")
+        training = set(_field_names(DistillationArguments))
+        clashes = sorted(training & set(_field_names(self.arguments)))
+        if clashes:
+            raise ValueError(
+                f"Recipe {self.name!r}: fields {clashes} of {self.arguments.__name__} clash with DistillationArguments "
+                "fields of the same name; rename them in the recipe's arguments."
+            )
+        unknown = sorted(set(self.training_defaults) - training)
+        if unknown:
+            raise ValueError(
+                f"Recipe {self.name!r}: `training_defaults` keys {unknown} are not DistillationArguments fields; "
+                "recipe-specific settings belong in the recipe's arguments dataclass."
+            )
+
+    def parser(self) -> HfArgumentParser:
+        """The command-line parser of the recipe and ``DistillationArguments``, with ``training_defaults`` applied."""
+        parser = HfArgumentParser((self.arguments, DistillationArguments), prog=self.name,
+                                  description=sys.modules[self.run.__module__].__doc__)
+        parser.set_defaults(**self.training_defaults)
+        for action in parser._actions:
+            if action.dest in self.training_defaults:
+                action.required = False
+        return parser
+
+    def parse_argv(self, argv: list[str] | None = None) -> tuple[Any, DistillationArguments]:
+        """Parse ``--flag value`` arguments (``sys.argv[1:]`` when None) into the recipe and training arguments."""
+        args, training_args = self.parser().parse_args_into_dataclasses(args=argv)
+        return args, training_args
+
+    def parse_dict(self, config: Mapping[str, Any]) -> tuple[Any, DistillationArguments]:
+        """Build the recipe and training arguments from ``training_defaults`` overlaid by ``config``."""
+        recipe_keys, training_keys = _field_names(self.arguments), _field_names(DistillationArguments)
+        unknown = [key for key in config if key not in recipe_keys and key not in training_keys]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, recipe_keys + training_keys, n=3)
+                hints.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+            raise ValueError(
+                f"Unknown setting(s) for recipe {self.name!r}: {'; '.join(hints)}. Recipe settings: "
+                f"{', '.join(recipe_keys)}; every DistillationArguments / TrainingArguments field is valid too "
+                f"(`python recipes/{self.name}.py --help` lists them all)."
+            )
+        merged = {**self.training_defaults, **config}
+        args = self.arguments(**{k: v for k, v in merged.items() if k in recipe_keys})
+        training_args = DistillationArguments(**{k: v for k, v in merged.items() if k in training_keys})
+        return args, training_args
+
+    def to_dict(self, args: Any, training_args: DistillationArguments) -> dict[str, Any]:
+        """The config that :meth:`parse_dict` turns back into equal dataclasses, as YAML-safe plain values.
+
+        All recipe fields, plus the training fields that the recipe sets in ``training_defaults`` or that differ
+        from their value in a ``DistillationArguments`` built from ``training_defaults`` alone.
+        """
+        config = {name: _plain(getattr(args, name)) for name in _field_names(self.arguments)}
+        reference = DistillationArguments(**self.training_defaults)
+        for name in _field_names(DistillationArguments):
+            value = getattr(training_args, name)
+            if name in self.training_defaults or value != getattr(reference, name):
+                config[name] = _plain(value)
+        return config
+
+    def main(self, argv: list[str] | None = None) -> dict:
+        """Parse the command line and run the recipe: the body of ``if __name__ == "__main__"``."""
+        return self.run(*self.parse_argv(argv))
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` as a dict; each value is read as YAML (``5`` an int, ``'[{name: kl}]'`` a list)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(
+                f"Override {item!r} is not `key=value`; write e.g. `max_steps=5` or "
+                "`distillers='[{name: kl, temperature: 2}]'`."
+            )
+        if "." in key:
+            raise ValueError(
+                f"Override {item!r}: nested keys are not supported; set the whole top-level value, e.g. "
+                "`distillers='[{name: kl, temperature: 2}]'`."
+            )
+        overrides[key] = _load_yaml(value)
+    return overrides
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {str(path)!r} does not exist; pass the path of a recipe's YAML config.")
+    config = _load_yaml(path.read_text()) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"Config file {str(path)!r} must hold a mapping of `key: value` settings at the top level.")
+    return config
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The settings of a YAML config (without its ``recipe:`` key) with ``key=value`` overrides applied."""
+    config = _read_yaml(path)
+    config.pop(RECIPE_KEY, None)
+    return {**config, **parse_overrides(overrides)}
+
+
+def dump_config(config: Mapping[str, Any]) -> str:
+    """``config`` as YAML text, keys in their given order."""
+    return yaml.safe_dump(dict(config), sort_keys=False)
+
+
+def load_recipe(config_path: str | Path) -> Recipe:
+    """The ``RECIPE`` of the script a YAML config belongs to.
+
+    The script is the config's ``recipe:`` key (a path relative to the YAML file) or, without it, the ``.py`` file
+    with the YAML's name beside it.
+    """
+    config_path = Path(config_path)
+    script = config_path.parent / _read_yaml(config_path).get(RECIPE_KEY, config_path.with_suffix(".py").name)
+    if not script.is_file():
+        raise FileNotFoundError(
+            f"Recipe script {str(script)!r} for config {str(config_path)!r} does not exist; put the recipe's .py "
+            f"beside the YAML with the same name, or set `{RECIPE_KEY}: path/to/script.py` (relative to the YAML)."
+        )
+    module_name = f"hf_kd_recipe_{script.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    recipe = getattr(module, "RECIPE", None)
+    if not isinstance(recipe, Recipe):
+        raise ValueError(
+            f"Recipe script {str(script)!r} must define a module-level `RECIPE = Recipe(...)` "
+            f"(hf_kd.recipes.Recipe); found {type(recipe).__name__}."
+        )
+    return recipe

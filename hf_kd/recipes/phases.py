@@ -1,0 +1,122 @@
+"""The phases every recipe shares: per-phase arguments, cached models, plain training, distillation, evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+from transformers import Trainer
+
+from ..arguments import DistillationArguments
+from ..trainer import DistillationTrainer
+
+
+def phase_arguments(
+    training_args: DistillationArguments,
+    *,
+    output_dir: str | Path,
+    epochs: float | None = None,
+    learning_rate: float | None = None,
+    train_size: int | None = None,
+) -> DistillationArguments:
+    """A copy of ``training_args`` for one phase (teacher fine-tuning, baseline or distillation).
+
+    ``max_steps`` caps every phase: when ``training_args.max_steps > 0`` the phase runs at most that many steps.
+    Give ``train_size`` (examples) to let a phase whose epochs come to fewer steps stop there instead.
+    """
+    args = dataclasses.replace(
+        training_args,
+        output_dir=str(output_dir),
+        num_train_epochs=training_args.num_train_epochs if epochs is None else epochs,
+        learning_rate=training_args.learning_rate if learning_rate is None else learning_rate,
+    )
+    if args.max_steps > 0 and train_size is not None:
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+        args.max_steps = min(args.max_steps, math.ceil(args.num_train_epochs * math.ceil(train_size / batch)))
+    return args
+
+
+def cached_model(cache_dir: str | Path, key: str, build: Callable[[Path], None]) -> Path:
+    """The folder ``cache_dir/key``, built once by ``build(folder)`` (which must save a model with ``config.json``).
+
+    The build writes to a temporary folder that is renamed when complete, so an interrupted build leaves no
+    half-written cache.
+    """
+    path = Path(cache_dir).expanduser() / key
+    if (path / "config.json").is_file():
+        print(f"reusing cached {key} at {path}")
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        build(staging)
+        if not (staging / "config.json").is_file():
+            raise RuntimeError(f"Building the cached model {key!r} wrote no config.json; `build` must save a model "
+                               "into the folder it is given (e.g. model.save_pretrained(folder)).")
+        shutil.rmtree(path, ignore_errors=True)  # a leftover without config.json
+        staging.rename(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"cached {key} at {path}")
+    return path
+
+
+def _trainer_inputs(train_dataset: Any, eval_dataset: Any, compute_metrics: Callable | None, data_collator: Any,
+                    processing_class: Any) -> dict[str, Any]:
+    return dict(train_dataset=train_dataset, eval_dataset=eval_dataset, compute_metrics=compute_metrics,
+                data_collator=data_collator, processing_class=processing_class)
+
+
+def train_plain(
+    model: nn.Module,
+    args: DistillationArguments,
+    *,
+    train_dataset: Any,
+    eval_dataset: Any,
+    compute_metrics: Callable | None,
+    data_collator: Any = None,
+    processing_class: Any = None,
+) -> Trainer:
+    """Train ``model`` with plain ``transformers.Trainer`` (no teacher); returns the trained trainer."""
+    trainer = Trainer(model=model, args=args, **_trainer_inputs(train_dataset, eval_dataset, compute_metrics,
+                                                                data_collator, processing_class))
+    trainer.train()
+    return trainer
+
+
+def distil(
+    student: nn.Module,
+    teacher: nn.Module,
+    args: DistillationArguments,
+    *,
+    train_dataset: Any,
+    eval_dataset: Any,
+    compute_metrics: Callable | None,
+    data_collator: Any = None,
+    processing_class: Any = None,
+) -> DistillationTrainer:
+    """Distil ``teacher`` into ``student`` with ``args.distillers``; returns the trained trainer."""
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                  **_trainer_inputs(train_dataset, eval_dataset, compute_metrics, data_collator,
+                                                    processing_class))
+    trainer.train()
+    return trainer
+
+
+def evaluate_model(
+    model: nn.Module,
+    args: DistillationArguments,
+    eval_dataset: Any,
+    compute_metrics: Callable | None,
+    data_collator: Any = None,
+    processing_class: Any = None,
+) -> dict[str, float]:
+    """Evaluate ``model`` without training it (e.g. a cached teacher); the ``eval_*`` metrics."""
+    trainer = Trainer(model=model, args=args, **_trainer_inputs(None, eval_dataset, compute_metrics, data_collator,
+                                                                processing_class))
+    return trainer.evaluate()

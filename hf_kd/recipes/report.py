@@ -1,0 +1,118 @@
+"""What a recipe reports about each model: size, speed, metrics; written as JSON, a Markdown table and a plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+@dataclass
+class ModelResult:
+    """One model's row in the results: ``metrics`` are the eval metrics without the ``eval_`` prefix."""
+
+    name: str
+    params: int
+    size_on_disk_bytes: int
+    latency_ms: float
+    metrics: dict[str, float]
+    train_seconds: float | None
+
+
+def count_parameters(model: nn.Module) -> int:
+    """The number of parameters of ``model`` (trainable or not)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def size_on_disk(path: str | Path) -> int:
+    """Bytes of a file, or of a saved model folder's weight files (all its files when it has no weight files)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    weights = [f for pattern in WEIGHT_PATTERNS for f in path.rglob(pattern)]
+    files = weights or [f for f in path.rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files)
+
+
+def measure_latency(model: nn.Module, batch: Mapping[str, Any], repeats: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of one forward of ``batch`` in eval mode under ``torch.inference_mode``."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    was_training = model.training
+    model.eval()
+    timings = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            model(**inputs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                timings.append(1000 * (time.perf_counter() - start))
+    model.train(was_training)
+    return statistics.median(timings)
+
+
+def results_table(results: Mapping[str, ModelResult]) -> str:
+    """A Markdown table: model | params | size (MB) | latency (ms) | one column per metric."""
+    metrics = list(dict.fromkeys(name for result in results.values() for name in result.metrics))
+    lines = ["| " + " | ".join(["model", "params", "size (MB)", "latency (ms)", *metrics]) + " |",
+             "|" + "---|" * (4 + len(metrics))]
+    for result in results.values():
+        values = [f"{result.metrics[m]:.4g}" if m in result.metrics else "–" for m in metrics]
+        cells = [result.name, f"{result.params:,}", f"{result.size_on_disk_bytes / 1e6:.2f}",
+                 f"{result.latency_ms:.2f}", *values]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(
+    output_dir: str | Path, results: Mapping[str, ModelResult], notes: Sequence[str] = ()
+) -> tuple[Path, Path]:
+    """Write ``results.json`` (``{role: fields}``) and ``results.md`` (the table, then ``notes``) to ``output_dir``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = output_dir / "results.json", output_dir / "results.md"
+    json_path.write_text(json.dumps({role: dataclasses.asdict(r) for role, r in results.items()}, indent=2))
+    md_path.write_text("\n\n".join([results_table(results), *notes]) + "\n")
+    return json_path, md_path
+
+
+def plot_history(histories: Mapping[str, list[dict]], path: str | Path, metric: str) -> Path:
+    """Plot each phase's training loss components and ``eval_<metric>`` over steps (two panels) to a PNG.
+
+    ``histories`` maps a phase name to its ``trainer.state.log_history``; the losses are ``loss`` and every
+    ``loss/<distiller>`` key.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (losses, evals) = plt.subplots(1, 2, figsize=(11, 4))
+    for phase, history in histories.items():
+        keys = dict.fromkeys(k for entry in history for k in entry if k == "loss" or k.startswith("loss/"))
+        for key in [*keys, f"eval_{metric}"]:
+            points = [(entry["step"], entry[key]) for entry in history if key in entry]
+            if points:
+                axes = evals if key.startswith("eval_") else losses
+                axes.plot(*zip(*points), marker=".", label=f"{phase}: {key}")
+    for axes, title in ((losses, "training loss"), (evals, f"eval {metric}")):
+        axes.set(title=title, xlabel="step")
+        if axes.has_data():
+            axes.legend(fontsize="small")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path

@@ -1,0 +1,296 @@
+"""The shared recipe machinery: configs and overrides, the ``hf-kd`` CLI, phases, reports and model cards."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hf_kd import DistillationArguments
+from hf_kd.cli import main as cli_main
+from hf_kd.recipes import (
+    ModelResult,
+    Recipe,
+    cached_model,
+    count_parameters,
+    dump_config,
+    load_config,
+    load_recipe,
+    measure_latency,
+    parse_overrides,
+    phase_arguments,
+    plot_history,
+    size_on_disk,
+    write_model_card,
+    write_results,
+)
+
+SCRIPT = '''
+"""A toy recipe: its run records and returns its inputs."""
+
+from dataclasses import dataclass, field
+
+from hf_kd.recipes import Recipe, RecipeArguments
+
+CALLS = []
+
+
+@dataclass
+class ToyArguments(RecipeArguments):
+    hidden_size: int = field(default=8, metadata={"help": "Width of the toy student."})
+
+
+def run(args, training_args):
+    CALLS.append((args, training_args))
+    return {"args": args, "training_args": training_args}
+
+
+RECIPE = Recipe(
+    name="toy",
+    arguments=ToyArguments,
+    run=run,
+    training_defaults={"output_dir": "OUTPUT", "learning_rate": 1e-3, "report_to": [],
+                       "distillers": [{"name": "kl", "temperature": 2.0}]},
+)
+'''
+
+
+@pytest.fixture
+def toy(tmp_path: Path) -> tuple[Recipe, Path]:
+    """The toy recipe's script and YAML in ``tmp_path``, loaded with ``load_recipe``."""
+    (tmp_path / "toy.py").write_text(SCRIPT.replace("OUTPUT", str(tmp_path / "out")))
+    config = tmp_path / "toy.yaml"
+    config.write_text("hidden_size: 16\nmax_steps: 3\nlr_scheduler_type: cosine\nwarmup_steps: 5e-2\n")
+    return load_recipe(config), config
+
+
+def test_parse_overrides_reads_yaml_values():
+    overrides = parse_overrides(["max_steps=5", "learning_rate=3e-4", "weight_decay=.5", "baseline=false", "report_to=[]",
+                                 "distillers=[{name: kl, temperature: 2}]", "progressive_layers={mode: progressive}",
+                                 "task=sst2"])
+    assert overrides == {"max_steps": 5, "learning_rate": 3e-4, "weight_decay": 0.5, "baseline": False, "report_to": [],
+                         "distillers": [{"name": "kl", "temperature": 2}],
+                         "progressive_layers": {"mode": "progressive"}, "task": "sst2"}
+
+
+@pytest.mark.parametrize("item, message", [("max_steps", "not `key=value`"), ("=5", "not `key=value`"),
+                                           ("distillers.0.name=kl", "nested keys are not supported")])
+def test_parse_overrides_errors(item, message):
+    with pytest.raises(ValueError, match=message):
+        parse_overrides([item])
+
+
+def test_load_recipe_and_parse_dict(toy):
+    recipe, config_path = toy
+    assert recipe.name == "toy"
+    config = load_config(config_path, ["distillers=[{name: mse}]", "teacher=some/teacher"])
+    args, training_args = recipe.parse_dict(config)
+    assert (args.hidden_size, args.teacher, args.baseline, args.cache_dir) == (16, "some/teacher", True, "~/.cache/hf_kd")
+    assert isinstance(training_args, DistillationArguments)
+    assert (training_args.max_steps, training_args.learning_rate, training_args.warmup_steps) == (3, 1e-3, 0.05)
+    assert training_args.distillers == [{"name": "mse"}]
+    assert training_args.output_dir.endswith("out")
+
+
+def test_unknown_keys_are_named_with_suggestions(toy):
+    recipe, _ = toy
+    with pytest.raises(ValueError) as error:
+        recipe.parse_dict({"hiden_size": 4, "learning_rat": 1e-3})
+    message = str(error.value)
+    assert "'hiden_size' (did you mean hidden_size" in message
+    assert "'learning_rat' (did you mean learning_rate" in message
+    assert "--help" in message and "teacher_epochs" in message
+
+
+def test_recipe_rejects_clashing_fields_and_unknown_training_defaults(toy):
+    recipe, _ = toy
+    with pytest.raises(ValueError, match=r"\['hiden'\] are not DistillationArguments fields"):
+        Recipe(name="bad", arguments=recipe.arguments, run=recipe.run, training_defaults={"hiden": 1})
+
+
+def test_yaml_round_trip(toy):
+    recipe, config_path = toy
+    args, training_args = recipe.parse_dict(load_config(config_path, ["seed=3", "baseline=false"]))
+    config = recipe.to_dict(args, training_args)
+    assert config["lr_scheduler_type"] == "cosine" and config["seed"] == 3 and config["baseline"] is False
+    assert config["distillers"] == [{"name": "kl", "temperature": 2.0}] and config["report_to"] == []
+    assert "per_device_eval_batch_size" not in config  # untouched defaults stay out
+    again = recipe.parse_dict(config)
+    assert again == (args, training_args)
+    assert yaml.safe_load(dump_config(config)) == config
+    assert list(yaml.safe_load(dump_config(config))) == list(config)
+
+
+def test_argv_agrees_with_dict(toy):
+    recipe, _ = toy
+    from_argv = recipe.parse_argv(["--hidden_size", "4", "--max_steps", "7", "--no_baseline",
+                                   "--distillers", '[{"name": "kl", "temperature": 4}]'])
+    from_dict = recipe.parse_dict({"hidden_size": 4, "max_steps": 7, "baseline": False,
+                                   "distillers": [{"name": "kl", "temperature": 4}]})
+    assert from_argv == from_dict
+    assert recipe.parse_argv([]) == recipe.parse_dict({})
+
+
+def test_main_runs_with_argv(toy):
+    recipe, _ = toy
+    result = recipe.main(["--hidden_size", "5"])
+    assert result["args"].hidden_size == 5 and result["training_args"].learning_rate == 1e-3
+
+
+def test_cli_run_calls_the_recipe_with_overrides(toy, capsys):
+    recipe, config_path = toy
+    assert cli_main(["run", str(config_path), "hidden_size=32", "learning_rate=1e-2"]) == 0
+    args, training_args = sys.modules[recipe.run.__module__].CALLS[-1]  # the script as `hf-kd` loaded it
+    assert (args.hidden_size, training_args.learning_rate, training_args.max_steps) == (32, 0.01, 3)
+    assert "no results.json in" in capsys.readouterr().out
+
+
+def test_cli_show_prints_the_round_tripped_yaml(toy, capsys):
+    recipe, config_path = toy
+    assert cli_main(["show", str(config_path), "seed=9"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown == recipe.to_dict(*recipe.parse_dict(load_config(config_path, ["seed=9"])))
+    assert (shown["hidden_size"], shown["seed"], shown["max_steps"]) == (16, 9, 3)
+
+
+def test_cli_errors_name_the_problem(toy, tmp_path, capsys):
+    _, config_path = toy
+    with pytest.raises(SystemExit):
+        cli_main(["show", str(config_path), "hiden_size=3"])
+    assert "did you mean hidden_size" in capsys.readouterr().err
+    orphan = tmp_path / "orphan.yaml"
+    orphan.write_text("seed: 1\n")
+    with pytest.raises(SystemExit):
+        cli_main(["run", str(orphan)])
+    assert "orphan.py" in capsys.readouterr().err
+
+
+def test_load_recipe_follows_the_recipe_key_and_requires_RECIPE(toy, tmp_path):
+    other = tmp_path / "configs" / "other.yaml"
+    other.parent.mkdir()
+    other.write_text("recipe: ../toy.py\nseed: 2\n")
+    assert load_recipe(other).name == "toy"
+    assert load_config(other) == {"seed": 2}
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    (tmp_path / "empty.yaml").write_text("seed: 1\n")
+    with pytest.raises(ValueError, match="must define a module-level `RECIPE"):
+        load_recipe(tmp_path / "empty.yaml")
+
+
+def test_phase_arguments_caps_every_phase(tmp_path):
+    base = DistillationArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=10,
+                                 report_to=[])
+    teacher = phase_arguments(base, output_dir=tmp_path / "teacher", epochs=3.0, learning_rate=1e-4)
+    assert (teacher.output_dir, teacher.num_train_epochs, teacher.learning_rate, teacher.max_steps) == (
+        str(tmp_path / "teacher"), 3.0, 1e-4, 5)
+    assert phase_arguments(base, output_dir=tmp_path, epochs=1.0, train_size=25).max_steps == 3  # 1 epoch: 3 steps
+    assert phase_arguments(base, output_dir=tmp_path, epochs=9.0, train_size=25).max_steps == 5
+    uncapped = phase_arguments(base.__class__(output_dir=str(tmp_path), report_to=[]), output_dir=tmp_path,
+                               train_size=25)
+    assert uncapped.max_steps == -1
+    assert base.max_steps == 5 and base.output_dir == str(tmp_path)  # a copy
+
+
+def test_cached_model_builds_once(tmp_path, capsys):
+    builds = []
+
+    def build(folder: Path) -> None:
+        builds.append(folder)
+        (folder / "config.json").write_text("{}")
+
+    first = cached_model(tmp_path / "cache", "teacher-a", build)
+    second = cached_model(tmp_path / "cache", "teacher-a", build)
+    assert first == second == tmp_path / "cache" / "teacher-a" and len(builds) == 1
+    assert (first / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["teacher-a"]  # no staging left
+    out = capsys.readouterr().out
+    assert f"cached teacher-a at {first}" in out and f"reusing cached teacher-a at {first}" in out
+
+
+def test_cached_model_leaves_no_half_cache(tmp_path):
+    def broken(folder: Path) -> None:
+        (folder / "model.safetensors").write_text("partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cached_model(tmp_path, "teacher-b", broken)
+    assert list(tmp_path.iterdir()) == []
+
+
+RESULTS = {
+    "teacher": ModelResult("teacher", 136138, 2_000_000, 3.5, {"accuracy": 0.967}, 40.0),
+    "student": ModelResult("student (KD)", 9674, 500_000, 0.75, {"accuracy": 0.953, "loss": 0.21}, 12.5),
+}
+
+
+def test_write_results(tmp_path):
+    json_path, md_path = write_results(tmp_path / "run", RESULTS, notes=["KD is ahead."])
+    data = json.loads(json_path.read_text())
+    assert list(data) == ["teacher", "student"]
+    assert data["student"] == {"name": "student (KD)", "params": 9674, "size_on_disk_bytes": 500000,
+                               "latency_ms": 0.75, "metrics": {"accuracy": 0.953, "loss": 0.21},
+                               "train_seconds": 12.5}
+    lines = md_path.read_text().splitlines()
+    assert lines[0] == "| model | params | size (MB) | latency (ms) | accuracy | loss |"
+    assert "| teacher | 136,138 | 2.00 | 3.50 | 0.967 | – |" in lines
+    assert "| student (KD) | 9,674 | 0.50 | 0.75 | 0.953 | 0.21 |" in lines
+    assert lines[-1] == "KD is ahead."
+
+
+def test_plot_history(tmp_path):
+    history = [{"loss": 2.0, "loss/kl": 1.0, "step": 10}, {"eval_accuracy": 0.5, "step": 10},
+               {"loss": 1.0, "loss/kl": 0.5, "step": 20}, {"eval_accuracy": 0.8, "step": 20},
+               {"train_loss": 1.5, "step": 20}]
+    path = plot_history({"teacher": history[::2], "distil": history}, tmp_path / "plots" / "history.png",
+                        "accuracy")
+    assert path == tmp_path / "plots" / "history.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_model_size_and_speed(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    assert count_parameters(model) == 4 * 8 + 8 + 8 * 2 + 2
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, inputs):
+            return self.net(inputs)
+
+    wrapped = Wrapped().train()
+    latency = measure_latency(wrapped, {"inputs": torch.randn(3, 4)}, repeats=5, warmup=1)
+    assert isinstance(latency, float) and latency > 0 and wrapped.training
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "shard").mkdir()
+    (tmp_path / "shard" / "b.safetensors").write_bytes(b"x" * 24)
+    (tmp_path / "config.json").write_text("{}")
+    assert size_on_disk(tmp_path) == 1024  # the weight files
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "shard" / "b.safetensors").unlink()
+    (tmp_path / "notes.txt").write_bytes(b"y" * 10)
+    assert size_on_disk(tmp_path) == 12  # no weights: every file
+    assert size_on_disk(tmp_path / "notes.txt") == 10
+
+
+def test_write_model_card(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["ViTForImageClassification"]}))
+    path = write_model_card(tmp_path, recipe="vit_digits", teacher="teacher/vit", dataset="digits",
+                            distillers=[{"name": "kl", "temperature": 2.0}], results=RESULTS,
+                            base_model="google/vit-base")
+    text = path.read_text()
+    assert path == tmp_path / "README.md" and text.startswith("---\n")
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["tags"] == ["hf-kd", "knowledge-distillation", "vit_digits"]
+    assert (front["library_name"], front["datasets"], front["base_model"]) == ("transformers", ["digits"],
+                                                                               "google/vit-base")
+    assert front["metrics"] == ["accuracy", "loss"]
+    assert "AutoModelForImageClassification.from_pretrained" in text
+    assert "| student (KD) | 9,674 |" in text and '[{"name": "kl", "temperature": 2.0}]' in text
+    assert "hf-kd run recipes/vit_digits.yaml" in text
