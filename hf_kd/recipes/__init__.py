@@ -2,6 +2,7 @@
 
 from .card import write_model_card
 from .config import Recipe, RecipeArguments, dump_config, load_config, load_recipe, parse_overrides
+from .data import load_splits, require_columns
 from .phases import cached_model, distil, evaluate_model, phase_arguments, train_plain
 from .report import (
     ModelResult,
@@ -24,10 +25,12 @@ __all__ = [
     "evaluate_model",
     "load_config",
     "load_recipe",
+    "load_splits",
     "measure_latency",
     "parse_overrides",
     "phase_arguments",
     "plot_history",
+    "require_columns",
     "results_table",
     "size_on_disk",
     "train_plain",
