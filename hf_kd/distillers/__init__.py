@@ -15,6 +15,7 @@ from .logit import (
 )
 from .okd import OKDDistiller
 from .bdkd import BDKDDistiller, register_bdkd_weighting
+from .deit import DeiTDistiller
 from .dualde import DualDEDistiller
 from .peers import MutualLearningDistiller, PeerToPeerDistiller
 from .presets import CompositeDistiller, TinyBERTDistiller
