@@ -32,32 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapters import inject_adapters
 from ..capture import Requirements
 from . import divergences
 from .base import register_distiller
 from .logit import Knob, LogitDistiller
 
 _DIVERGENCES = ("kl", "skew_kl")
-
-
-def _build_peft_config(peft_config: Any, teacher: nn.Module):
-    """A peft config from a ``PeftConfig`` instance or a dict of ``LoraConfig`` options (defaults r=8, alpha=16)."""
-    try:
-        from peft import LoraConfig, PeftConfig
-        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-    except ImportError as error:  # pragma: no cover - peft is an optional dependency
-        raise ImportError("okd injects peft adapters into the teacher: `pip install peft`.") from error
-    if isinstance(peft_config, PeftConfig):
-        return peft_config
-    options = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, **dict(peft_config or {})}
-    model_type = getattr(getattr(teacher, "config", None), "model_type", None)
-    if options.get("target_modules") is None:
-        # peft's per-architecture defaults (Llama: q_proj, v_proj; GPT-2: c_attn), else every linear layer.
-        known = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
-        options["target_modules"] = list(known) if known else "all-linear"
-    if model_type == "gpt2":  # Conv1D layers store their weight transposed
-        options.setdefault("fan_in_fan_out", True)
-    return LoraConfig(**options)
 
 
 @register_distiller("okd")
@@ -110,31 +91,12 @@ class OKDDistiller(LogitDistiller):
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
         if teacher is None:
             raise ValueError("okd trains adapters inside the teacher, so it needs `teacher_model=`.")
-        from peft import inject_adapter_in_model
-
         config = getattr(teacher, "config", None)
         if config is not None and getattr(config, "is_encoder_decoder", False):
             raise ValueError("okd is for decoder-only causal LMs (AutoModelForCausalLM).")
-        existing = getattr(teacher, "peft_config", None) or {}
-        if self.adapter_name in existing:  # already injected (e.g. the same teacher given to a second trainer)
-            params = [p for n, p in teacher.named_parameters() if self._is_adapter(n)]
-        else:
-            before = {id(p) for p in teacher.parameters()}
-            inject_adapter_in_model(_build_peft_config(self.peft_config, teacher), teacher, self.adapter_name)
-            params = [p for p in teacher.parameters() if id(p) not in before]
-            for p in params:  # a low-precision teacher gets fp32 adapters (peft casts the input to them)
-                if p.dtype in (torch.float16, torch.bfloat16):
-                    p.data = p.data.float()
-        if not params:
-            raise ValueError(
-                f"okd: the peft config matched no module of {type(teacher).__name__}; set "
-                "`peft_config={'target_modules': [...]}` (or 'all-linear')."
-            )
+        params = inject_adapters(teacher, self.peft_config, self.adapter_name, "okd")
         self._teacher = [teacher]
         self._adapter_params = params
-
-    def _is_adapter(self, name: str) -> bool:
-        return f".{self.adapter_name}." in name or name.endswith(f".{self.adapter_name}")
 
     def teacher_parameters(self):
         return list(self._adapter_params)
