@@ -35,7 +35,7 @@ from .capture import (
     task_of,
     unwrap,
 )
-from .distillers.base import Distiller, build_distiller, ordered_union, weighted_losses
+from .distillers.base import Distiller, build_distiller, ordered_union, teacher_of, weighted_losses
 from .ledger import LossLedger
 from .progressive import ProgressiveLayerCallback
 from .row_loss import RowTerm, row_losses, rows_from_views
@@ -50,9 +50,11 @@ class DistillationTrainer(Trainer):
 
     Args:
         model: The student. Trained, saved and evaluated exactly as ``Trainer`` does.
-        teacher_model: The teacher: frozen in place (``eval()``, ``requires_grad_(False)``) when the trainer is
-            built, run without autograd, placed by Accelerate in ``args.teacher_dtype``. Never in the optimizer or
-            in a saved checkpoint of the student.
+        teacher_model: The teacher, or a list of teachers (each distiller reads the one at its ``teacher_index``, or
+            all of them if it is a multi-teacher distiller such as ATSC). Frozen in place (``eval()``,
+            ``requires_grad_(False)``) when the trainer is built, run without autograd, placed by Accelerate in
+            ``args.teacher_dtype``. Never in the optimizer or in a saved checkpoint of the student; online distillers
+            may declare teacher-side parameters to train (``Distiller.teacher_parameters``).
         args: ``DistillationArguments`` (``hard_label_weight``, ``distillers``, ``teacher_dtype``, ...).
         distillers: ``Distiller`` instances or dicts ``{"name": ..., **options}``; overrides ``args.distillers``.
         **kwargs: Every other ``Trainer`` argument (``train_dataset``, ``eval_dataset``, ``processing_class``,
@@ -62,7 +64,7 @@ class DistillationTrainer(Trainer):
     def __init__(
         self,
         model: nn.Module | None = None,
-        teacher_model: nn.Module | None = None,
+        teacher_model: nn.Module | Sequence[nn.Module] | None = None,
         args: DistillationArguments | None = None,
         distillers: Sequence[Distiller | Mapping[str, Any]] | None = None,
         **kwargs: Any,
@@ -85,26 +87,26 @@ class DistillationTrainer(Trainer):
         self.distillers = nn.ModuleList(build_distiller(spec) for spec in specs)
         self.distiller_keys = _unique_keys(self.distillers)
         self.requirements = _union(d.requires for d in self.distillers)
-        if self.requirements.teacher and teacher_model is None:
-            raise ValueError(
-                f"Distillers {self.distiller_keys} need a teacher: pass `teacher_model=` to DistillationTrainer."
-            )
+        teachers = _teacher_list(teacher_model)
+        self._check_teacher_indices(len(teachers))
         callbacks = [*(kwargs.pop("callbacks", None) or []), ScheduleCallback(self.distillers), _StepEvents(self)]
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
 
         student = unwrap(self.model)
-        self.teacher = None
-        if teacher_model is not None:
-            self.teacher = prepare_teacher(teacher_model, self.accelerator, args.teacher_torch_dtype)
-        teacher = unwrap(self.teacher) if self.teacher is not None else None
-        self._check_outputs_available(student, teacher)
-        if self.requirements.logits and teacher is not None:
-            shared_logit_width(student, teacher, self.processing_class)
+        self.teachers = [prepare_teacher(t, self.accelerator, args.teacher_torch_dtype) for t in teachers]
+        self.teacher = self.teachers[0] if self.teachers else None  # the first (or only) teacher
+        bare_teachers = [unwrap(t) for t in self.teachers]
+        readers = [self._readers(index) for index in range(len(teachers))]
+        self._check_outputs_available(student, bare_teachers)
+        for teacher, reading in zip(bare_teachers, readers):
+            if any(d.requires.logits for d in reading):
+                shared_logit_width(student, teacher, self.processing_class)
         for distiller in self.distillers:
-            distiller.setup(student, teacher)
+            distiller.setup(student, teacher_of(distiller, bare_teachers))
         self.distillers.to(args.device)
         self._student_features = ordered_union(d.student_features() for d in self.distillers)
-        self._teacher_features = ordered_union(d.teacher_features() for d in self.distillers)
+        self._teacher_features = [ordered_union(d.teacher_features() for d in reading) for reading in readers]
+        self._teachers_run = [bool(reading) for reading in readers]  # teachers some distiller reads
         if args.progressive_layers:
             self.add_callback(ProgressiveLayerCallback(self.distillers, self.distiller_keys, **args.progressive_layers))
 
@@ -116,30 +118,54 @@ class DistillationTrainer(Trainer):
         for param in self._teacher_params:
             param.requires_grad_(True)
         self._teacher_trained = bool(self._teacher_params)
-        self._teacher_train_mode = any(d.teacher_train_mode for d in self.distillers)
+        trained = {id(p) for p in self._teacher_params}
+        self._teacher_frozen = [not any(id(p) in trained for p in t.parameters()) for t in bare_teachers]
+        self._teacher_train_mode = [any(d.teacher_train_mode for d in reading) for reading in readers]
         self._student_task = task_of(student)
-        self._teacher_task = task_of(teacher) if teacher is not None else None
+        self._teacher_tasks = [task_of(t) for t in bare_teachers]
         self._fused_lm = (
             args.fused_lm_loss
-            and teacher is not None
+            and bool(bare_teachers)
             and self._student_task == "causal_lm"
             and output_head(student) is not None
-            and output_head(teacher) is not None
+            and all(output_head(t) is not None for t in bare_teachers)
             and not self._teacher_trained
             and not any(d.requires.logits for _, d in self._other_distillers)
         )
-        self._teacher_inputs = _accepted_inputs(teacher) if teacher is not None else None
+        self._teacher_inputs = [_accepted_inputs(t) for t in bare_teachers]
         self.ledger = LossLedger()
         self._teacher_evaluated = False
         self._evaluating_teacher = False
 
+    # ---- teachers ---------------------------------------------------------------------------------------------
+    def _readers(self, index: int) -> list[Distiller]:
+        """The distillers that read teacher ``index``."""
+        return [d for d in self.distillers if d.requires.teacher and (d.multi_teacher or d.teacher_index == index)]
+
+    def _check_teacher_indices(self, count: int) -> None:
+        if self.requirements.teacher and count == 0:
+            needing = [k for k, d in zip(self.distiller_keys, self.distillers) if d.requires.teacher]
+            raise ValueError(f"Distillers {needing} need a teacher: pass `teacher_model=` to DistillationTrainer.")
+        for key, distiller in zip(self.distiller_keys, self.distillers):
+            if not distiller.requires.teacher:
+                continue
+            if not distiller.multi_teacher and distiller.teacher_index >= count:
+                raise ValueError(
+                    f"Distiller {key!r} reads teacher {distiller.teacher_index} (its `teacher` option), but "
+                    f"`teacher_model` has {count} teacher(s); use an index below {count}."
+                )
+            if distiller.multi_teacher and hasattr(distiller, "row_loss"):
+                raise TypeError(f"Distiller {key!r}: multi-teacher distillers implement forward(), not row_loss().")
+
     # ---- checks made before the first step -------------------------------------------------------------------
-    def _check_outputs_available(self, student: nn.Module, teacher: nn.Module | None) -> None:
+    def _check_outputs_available(self, student: nn.Module, teachers: list[nn.Module]) -> None:
         if not self.requirements.attentions:
             return
-        for role, model in (("student", student), ("teacher", teacher)):
+        roles = [("student", student)] + [(f"teacher {i}" if len(teachers) > 1 else "teacher", t)
+                                          for i, t in enumerate(teachers)]
+        for role, model in roles:
             implementation = getattr(getattr(model, "config", None), "_attn_implementation", "eager")
-            if model is not None and implementation != "eager":
+            if implementation != "eager":
                 raise ValueError(
                     f"A distiller reads attention maps, but the {role} uses attn_implementation="
                     f"{implementation!r}, which returns none. Load it with "
@@ -179,8 +205,10 @@ class DistillationTrainer(Trainer):
         student, outputs = self._student_forward(
             model, inputs, fused, want_hard and not hard_as_row, num_items_in_batch
         )
-        needs_teacher = self.teacher is not None and self.requirements.teacher
-        teacher = self._teacher_forward(inputs, fused, training) if needs_teacher else None
+        teachers = [
+            self._teacher_forward(index, inputs, fused, training) if run else None
+            for index, run in enumerate(self._teachers_run)
+        ]
 
         components: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.args.device)
@@ -190,7 +218,7 @@ class DistillationTrainer(Trainer):
 
         scaled_for_ga = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         distill_total, values = self._distiller_losses(
-            student, teacher, inputs, hard_as_row, num_items_in_batch if scaled_for_ga else None
+            student, teachers, inputs, hard_as_row, num_items_in_batch if scaled_for_ga else None
         )
         loss_scale = self._loss_scale(num_items_in_batch)
         total = total + loss_scale * distill_total
@@ -218,21 +246,30 @@ class DistillationTrainer(Trainer):
     def _cross_entropy(self, student, teacher, targets):
         return F.cross_entropy(student, targets, reduction="none", label_smoothing=self.args.label_smoothing_factor)
 
-    def _distiller_losses(self, student, teacher, inputs, hard_as_row, num_items):
-        """``sum_i w_i * L_i`` over the distillers (plus the student's cross-entropy) and each ``L_i``."""
+    def _distiller_losses(self, student, teachers, inputs, hard_as_row, num_items):
+        """``sum_i w_i * L_i`` over the distillers (plus the student's cross-entropy) and each ``L_i``.
+
+        Row terms share one chunked pass per teacher they read (the student's cross-entropy joins the first).
+        """
         values: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.args.device)
-        terms = [RowTerm(key, d.row_loss, d.weight) for key, d in self._row_distillers]
+        groups: dict[int | None, list[RowTerm]] = {}
+        for key, distiller in self._row_distillers:
+            groups.setdefault(distiller.teacher_index, []).append(RowTerm(key, distiller.row_loss, distiller.weight))
         if hard_as_row:
-            terms.insert(0, RowTerm("hard", self._cross_entropy, self.args.hard_label_weight))
-        if terms:
-            rows = rows_from_views(student, teacher, inputs)
+            groups.setdefault(next(iter(groups), None), []).insert(
+                0, RowTerm("hard", self._cross_entropy, self.args.hard_label_weight)
+            )
+        for index, terms in groups.items():
+            rows = rows_from_views(student, teachers[index] if index is not None else None, inputs)
             normalizer = num_items if num_items is not None else max(rows.rows.numel(), 1)
-            total, values = row_losses(
+            group_total, group_values = row_losses(
                 terms, rows.student, rows.teacher, rows.rows, rows.targets, rows.vocab_size, normalizer,
                 self.args.loss_chunk_size,
             )
-        other_total, other_values = weighted_losses(self._other_distillers, student, teacher, inputs)
+            total = total + group_total
+            values.update(group_values)
+        other_total, other_values = weighted_losses(self._other_distillers, student, teachers, inputs)
         return total + other_total, {**values, **other_values}
 
     def _loss_scale(self, num_items_in_batch) -> float:
@@ -275,21 +312,22 @@ class DistillationTrainer(Trainer):
         view.loss, view.features = hard, features
         return view, outputs
 
-    def _teacher_forward(self, inputs, fused, training) -> ModelView:
-        bare = unwrap(self.teacher)
-        if self._teacher_train_mode:
-            self.teacher.train(training)
+    def _teacher_forward(self, index, inputs, fused, training) -> ModelView:
+        teacher = self.teachers[index]
+        bare = unwrap(teacher)
+        if self._teacher_train_mode[index]:
+            teacher.train(training)
         head = output_head(bare) if fused else None
-        teacher_inputs = {k: v for k, v in inputs.items() if self._teacher_inputs(k)}
-        frozen = not self._teacher_trained
+        teacher_inputs = {k: v for k, v in inputs.items() if self._teacher_inputs[index](k)}
+        frozen = self._teacher_frozen[index]
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.inference_mode() if frozen else contextlib.nullcontext())
-            for distiller in self.distillers:
+            for distiller in self._readers(index):
                 stack.enter_context(distiller.teacher_forward_context(bare, training))
             captured = stack.enter_context(capture_head_input(head)) if fused else {}
-            features = stack.enter_context(capture_features(bare, self._teacher_features))
-            outputs = self.teacher(**teacher_inputs, **self._output_flags())
-        view = _view(bare, self._teacher_task, outputs, captured.get("input"), head)
+            features = stack.enter_context(capture_features(bare, self._teacher_features[index]))
+            outputs = teacher(**teacher_inputs, **self._output_flags())
+        view = _view(bare, self._teacher_tasks[index], outputs, captured.get("input"), head)
         view.features = features
         if frozen:  # inference tensors cannot be saved for backward: hand distillers ordinary tensors
             view.hidden_states = _autograd_safe(view.hidden_states)
@@ -349,16 +387,19 @@ class DistillationTrainer(Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        if self.args.teacher_eval_metrics and not self._teacher_evaluated and self.teacher is not None:
-            metrics.update(self.evaluate_teacher(eval_dataset, ignore_keys, f"{metric_key_prefix}_teacher"))
+        if self.args.teacher_eval_metrics and not self._teacher_evaluated:
+            for index in range(len(self.teachers)):  # eval_teacher_* (one teacher) or eval_teacher<i>_*
+                prefix = f"{metric_key_prefix}_teacher" + (str(index) if len(self.teachers) > 1 else "")
+                metrics.update(self.evaluate_teacher(eval_dataset, ignore_keys, prefix, teacher_index=index))
         return metrics
 
-    def evaluate_teacher(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval_teacher"):
-        """Evaluate the teacher alone with the trainer's data, collator and ``compute_metrics``."""
-        if self.teacher is None:
+    def evaluate_teacher(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval_teacher",
+                         teacher_index: int = 0):
+        """Evaluate teacher ``teacher_index`` alone with the trainer's data, collator and ``compute_metrics``."""
+        if not self.teachers:
             raise ValueError("This trainer has no teacher to evaluate.")
         student, wrapped = self.model, self.model_wrapped
-        self.model = self.model_wrapped = self.teacher
+        self.model = self.model_wrapped = self.teachers[teacher_index]
         self._evaluating_teacher = True
         try:
             metrics = Trainer.evaluate(self, eval_dataset, ignore_keys, metric_key_prefix)
@@ -387,8 +428,18 @@ class DistillationTrainer(Trainer):
         return [*self.distillers.parameters(), *self._teacher_params]
 
     def _trained_teacher_state(self) -> dict[str, torch.Tensor]:
+        """The trained teacher-side parameters by name (``<teacher index>.<name>`` when there are several)."""
         trained = {id(p) for p in self._teacher_params}
-        return {name: p.detach() for name, p in unwrap(self.teacher).named_parameters() if id(p) in trained}
+        state = {}
+        for index, teacher in enumerate(self.teachers):
+            prefix = f"{index}." if len(self.teachers) > 1 else ""
+            state.update({prefix + n: p.detach() for n, p in unwrap(teacher).named_parameters() if id(p) in trained})
+        return state
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        for distiller in self.distillers:
+            distiller.on_save(output_dir if output_dir is not None else self.args.output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
@@ -457,6 +508,17 @@ def _view(model: nn.Module, task, outputs, head_input, head) -> ModelView:
         head_input=head_input,
         head=head,
     )
+
+
+def _teacher_list(teacher_model) -> list[nn.Module]:
+    if teacher_model is None:
+        return []
+    if isinstance(teacher_model, nn.Module):
+        return [teacher_model]
+    teachers = list(teacher_model)
+    if not teachers or not all(isinstance(t, nn.Module) for t in teachers):
+        raise TypeError("`teacher_model` is a model or a non-empty list of models.")
+    return teachers
 
 
 def _autograd_safe(tensors):

@@ -12,7 +12,13 @@ Life cycle inside :class:`~hf_kd.DistillationTrainer`:
 3. ``forward(student, teacher, batch)`` returns a scalar loss, or ``(loss, {sub_term: value})`` to log sub-terms.
    Distillers whose loss is a sum over rows of logits implement ``row_loss`` instead (see
    :class:`~hf_kd.distillers.logit.LogitDistiller`) and are evaluated together in one chunked pass.
-4. ``on_step_end()`` after each optimizer step (memory-bank updates and the like).
+4. ``on_step_end()`` after each optimizer step (memory-bank updates and the like); ``on_save(output_dir)`` each
+   time the student is saved.
+
+**Several teachers.** ``DistillationTrainer(teacher_model=[t0, t1, ...])`` takes a list. A distiller reads one of
+them, ``teacher_index`` (default 0; the spec key ``"teacher"``: ``{"name": "kl", "teacher": 1}``), and its
+``setup`` / ``forward`` receive that teacher / its view. A distiller with ``multi_teacher = True`` (e.g. ATSC) reads
+all of them: ``setup`` receives the list of teachers and ``forward`` the list of their views, in the given order.
 
 Optional hooks: ``student_features()`` / ``teacher_features()`` name submodules whose outputs are captured with
 forward hooks; ``student_forward_context()`` / ``teacher_forward_context()`` wrap the two forward passes;
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, ClassVar, ContextManager, Iterable, Mapping
+from typing import Any, ClassVar, ContextManager, Iterable, Mapping, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -34,6 +40,7 @@ from ..capture import FeatureSpec, ModelView, Requirements
 from ..schedules import Schedule
 
 _REGISTRY: dict[str, type["Distiller"]] = {}
+T = TypeVar("T")
 
 
 def register_distiller(name: str):
@@ -68,13 +75,32 @@ def build_distiller(spec: "Distiller | Mapping[str, Any]") -> "Distiller":
     if name not in _REGISTRY:
         raise ValueError(f"Unknown distiller {name!r}. Valid names: {', '.join(list_distillers())}.")
     cls = _REGISTRY[name]
+    teacher_index = kwargs.pop("teacher", None)
+    if teacher_index is not None and cls.multi_teacher:
+        raise ValueError(f"Distiller {name!r} reads every teacher; remove its `teacher` option.")
+    if teacher_index is not None and (not isinstance(teacher_index, int) or teacher_index < 0):
+        raise ValueError(
+            f"Distiller {name!r}: `teacher` is the position of its teacher in `teacher_model=[...]` (an int >= 0), "
+            f"got {teacher_index!r}."
+        )
     accepted = _init_parameters(cls)
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
         raise ValueError(
             f"Distiller {name!r} has no option(s) {unknown}. Its options are: {', '.join(sorted(accepted))}."
         )
-    return cls(**kwargs)
+    distiller = cls(**kwargs)
+    if teacher_index is not None:
+        distiller.teacher_index = teacher_index
+    return distiller
+
+
+def teacher_of(distiller: "Distiller", teachers: Sequence[T]) -> "T | list[T] | None":
+    """What ``distiller`` reads of ``teachers`` (models or views): all of them (``multi_teacher``), else the one at
+    ``teacher_index`` (``None`` when there are no teachers)."""
+    if distiller.multi_teacher:
+        return list(teachers)
+    return teachers[distiller.teacher_index] if teachers else None
 
 
 def ordered_union(groups: Iterable[Iterable]) -> tuple:
@@ -83,13 +109,17 @@ def ordered_union(groups: Iterable[Iterable]) -> tuple:
 
 
 def weighted_losses(
-    named: Iterable[tuple[str, "Distiller"]], student: ModelView, teacher: ModelView | None, batch: Mapping[str, Any]
+    named: Iterable[tuple[str, "Distiller"]],
+    student: ModelView,
+    teachers: Sequence[ModelView | None],
+    batch: Mapping[str, Any],
 ) -> tuple[torch.Tensor | float, dict[str, torch.Tensor]]:
-    """Call each distiller: ``(sum_i weight_i * L_i, {name_i: L_i, name_i/part: ...})``."""
+    """Call each distiller with the teacher view(s) it reads (:func:`teacher_of`):
+    ``(sum_i weight_i * L_i, {name_i: L_i, name_i/part: ...})``."""
     total: torch.Tensor | float = 0.0
     values: dict[str, torch.Tensor] = {}
     for name, distiller in named:
-        result = distiller(student, teacher, batch)
+        result = distiller(student, teacher_of(distiller, teachers), batch)
         value, parts = result if isinstance(result, tuple) else (result, {})
         total = total + distiller.weight * value
         values[name] = value
@@ -121,6 +151,8 @@ class Distiller(nn.Module):
     name: ClassVar[str] = ""
     requires: ClassVar[Requirements] = Requirements()
     teacher_train_mode: ClassVar[bool] = False  # run the teacher in train mode (dropout, BN) while training
+    multi_teacher: ClassVar[bool] = False  # setup/forward receive every teacher (lists) instead of one
+    teacher_index: int = 0  # which teacher of `teacher_model=[...]` a single-teacher distiller reads
 
     def __init__(self, weight: float | Schedule | Mapping[str, Any] = 1.0) -> None:
         super().__init__()
@@ -204,6 +236,10 @@ class Distiller(nn.Module):
 
     def on_step_end(self) -> None:
         """Called after every optimizer step."""
+
+    def on_save(self, output_dir: str) -> None:
+        """Called whenever the trainer saves the student (``save_model`` and checkpoints), after its weights are
+        written: write the files an exported student needs beside them (e.g. ATSC's non-linear shared classifier)."""
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}"

@@ -79,7 +79,7 @@ class CompositeDistiller(Distiller):
         return itertools.chain.from_iterable(c.teacher_parameters() for c in self.components.values())
 
     def forward(self, student: ModelView, teacher: ModelView | None, batch: Mapping[str, Any]):
-        return weighted_losses(self.components.items(), student, teacher, batch)
+        return weighted_losses(self.components.items(), student, [teacher], batch)
 
 
 @register_distiller("tinybert")
