@@ -34,6 +34,7 @@ from .distillers import (
     list_distillers,
     register_distiller,
 )
+from .distillers.atsc import load_atsc_student
 from .progressive import ProgressiveLayerCallback, ProgressiveLayers
 from .schedules import Schedule
 from .trainer import DistillationTrainer
@@ -78,5 +79,6 @@ __all__ = [
     "TinyBERTDistiller",
     "build_distiller",
     "list_distillers",
+    "load_atsc_student",
     "register_distiller",
 ]

@@ -38,7 +38,7 @@ def by_hand(student, teacher, distiller, inputs):
     student.eval()
     with torch.no_grad():
         plain = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        p = distiller.projector
+        p = distiller.projectors[0]
         shared = F.linear(F.linear(captured["f"], p.weight, p.bias), teacher.classifier.weight, teacher.classifier.bias)
     handle.remove()
     return plain, shared
@@ -49,13 +49,13 @@ def test_fold_is_exact_after_setup_and_after_training(tmp_path):
     atsc = trainer.distillers[0]
     plain, shared = by_hand(student, teacher, atsc, batch())
     torch.testing.assert_close(plain, shared, atol=1e-5, rtol=0)
-    projector_before = atsc.projector.weight.detach().clone()
+    projector_before = atsc.projectors[0].weight.detach().clone()
     trainer.train()
-    assert not torch.equal(projector_before, atsc.projector.weight)
+    assert not torch.equal(projector_before, atsc.projectors[0].weight)
     plain, shared = by_hand(student, teacher, atsc, batch())
     torch.testing.assert_close(plain, shared, atol=1e-5, rtol=0)
     # the fold in closed form
-    w_t, p = teacher.classifier.weight, atsc.projector
+    w_t, p = teacher.classifier.weight, atsc.projectors[0]
     torch.testing.assert_close(student.classifier.weight, w_t @ p.weight, atol=1e-6, rtol=0)
     torch.testing.assert_close(student.classifier.bias, w_t @ p.bias + teacher.classifier.bias, atol=1e-6, rtol=0)
 
@@ -102,7 +102,7 @@ def test_eval_metrics_use_the_shared_path_equal_to_the_folded_student(tmp_path):
 def test_anchor_by_hand_on_a_tiny_case():
     atsc = ATSCDistiller(anchor_weight=0.5)
     student, teacher = bert(seed=1, hidden=8, layers=1), bert(seed=2, hidden=8, layers=1)
-    atsc.setup(student, teacher)
+    atsc.setup(student, [teacher])
     assert atsc.anchor().item() == 0.0
     with torch.no_grad():
         teacher.classifier.weight.add_(0.5)  # 3 x 8 -> 24 * 0.25 = 6
@@ -182,7 +182,7 @@ def test_vit_pair(tmp_path):
     handle = student.classifier.register_forward_pre_hook(lambda m, a: captured.setdefault("f", a[0]))
     with torch.no_grad():
         plain = student.eval()(pixel_values=pixels).logits
-        shared = teacher.classifier(atsc.projector(captured["f"]))
+        shared = teacher.classifier(atsc.projectors[0](captured["f"]))
     handle.remove()
     torch.testing.assert_close(plain, shared, atol=1e-5, rtol=0)
 
@@ -192,7 +192,7 @@ def test_resume_gives_identical_losses(tmp_path):
     full.train()
     checkpoint = tmp_path / "a" / "checkpoint-2"
     state = torch.load(checkpoint / DISTILLER_STATE_NAME)
-    assert "0.projector.weight" in state and any(k.startswith("0.anchor_") for k in state)
+    assert "0.projectors.0.weight" in state and any(k.startswith("0.anchor_") for k in state)
     assert (checkpoint / TEACHER_STATE_NAME).is_file()
     resumed, _, resumed_teacher = build(str(tmp_path / "b"), max_steps=4)
     resumed.train(resume_from_checkpoint=str(checkpoint))
@@ -204,13 +204,15 @@ def test_resume_gives_identical_losses(tmp_path):
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="lora"):
-        ATSCDistiller(teacher_adaptation="lora")
+    with pytest.raises(ValueError, match="peft_config"):
+        ATSCDistiller(peft_config={"r": 2})
+    with pytest.raises(ValueError, match="projector"):
+        ATSCDistiller(projector="conv")
     with pytest.raises(ValueError, match="teacher_adaptation"):
         ATSCDistiller(teacher_adaptation="partial")
     with pytest.raises(ValueError, match="num_labels=3"):
-        ATSCDistiller().setup(bert(num_labels=2, hidden=8, layers=1), bert(num_labels=3, hidden=8, layers=1))
+        ATSCDistiller().setup(bert(num_labels=2, hidden=8, layers=1), [bert(num_labels=3, hidden=8, layers=1)])
     with pytest.raises(ValueError, match="no submodule"):
-        ATSCDistiller(head_module="score").setup(bert(hidden=8, layers=1), bert(hidden=8, layers=1))
+        ATSCDistiller(head_module="score").setup(bert(hidden=8, layers=1), [bert(hidden=8, layers=1)])
     with pytest.raises(ValueError, match="teacher_model"):
-        ATSCDistiller().setup(bert(hidden=8, layers=1), None)
+        ATSCDistiller().setup(bert(hidden=8, layers=1), [])
