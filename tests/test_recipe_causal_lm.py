@@ -80,6 +80,10 @@ def check_run(result: dict, output_dir: Path, block_size: int) -> dict:
     markdown = (output_dir / "results.md").read_text()
     assert "| teacher |" in markdown and "Greedy sample, student" in markdown and "perplexity" in markdown
     assert (output_dir / "history.png").read_bytes().startswith(PNG_MAGIC)
+    # The last periodic eval (CE part of the KD eval loss) agrees with the final plain evaluation of each student.
+    for phase, role in (("baseline", "baseline"), ("distillation", "student")):
+        points = [entry["eval_perplexity"] for entry in result["histories"][phase] if "eval_perplexity" in entry]
+        assert len(points) >= 2 and points[-1] == pytest.approx(results[role]["metrics"]["perplexity"], rel=1e-4)
     student_dir = output_dir / "student"
     card = (student_dir / "README.md").read_text()
     assert "causal_lm" in card and "AutoModelForCausalLM" in card and "| student |" in card
