@@ -1,17 +1,18 @@
-"""Online distillers (ATSC, SOKD) vs plain KD on the scikit-learn digits demo of ``recipes/vit_digits.py`` (issue 4).
+"""Online distillers (ATSC, SOKD) vs plain KD on the scikit-learn digits default of
+``recipes/vit_image_classification.py`` (issue 4).
 
-Per seed: the demo's ViT teacher is trained once (demo settings), then the demo's student (same initialisation for
-every method) is trained with the demo's student hyperparameters and
+Per seed: the recipe's ViT teacher is trained once (recipe defaults), then the recipe's student (same initialisation
+for every method) is trained with the recipe's hyperparameters and
 
-- ``ce``:   plain ``Trainer`` (cross-entropy only; the demo's baseline);
-- ``kl``:   ``DistillationTrainer`` with ``kl`` (T=2, ``hard_label_weight=1``; the demo's KD run);
+- ``ce``:   plain ``Trainer`` (cross-entropy only; the recipe's baseline);
+- ``kl``:   ``DistillationTrainer`` with ``kl`` (T=2, ``hard_label_weight=1``; the recipe's default KD run);
 - ``atsc``: ``atsc`` (student predicts through the teacher's classifier), ``teacher_adaptation`` from
             ``--atsc_adaptation`` (``full`` trains a private copy of the teacher at ``--teacher_learning_rate``);
             the reported accuracy is the plain (folded) student's, evaluated outside the trainer;
 - ``sokd``: ``sokd`` (k=``--sokd_k``, T=4); also reports the auxiliary branch's test accuracy.
 
 Every distillation run gets its own deep copy of the trained teacher, so ATSC's adaptation cannot leak into the
-other runs. Test accuracy is on the demo's fixed 360-image test split. Run::
+other runs. Test accuracy is on the recipe's fixed 360-image digits test split. Run::
 
     python benchmarks/digits_online.py --seeds 0 1 2
     python benchmarks/digits_online.py --seeds 0 --max_steps 5      # smoke test
@@ -22,24 +23,29 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments, ViTImageProcessorPil
+from transformers import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-from vit_digits import (  # noqa: E402
-    STUDENT,
-    TEACHER,
+from vit_image_classification import (  # noqa: E402
+    RECIPE,
+    ViTArguments,
     accuracy,
-    digits_datasets,
-    training_args,
-    vit,
+    digits_splits,
+    direct_accuracy,
+    image_processor,
+    label_names,
+    preprocess,
+    vit_from_spec,
 )
 
 from hf_kd import DistillationArguments, DistillationTrainer  # noqa: E402
+from hf_kd.recipes import phase_arguments  # noqa: E402
 
 METHODS = ("ce", "kl", "atsc", "sokd")
 
@@ -47,8 +53,8 @@ METHODS = ("ce", "kl", "atsc", "sokd")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--teacher_epochs", type=float, default=40, help="Demo default 40.")
-    parser.add_argument("--student_epochs", type=float, default=40, help="Demo default 40.")
+    parser.add_argument("--teacher_epochs", type=float, default=40, help="Recipe default 40.")
+    parser.add_argument("--student_epochs", type=float, default=40, help="Recipe default 40.")
     parser.add_argument("--max_steps", type=int, default=None, help="At most this many steps per phase.")
     parser.add_argument("--atsc_adaptation", choices=["full", "none"], default="full")
     parser.add_argument("--teacher_learning_rate", type=float, default=1e-4, help="ATSC 'full' teacher LR.")
@@ -59,17 +65,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@torch.no_grad()
-def plain_accuracy(model: torch.nn.Module, examples: list[dict]) -> float:
+def plain_accuracy(model: torch.nn.Module, examples) -> float:
     """Accuracy of ``model`` called directly (no trainer, no distiller hooks) on ``examples``."""
-    model.eval()
-    pixels = torch.stack([e["pixel_values"] for e in examples])
-    labels = torch.tensor([e["labels"] for e in examples])
-    return float((model(pixel_values=pixels).logits.argmax(-1) == labels).float().mean())
+    return direct_accuracy(model, examples, batch_size=len(examples))["eval_accuracy"]
 
 
-def run_seed(cli: argparse.Namespace, seed: int, train: list, test: list, processor) -> dict:
-    args = argparse.Namespace(output_dir=cli.output_dir, seed=seed, max_steps=cli.max_steps)
+def model_from_spec(spec: ViTArguments, role: str, seed: int) -> torch.nn.Module:
+    """The recipe's default ``role`` ("teacher" or "student") ViT on the 8x8 grayscale digits."""
+    sizes = [getattr(spec, f"{role}_{name}") for name in ("layers", "hidden", "heads", "intermediate")]
+    return vit_from_spec(*sizes, image_size=8, patch_size=2, num_channels=1, labels=[str(d) for d in range(10)],
+                         seed=seed)
+
+
+def training_args(cli: argparse.Namespace, seed: int, epochs: float, train_size: int,
+                  **extra) -> DistillationArguments:
+    """The recipe's default hyperparameters (no periodic eval) for one phase of ``epochs`` (at most ``--max_steps``
+    steps). Plain ``Trainer`` takes them too (``DistillationArguments`` extends ``TrainingArguments``)."""
+    steps = math.ceil(epochs * math.ceil(train_size / RECIPE.training_defaults["per_device_train_batch_size"]))
+    _, defaults = RECIPE.parse_dict({"output_dir": cli.output_dir, "seed": seed, "eval_strategy": "no",
+                                     "max_steps": min(steps, cli.max_steps or steps), **extra})
+    return phase_arguments(defaults, output_dir=cli.output_dir, epochs=epochs, train_size=train_size)
+
+
+def run_seed(cli: argparse.Namespace, seed: int, train, test, processor) -> dict:
+    spec = ViTArguments()
     common = dict(train_dataset=train, eval_dataset=test, processing_class=processor, compute_metrics=accuracy)
     out: dict = {"seed": seed}
 
@@ -77,22 +96,23 @@ def run_seed(cli: argparse.Namespace, seed: int, train: list, test: list, proces
         out[f"{name}_train_seconds"] = trainer.train().metrics["train_runtime"]
         return trainer
 
-    teacher = vit(TEACHER, seed)
-    timed("teacher", Trainer(teacher, training_args(TrainingArguments, args, cli.teacher_epochs, len(train)), **common))
+    teacher = model_from_spec(spec, "teacher", seed)
+    timed("teacher", Trainer(teacher, training_args(cli, seed, cli.teacher_epochs, len(train)),
+                             **common))
     out["teacher"] = plain_accuracy(teacher, test)
-    student_args = lambda cls, **kw: training_args(cls, args, cli.student_epochs, len(train), **kw)  # noqa: E731
-    out["student_steps"] = student_args(TrainingArguments).max_steps
+    student_args = lambda **kw: training_args(cli, seed, cli.student_epochs, len(train), **kw)  # noqa: E731
+    out["student_steps"] = student_args().max_steps
 
     if "ce" in cli.methods:
-        student = vit(STUDENT, seed)
-        timed("ce", Trainer(student, student_args(TrainingArguments), **common))
+        student = model_from_spec(spec, "student", seed)
+        timed("ce", Trainer(student, student_args(), **common))
         out["ce"] = plain_accuracy(student, test)
 
     def distil(name: str, distiller: dict, **extra) -> DistillationTrainer:
-        student = vit(STUDENT, seed)  # the demo's student initialisation, identical for every method
+        student = model_from_spec(spec, "student", seed)  # the recipe's initialisation, identical for every method
         trainer = DistillationTrainer(model=student, teacher_model=copy.deepcopy(teacher),
-                                      args=student_args(DistillationArguments, hard_label_weight=1.0, **extra),
-                                      distillers=[distiller], **common)
+                                      args=student_args(hard_label_weight=1.0, distillers=[distiller], **extra),
+                                      **common)
         timed(name, trainer)
         out[name] = plain_accuracy(trainer.model, test)
         return trainer
@@ -137,10 +157,10 @@ def print_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     cli = parse_args(argv)
     start = time.perf_counter()
-    processor = ViTImageProcessorPil(
-        do_resize=False, size={"height": 8, "width": 8}, rescale_factor=1 / 16, image_mean=[0.5], image_std=[0.5]
-    )
-    train, test = digits_datasets(processor)
+    processor = image_processor(8, 1)
+    spec = ViTArguments()
+    raw_train, raw_test = digits_splits()
+    train, test = (preprocess(d, processor, spec, label_names(raw_train, "label"), 1) for d in (raw_train, raw_test))
     rows = []
     for seed in cli.seeds:
         rows.append(run_seed(cli, seed, train, test, processor))
@@ -156,5 +176,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)  # as the demo: tiny models, shared CPU
+    torch.set_num_threads(1)  # as the recipe: tiny models, shared CPU
     main()
