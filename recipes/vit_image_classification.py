@@ -80,6 +80,8 @@ from hf_kd.recipes import (
 NAME = "vit_image_classification"
 DIGITS_SIZE = 8
 DIGITS_TEST_SIZE = 360
+DIGITS_LEVEL = 15  # one digits intensity step (of 16) in 8-bit pixels
+DIGITS_RESCALE = 1 / (16 * DIGITS_LEVEL)
 DEIT_TYPES = ("none", "hard", "soft")
 
 
@@ -123,9 +125,13 @@ class ViTArguments(RecipeArguments):
 
 # ---- data -------------------------------------------------------------------------------------------------------
 def digits_splits() -> tuple[Dataset, Dataset]:
-    """scikit-learn's digits as 8x8 grayscale PIL images: the fixed stratified 1,437 / 360 train / test split."""
+    """scikit-learn's digits as 8x8 grayscale PIL images: the fixed stratified 1,437 / 360 train / test split.
+
+    The 0..16 intensities are stored as ``15 * x`` (0..240), so :data:`DIGITS_RESCALE` maps them back to ``x / 16``
+    exactly.
+    """
     digits = load_digits()
-    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)  # 0..16 -> 0..255, the 17 levels stay distinct
+    pixels = (digits.images * DIGITS_LEVEL).astype(np.uint8)
     splits = train_test_split(pixels, digits.target, test_size=DIGITS_TEST_SIZE, stratify=digits.target,
                               random_state=0)
     train_images, test_images, train_labels, test_labels = splits
@@ -146,10 +152,12 @@ def label_names(dataset: Dataset, column: str) -> list[str]:
     return [str(value) for value in sorted(set(dataset[column]))]
 
 
-def image_processor(image_size: int, num_channels: int) -> ViTImageProcessorPil:
-    """A ViT processor that resizes to ``image_size`` and scales pixels to [-1, 1] (PIL backend, no torchvision)."""
+def image_processor(image_size: int, num_channels: int, rescale_factor: float = 1 / 255) -> ViTImageProcessorPil:
+    """A ViT processor that resizes to ``image_size`` and maps pixels (times ``rescale_factor``) to [-1, 1]
+    (PIL backend, no torchvision)."""
     return ViTImageProcessorPil(do_resize=True, size={"height": image_size, "width": image_size},
-                                image_mean=[0.5] * num_channels, image_std=[0.5] * num_channels)
+                                rescale_factor=rescale_factor, image_mean=[0.5] * num_channels,
+                                image_std=[0.5] * num_channels)
 
 
 def preprocess(dataset: Dataset, processor: Any, args: ViTArguments, labels: list[str], num_channels: int) -> Dataset:
@@ -181,16 +189,17 @@ def accuracy(eval_prediction) -> dict[str, float]:
 
 # ---- models -----------------------------------------------------------------------------------------------------
 def vit_from_spec(layers: int, hidden: int, heads: int, intermediate: int, *, image_size: int, patch_size: int,
-                  num_channels: int, labels: list[str], seed: int, deit: bool = False) -> PreTrainedModel:
-    """A randomly initialised ViT (or DeiT with a distillation head) classifier, seeded with ``seed``."""
+                  num_channels: int, labels: list[str], seed: int, deit: bool = False,
+                  options: dict[str, str] | None = None) -> PreTrainedModel:
+    """A randomly initialised ViT (or DeiT with a distillation head) classifier, seeded with ``seed``; ``options``
+    are config keywords such as :func:`loading_options`'s."""
     torch.manual_seed(seed)
     config_class, model_class = ((DeiTConfig, DeiTForImageClassificationWithTeacher) if deit
                                  else (ViTConfig, ViTForImageClassification))
     config = config_class(image_size=image_size, patch_size=patch_size, num_channels=num_channels,
                           hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                           intermediate_size=intermediate, id2label=dict(enumerate(labels)),
-                          label2id={name: index for index, name in enumerate(labels)},
-                          attn_implementation="eager")  # the `attention` distiller reads attention maps
+                          label2id={name: index for index, name in enumerate(labels)}, **(options or {}))
     return model_class(config)
 
 
@@ -244,7 +253,8 @@ def resolve_setting(args: ViTArguments, train: Dataset) -> Setting:
     labels = label_names(train, args.label_column)
     if args.teacher is None:
         size, channels = args.image_size or DIGITS_SIZE, args.num_channels or 1
-        return Setting(labels, size, channels, args.patch_size or 2, image_processor(size, channels))
+        processor = image_processor(size, channels, DIGITS_RESCALE if args.dataset is None else 1 / 255)
+        return Setting(labels, size, channels, args.patch_size or 2, processor)
     processor = AutoImageProcessor.from_pretrained(args.teacher)
     config = AutoConfig.from_pretrained(args.teacher)
     if args.image_size is not None:
@@ -273,7 +283,8 @@ def build_student(args: ViTArguments, setting: Setting, seed: int, options: dict
     if args.student is None:
         return vit_from_spec(args.student_layers, args.student_hidden, args.student_heads, args.student_intermediate,
                              image_size=setting.image_size, patch_size=setting.patch_size,
-                             num_channels=setting.num_channels, labels=setting.labels, seed=seed, deit=deit)
+                             num_channels=setting.num_channels, labels=setting.labels, seed=seed, deit=deit,
+                             options=options)
     torch.manual_seed(seed)  # a new head is initialised
     model_class = DeiTForImageClassificationWithTeacher if deit else AutoModelForImageClassification
     student = model_class.from_pretrained(args.student, **label_config(setting.labels), **options)
@@ -375,20 +386,22 @@ def run(args: ViTArguments, training_args: DistillationArguments) -> dict[str, A
         began = time.perf_counter()
         trainer = train_plain(baseline, phase_arguments(training_args, output_dir=output_dir / "baseline",
                                                         train_size=len(train)), **data)
+        seconds["baseline"] = time.perf_counter() - began
         histories["baseline"] = trainer.state.log_history
         trainer.save_model(str(output_dir / "baseline"))
         results["baseline"] = model_result("baseline (no KD)", baseline, output_dir / "baseline", trainer.evaluate(),
-                                           batch, time.perf_counter() - began)
+                                           batch, seconds["baseline"])
 
     began = time.perf_counter()
     trainer = distil(student, teacher, distil_args, **data)
-    train_seconds = time.perf_counter() - began
+    seconds["distillation"] = time.perf_counter() - began
     histories["distillation"] = trainer.state.log_history
     student_dir = output_dir / "student"
     trainer.save_model(str(student_dir))
     metrics = (trainer.evaluate() if args.deit == "none"
                else direct_accuracy(trainer.model, evaluation, distil_args.per_device_eval_batch_size))
-    results["student"] = model_result("student (KD)", trainer.model, student_dir, metrics, batch, train_seconds)
+    results["student"] = model_result("student (KD)", trainer.model, student_dir, metrics, batch,
+                                      seconds["distillation"])
 
     notes = [f"Distillers: `{distil_args.distillers}`, hard_label_weight={distil_args.hard_label_weight}; "
              f"deit={args.deit}.",
@@ -398,14 +411,15 @@ def run(args: ViTArguments, training_args: DistillationArguments) -> dict[str, A
              f"Compression: {results['teacher'].params / results['student'].params:.1f}x fewer parameters."]
     json_path, md_path = write_results(output_dir, results, notes)
     plot_path = plot_history(histories, output_dir / "history.png", "accuracy")
-    card = write_model_card(student_dir, recipe=NAME, teacher=args.teacher or f"ViT teacher trained by the recipe",
+    card = write_model_card(student_dir, recipe=NAME, teacher=args.teacher or "ViT teacher trained by the recipe",
                             dataset=args.dataset or "scikit-learn digits", distillers=distil_args.distillers,
                             results=results)
     wall = time.perf_counter() - start
-    print(md_path.read_text() + f"\nStudent saved to {student_dir}; wall time {wall:.0f} s.")
+    phases = ", ".join(f"{phase} {value:.0f} s" for phase, value in seconds.items())
+    print(md_path.read_text() + f"\nStudent saved to {student_dir}; training {phases}; wall time {wall:.0f} s.")
     return {"results": results, "student_path": str(student_dir), "teacher_path": str(teacher_path),
             "results_json": str(json_path), "results_md": str(md_path), "plot": str(plot_path),
-            "model_card": str(card), "phase_seconds": {**seconds, "distillation": train_seconds},
+            "model_card": str(card), "phase_seconds": seconds,
             "wall_seconds": wall}
 
 

@@ -1,4 +1,4 @@
-"""The ``deit`` distiller (DeiT's distillation token): the loss by hand, gradients to both heads, the exported student."""
+"""The ``deit`` distiller (DeiT's distillation token): the loss by hand, gradients to both heads, the export."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
 from transformers import (
     AutoModelForImageClassification,
@@ -61,7 +60,8 @@ LABELS = torch.tensor([0, 1])
 
 def cross_entropy(logits: torch.Tensor, targets: list[int]) -> float:
     """Mean over rows of -log softmax(logits)[target], written out."""
-    return sum(math.log(sum(math.exp(v) for v in row)) - row[t] for row, t in zip(logits.tolist(), targets)) / len(targets)
+    rows = logits.tolist()
+    return sum(math.log(sum(math.exp(v) for v in row)) - row[t] for row, t in zip(rows, targets)) / len(targets)
 
 
 def test_hard_loss_matches_hand_computation():

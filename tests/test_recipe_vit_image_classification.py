@@ -71,11 +71,12 @@ def reloaded_logits(student_dir: Path, images: list) -> tuple[torch.nn.Module, t
 def test_digits_kl_through_the_cli(tmp_path, capsys):
     output_dir = tmp_path / "out"
     assert cli_main(["run", str(CONFIG), "max_steps=3", f"output_dir={output_dir}", f"cache_dir={tmp_path / 'cache'}",
-                     "eval_steps=2", "logging_steps=1", "learning_rate=1e-3"]) == 0
+                     "eval_steps=2", "logging_steps=1", "distillers=[{name: kl, temperature: 3.0}]"]) == 0
     module = sys.modules[load_recipe(CONFIG).run.__module__]
     results = check_results(output_dir)
     assert results["student"]["params"] == 9674 and results["teacher"]["params"] == 136138
     assert "| student (KD) |" in capsys.readouterr().out
+    assert "`[{'name': 'kl', 'temperature': 3.0}]`, hard_label_weight=1.0" in (output_dir / "results.md").read_text()
     cached = list((tmp_path / "cache" / "vit_image_classification").iterdir())
     assert [p.name for p in cached] == ["teacher-vit4x64h4i128-p2-digits-nNone-img8c1-e40-lr0.002-steps3-seed0"]
 
