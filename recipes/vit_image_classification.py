@@ -250,6 +250,8 @@ class Setting:
 def resolve_setting(args: ViTArguments, train: Dataset) -> Setting:
     """Labels from the train split; image size, channels, patch and processor from the options or ``--teacher``."""
     require_columns(train, image_column=args.image_column, label_column=args.label_column)
+    if args.num_channels not in (None, 1, 3):
+        raise ValueError(f"num_channels={args.num_channels}; set it to 1 (grayscale) or 3 (RGB).")
     labels = label_names(train, args.label_column)
     if args.teacher is None:
         size, channels = args.image_size or DIGITS_SIZE, args.num_channels or 1
