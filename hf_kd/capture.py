@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field, fields
-from typing import Iterable, Iterator, Literal
+from typing import Iterable, Iterator, Literal, Mapping
 
 import torch
 from torch import nn
@@ -105,12 +105,18 @@ def task_of(model: nn.Module) -> Task:
     name = type(unwrap(model)).__name__
     if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         return "causal_lm"
-    classifiers = set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values()) | set(
-        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.values()
+    classifiers = _class_names(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) | _class_names(
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
     )
     if name in classifiers or name.endswith(("ForSequenceClassification", "ForImageClassification")):
         return "classification"
     return "other"
+
+
+def _class_names(mapping: Mapping[str, str | tuple[str, ...]]) -> set[str]:
+    """The class names of a transformers auto mapping, whose values are a name or a tuple of names (e.g. DeiT's
+    ``("DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")``)."""
+    return {name for value in mapping.values() for name in ((value,) if isinstance(value, str) else value)}
 
 
 def output_head(model: nn.Module) -> nn.Linear | None:

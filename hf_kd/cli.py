@@ -1,7 +1,7 @@
 """The ``hf-kd`` console script: run a recipe from its YAML config, or show the config a run would use.
 
-    hf-kd run recipes/vit_digits.yaml max_steps=5 "distillers=[{name: kl, temperature: 2}]"
-    hf-kd show recipes/vit_digits.yaml seed=1
+    hf-kd run recipes/vit_image_classification.yaml max_steps=5 "distillers=[{name: kl, temperature: 2}]"
+    hf-kd show recipes/vit_image_classification.yaml seed=1
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("run", "Run the recipe of CONFIG with the overrides applied."),
                             ("show", "Print the fully resolved config of a run as YAML, without running it.")):
         command = commands.add_parser(name, help=help_text, description=help_text)
-        command.add_argument("config", type=Path, help="A recipe's YAML config, e.g. recipes/vit_digits.yaml.")
+        command.add_argument("config", type=Path, help="A recipe's YAML config, e.g. recipes/vit_image_classification.yaml.")
         command.add_argument("overrides", nargs="*", metavar="key=value",
                              help="Settings over the config's, e.g. max_steps=5 seed=1 "
                              "\"distillers=[{name: kl, temperature: 2}]\".")

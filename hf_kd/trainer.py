@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import ModelOutput
 
 from .arguments import DistillationArguments
 from .callbacks import ScheduleCallback
@@ -225,7 +227,7 @@ class DistillationTrainer(Trainer):
         components.update({name: value * loss_scale for name, value in values.items()})
         self._record(model, components, total, inputs, num_items_in_batch)
         if return_outputs:
-            return total, type(outputs)(loss=total.detach(), logits=outputs.logits)
+            return total, DistillationOutput(loss=total.detach(), logits=outputs.logits)
         return total
 
     def _hard_loss_is_cross_entropy(self, inputs) -> bool:
@@ -471,6 +473,15 @@ class DistillationTrainer(Trainer):
             with torch.no_grad():
                 for name, value in saved.items():
                     current[name].copy_(value)
+
+
+@dataclass
+class DistillationOutput(ModelOutput):
+    """What ``compute_loss(..., return_outputs=True)`` returns beside the loss: the total loss and the student's
+    logits, whatever the student's own output class (hidden states and attentions are not passed to evaluation)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
 
 
 class _StepEvents(TrainerCallback):

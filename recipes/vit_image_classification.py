@@ -298,31 +298,13 @@ def build_student(args: ViTArguments, setting: Setting, seed: int, options: dict
 
 def distillation_arguments(args: ViTArguments, training_args: DistillationArguments, output_dir: Path,
                            train_size: int) -> DistillationArguments:
-    """The distillation phase's arguments: ``distillers`` as given, or the ``deit`` distiller alone.
-
-    With ``deit`` the phase does not evaluate while training: ``DistillationTrainer.compute_loss`` rebuilds the
-    model's output class with a ``loss`` field, which ``DeiTForImageClassificationWithTeacherOutput`` lacks; the
-    student is evaluated after training with :func:`direct_accuracy` instead.
-    """
+    """The distillation phase's arguments: ``distillers`` as given, or the ``deit`` distiller alone."""
     phase = phase_arguments(training_args, output_dir=output_dir / "distillation", train_size=train_size)
     if args.deit == "none":
         return phase
     spec = {"name": "deit", "distillation_type": args.deit, "alpha": args.deit_alpha,
             "temperature": args.deit_temperature}
-    return dataclasses.replace(phase, distillers=[spec], hard_label_weight=0.0, eval_strategy="no")
-
-
-@torch.no_grad()
-def direct_accuracy(model: PreTrainedModel, dataset: Dataset, batch_size: int) -> dict[str, float]:
-    """``{"eval_accuracy": ...}`` of ``model`` called directly on ``dataset`` (its ``logits``), in eval mode."""
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    for begin in range(0, len(dataset), batch_size):
-        rows = dataset[begin: begin + batch_size]
-        logits = model(pixel_values=rows["pixel_values"].to(device)).logits
-        correct += int((logits.argmax(-1).cpu() == rows["labels"]).sum())
-    return {"eval_accuracy": correct / len(dataset)}
+    return dataclasses.replace(phase, distillers=[spec], hard_label_weight=0.0)
 
 
 def model_result(name: str, model: PreTrainedModel, path: Path, metrics: dict[str, float], batch: dict,
@@ -400,9 +382,7 @@ def run(args: ViTArguments, training_args: DistillationArguments) -> dict[str, A
     histories["distillation"] = trainer.state.log_history
     student_dir = output_dir / "student"
     trainer.save_model(str(student_dir))
-    metrics = (trainer.evaluate() if args.deit == "none"
-               else direct_accuracy(trainer.model, evaluation, distil_args.per_device_eval_batch_size))
-    results["student"] = model_result("student (KD)", trainer.model, student_dir, metrics, batch,
+    results["student"] = model_result("student (KD)", trainer.model, student_dir, trainer.evaluate(), batch,
                                       seconds["distillation"])
 
     notes = [f"Distillers: `{distil_args.distillers}`, hard_label_weight={distil_args.hard_label_weight}; "

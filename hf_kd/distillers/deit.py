@@ -46,10 +46,7 @@ class DeiTDistiller(Distiller):
         distillation_head: Dotted name of the student's distillation-token head.
     """
 
-    # Both heads are read through hooks and the teacher view always carries its logits, so the distiller does not
-    # ask for `logits`: that would add the trainer's same-task check, and hf_kd's task_of does not yet classify
-    # DeiTForImageClassificationWithTeacher (a tuple entry of transformers' image-classification mapping).
-    requires = Requirements(labels=True)
+    requires = Requirements(logits=True, labels=True)  # the teacher's logits; the student's heads via hooks
 
     def __init__(
         self,
