@@ -139,3 +139,23 @@ def test_exported_student_averages_the_two_heads(tmp_path):
     assert torch.equal(outputs.logits, expected.logits)
     assert torch.allclose(outputs.logits, (outputs.cls_logits + outputs.distillation_logits) / 2)
     assert not torch.allclose(outputs.cls_logits, outputs.distillation_logits)
+
+
+def test_deit_beside_kl_evaluates_through_the_trainer(tmp_path):
+    """A DeiT student is a classifier to hf_kd (logit width checks, kl on its averaged logits), and evaluation works
+    although its output class has no ``loss`` field."""
+    student = deit_student()
+    trainer = trainer_for(student, tmp_path)
+    kl_trainer = DistillationTrainer(
+        model=student, teacher_model=vit_teacher(), args=trainer.args, train_dataset=pixel_data(),
+        eval_dataset=pixel_data(), distillers=[{"name": "deit"}, {"name": "kl", "weight": 0.5}])
+    metrics = kl_trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_loss/deit"] + 0.5 * metrics["eval_loss/kl"], rel=1e-5)
+    predictions = kl_trainer.predict(pixel_data()).predictions
+    with torch.no_grad():
+        expected = student.eval()(pixel_values=pixel_data()[:]["pixel_values"]).logits
+    torch.testing.assert_close(torch.as_tensor(predictions), expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="num_labels"):
+        DistillationTrainer(model=deit_student(), teacher_model=ViTForImageClassification(ViTConfig(
+            image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, num_labels=CLASSES + 1)), args=trainer.args, distillers=[{"name": "deit"}])
