@@ -132,9 +132,10 @@ def test_cli_override_reaches_the_run(tiny, tmp_path):
     config = tiny_config(tiny, tmp_path, baseline=False)
     overrides = [f"{key}={json.dumps(value)}" for key, value in config.items() if key not in load_config(CONFIG)
                  or value != load_config(CONFIG)[key]]
-    assert cli_main(["run", str(CONFIG), *overrides, "max_steps=1", "student_layers=1"]) == 0
+    assert cli_main(["run", str(CONFIG), *overrides, "max_steps=1", "student_init=truncate", "student_layers=1"]) == 0
     student = tmp_path / "out" / "student"
-    assert json.loads((student / "config.json").read_text())["num_hidden_layers"] == 1
+    config = json.loads((student / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"]) == (1, 32)  # the tiny teacher's first layer
     assert torch.load(student / "training_args.bin", weights_only=False).max_steps == 1
     assert list(json.loads((tmp_path / "out" / "results.json").read_text())) == ["teacher", "student"]
 
