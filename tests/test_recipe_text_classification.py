@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel, BertTokenizer
 
 from hf_kd.cli import main as cli_main
-from hf_kd.recipes import load_recipe
+from hf_kd.recipes import load_config, load_recipe
 
 CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "text_classification.yaml"
 RECIPE = load_recipe(CONFIG)
@@ -151,3 +151,9 @@ def test_wrong_column_is_named(tiny, tmp_path):
         RECIPE.run(args, training_args)
     with pytest.raises(ValueError, match="`student_init` is 'copy'; set it to one of random"):
         RECIPE.parse_dict({"student_init": "copy"})
+
+
+def test_yaml_spells_out_the_script_defaults():
+    config = load_config(CONFIG)
+    assert RECIPE.parse_dict(config) == RECIPE.parse_argv([])
+    assert set(config) == set(RECIPE.to_dict(*RECIPE.parse_argv([])))  # every setting is in the YAML
