@@ -22,9 +22,12 @@
    ``history.png`` (losses and eval accuracy over steps), the student with its tokenizer and model card in
    ``output_dir/student`` (the baseline in ``output_dir/baseline``).
 
+Defaults on 2 CPU cores: teacher 96.2% test accuracy, baseline 87.8%, distilled student 92.5% (4.4M params, 5x
+fewer than the teacher, ~16x faster).
+
 Run it with::
 
-    python recipes/text_classification.py                    # defaults (about 10 min on 2 CPU cores)
+    python recipes/text_classification.py                    # defaults: ~6 min on 2 idle CPU cores, ~2 min cached
     hf-kd run recipes/text_classification.yaml max_steps=5   # smoke run, the same settings from YAML
     python recipes/text_classification.py --dataset glue --task sst2 --text_column sentence --max_length 64
 """
