@@ -96,3 +96,13 @@ def image_data(n: int = 16, num_labels: int = 4, seed: int = 0) -> Dataset:
 @pytest.fixture
 def output_dir(tmp_path):
     return str(tmp_path / "out")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, as the recipes' command lines run: tiny models gain nothing from a second thread, which only
+    stalls steps when another process shares the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,12 +21,7 @@ from hf_kd.capture import ModelView
 CLASSES = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def deit_student(seed: int = 0) -> DeiTForImageClassificationWithTeacher:

@@ -225,7 +225,6 @@ def fixed_peers(distiller, peers):
 
 
 def test_mutual_loss_and_gradients_by_hand():
-    t = 1.0
     z_s = Z_S.clone().requires_grad_()
     z_p = [z.clone().requires_grad_() for z in Z_P]
     d = fixed_peers(MutualLearningDistiller(num_peers=2), z_p)

@@ -24,13 +24,7 @@ FAST = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--per_device_
         "--logging_steps", "1", "--eval_steps", "1", "--disable_tqdm", "true"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one torch thread (a second one only adds contention on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

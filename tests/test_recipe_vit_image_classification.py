@@ -28,13 +28,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "vit_image_classifica
 ROLES = ("teacher", "baseline", "student")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run like the recipe's command line does: one torch thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def run_recipe(**overrides) -> dict:

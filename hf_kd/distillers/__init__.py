@@ -35,6 +35,7 @@ __all__ = [
     "AttentionDistiller",
     "BlockSwapDistiller",
     "CompositeDistiller",
+    "DeiTDistiller",
     "FeatureDistiller",
     "FeatureMixingDistiller",
     "HiddenStatesDistiller",

@@ -26,7 +26,7 @@ from ..architecture import layers_path
 from ..capture import ModelView, Requirements
 from ..layer_maps import LayerMapSpec
 from ..projectors import ProjectorKind
-from .base import Distiller, register_distiller
+from .base import register_distiller
 from .representation import (
     FeatureLoss,
     HiddenStatesDistiller,
