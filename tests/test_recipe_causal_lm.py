@@ -146,8 +146,12 @@ class TestRealAssets:
                   "max_steps": 2, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2,
                   "logging_steps": 1, "eval_steps": 1, "sample_tokens": 5, "output_dir": str(root / "out"),
                   "cache_dir": str(root / "cache")}
+        threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        return MODULE.run(*RECIPE.parse_dict(config)), root
+        try:
+            return MODULE.run(*RECIPE.parse_dict(config)), root
+        finally:
+            torch.set_num_threads(threads)
 
     def test_results(self, run):
         result, root = run
