@@ -21,6 +21,7 @@ from torch import nn
 
 from ..capture import FeatureSpec, ModelView, Requirements, find_module
 from ..schedules import Schedule
+from . import divergences
 from .base import Distiller, register_distiller
 
 Knob = float | Schedule | Mapping[str, Any]
@@ -67,26 +68,18 @@ class DeiTDistiller(Distiller):
         self.distillation_spec = FeatureSpec(distillation_head, "output")
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        """Check that the student has both heads and that they predict as many classes as the teacher."""
+        """Check that the student has both heads (the trainer checks that they predict the teacher's classes)."""
         if teacher is None:
             raise ValueError("deit needs a teacher: pass `teacher_model` to the DistillationTrainer.")
-        heads = []
         for option, spec in (("cls_head", self.cls_spec), ("distillation_head", self.distillation_spec)):
             try:
-                heads.append(find_module(student, spec.path))
+                find_module(student, spec.path)
             except ValueError as error:
                 raise ValueError(
                     f"deit: {error} The student needs a class head and a distillation head, e.g. "
                     "transformers.DeiTForImageClassificationWithTeacher (set `deit: hard|soft` in the "
                     f"vit_image_classification recipe), or set `{option}` to the module's name."
                 ) from None
-        teacher_classes = getattr(getattr(teacher, "config", None), "num_labels", None)
-        widths = {getattr(head, "out_features", None) for head in heads}
-        if teacher_classes is not None and widths != {teacher_classes}:
-            raise ValueError(
-                f"deit: the student's heads predict {sorted(w for w in widths if w is not None)} classes and the "
-                f"teacher {teacher_classes}; build the student with num_labels={teacher_classes}."
-            )
 
     def student_features(self):
         return (self.cls_spec, self.distillation_spec)
@@ -103,10 +96,7 @@ class DeiTDistiller(Distiller):
             distillation_loss = F.cross_entropy(distillation_logits, teacher_logits.argmax(-1))
         else:
             tau = self.temperature
-            distillation_loss = F.kl_div(
-                F.log_softmax(distillation_logits / tau, -1), F.log_softmax(teacher_logits / tau, -1),
-                reduction="batchmean", log_target=True,
-            ) * (tau * tau)
+            distillation_loss = divergences.forward_kl(distillation_logits / tau, teacher_logits / tau).mean() * tau**2
         loss = (1 - self.alpha) * cls_loss + self.alpha * distillation_loss
         return loss, {"cls": cls_loss.detach(), "distillation": distillation_loss.detach()}
 
