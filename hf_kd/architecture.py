@@ -1,4 +1,5 @@
-"""Where things live inside a transformers model: its list of layers and the attention projections of a layer.
+"""Where things live inside a transformers model: its list of layers and the attention projections of a layer;
+and a copy of a model with fewer layers.
 
 Resolved from module names, so BERT-family, ViT, Llama-family and GPT-2 models work without per-model tables;
 every distiller that uses these also takes explicit module paths to override them.
@@ -6,9 +7,13 @@ every distiller that uses these also takes explicit module paths to override the
 
 from __future__ import annotations
 
+import copy
+import re
 from dataclasses import dataclass
+from typing import Sequence
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from .capture import FeatureSpec
 from .layer_maps import num_layers
@@ -55,3 +60,30 @@ def attention_projections(model: nn.Module, layer: int) -> dict[str, Projection]
             )
         found = {role: Projection(FeatureSpec(prefix + fused), part) for part, role in enumerate(_ROLES)}
     return found
+
+
+def truncated_copy(model: PreTrainedModel, layers: Sequence[int]) -> PreTrainedModel:
+    """A new model of ``model``'s class keeping only its transformer ``layers`` (in that order, renumbered
+    ``0..k-1``) and every other weight (embeddings, norms, head): a student initialised from its teacher, e.g. the
+    first ``k`` layers or every other one."""
+    depth = num_layers(model)
+    if not layers or any(not 0 <= i < depth for i in layers):
+        raise ValueError(f"Layers to keep must be a non-empty list of indices of {type(model).__name__}'s {depth} "
+                         f"layers, got {list(layers)}.")
+    path = layers_path(model)
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in layers]
+    copy_ = type(model)(config)
+    renumber = {old: new for new, old in enumerate(layers)}
+    pattern = re.compile(rf"^{re.escape(path)}\.(\d+)\.")
+    state = {}
+    for key, value in model.state_dict().items():
+        match = pattern.match(key)
+        if match is None:
+            state[key] = value
+        elif int(match.group(1)) in renumber:
+            state[f"{path}.{renumber[int(match.group(1))]}.{key[match.end():]}"] = value
+    copy_.load_state_dict(state)
+    return copy_

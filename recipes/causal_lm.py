@@ -56,6 +56,7 @@ from transformers import (
 )
 
 from hf_kd import DistillationArguments
+from hf_kd.architecture import truncated_copy
 from hf_kd.recipes import (
     ModelResult,
     Recipe,
@@ -214,16 +215,7 @@ def truncated(teacher: PreTrainedModel, layers: int) -> PreTrainedModel:
     if not 0 < layers < teacher.config.num_hidden_layers:
         raise ValueError(f"`student_layers` must be between 1 and {teacher.config.num_hidden_layers - 1} (the "
                          f"teacher's layers) with student_init: truncate, got {layers}.")
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = layers
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:layers]
-    student = AutoModelForCausalLM.from_config(config)
-    missing, _ = student.load_state_dict(teacher.state_dict(), strict=False)
-    if missing:
-        raise ValueError(f"Cannot truncate {type(teacher).__name__}: the student misses {missing[:5]}; pass a "
-                         "`student` instead.")
-    return student
+    return truncated_copy(teacher, range(layers))
 
 
 # ---- evaluation and report -------------------------------------------------------------------------------------

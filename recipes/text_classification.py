@@ -61,6 +61,7 @@ from transformers import (
 )
 
 from hf_kd import DistillationArguments
+from hf_kd.architecture import truncated_copy
 from hf_kd.recipes import (
     ModelResult,
     Recipe,
@@ -224,22 +225,6 @@ def teacher_path(source: str, args: TextClassificationArguments, training_args: 
     return str(cached_model(args.cache_dir, f"{NAME}-{slug}-{digest}", build))
 
 
-def truncated_teacher(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
-    """A copy of a BERT-style ``teacher`` keeping only the encoder ``layers`` (renumbered 0..k-1)."""
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = len(layers)
-    student = type(teacher)(config)
-    renumber = {str(old): str(new) for new, old in enumerate(layers)}
-    pattern = re.compile(r"(encoder\.layer\.)(\d+)(\.)")
-    state = {}
-    for key, value in teacher.state_dict().items():
-        match = pattern.search(key)
-        if match is None or match.group(2) in renumber:
-            state[pattern.sub(lambda m: m.group(1) + renumber[m.group(2)] + m.group(3), key) if match else key] = value
-    student.load_state_dict(state)
-    return student
-
-
 def build_student(args: TextClassificationArguments, teacher: PreTrainedModel, names: list[str],
                   tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
     """The student before training: ``args.student``, a truncated teacher or a random-init BERT (``student_*``)."""
@@ -260,7 +245,7 @@ def build_student(args: TextClassificationArguments, teacher: PreTrainedModel, n
                              f"layers for student_init={args.student_init!r}.")
         k = args.student_layers
         layers = list(range(k)) if args.student_init == "truncate_first" else [i * depth // k for i in range(k)]
-        return truncated_teacher(teacher, layers)
+        return truncated_copy(teacher, layers)
     config = BertConfig(vocab_size=teacher.config.vocab_size, hidden_size=args.student_hidden_size,
                         num_hidden_layers=args.student_layers, num_attention_heads=args.student_heads,
                         intermediate_size=args.student_intermediate_size,
