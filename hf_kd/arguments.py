@@ -74,6 +74,15 @@ class DistillationArguments(TrainingArguments):
         },
     )
 
+    nonfinite_loss: str = field(
+        default="raise",
+        metadata={
+            "help": "What a non-finite training loss does: 'raise' stops before the optimizer step with an error "
+            "naming the component and its likely cause; 'skip_step' skips that optimizer step (no update), warns, "
+            "and counts it in the logged `skipped_steps`."
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.distillers, str):
@@ -101,6 +110,8 @@ class DistillationArguments(TrainingArguments):
             raise ValueError(f"`teacher_learning_rate` must be >= 0, got {self.teacher_learning_rate}.")
         if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
             raise ValueError(f"`loss_chunk_size` must be a positive number of rows, got {self.loss_chunk_size}.")
+        if self.nonfinite_loss not in ("raise", "skip_step"):
+            raise ValueError(f"`nonfinite_loss` must be 'raise' or 'skip_step', got {self.nonfinite_loss!r}.")
         if self.teacher_dtype is not None and self.teacher_dtype not in _DTYPES:
             raise ValueError(
                 f"`teacher_dtype` must be one of {sorted(_DTYPES)} or None, got {self.teacher_dtype!r}."

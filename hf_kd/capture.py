@@ -12,7 +12,7 @@ model up to the input of its output head (``get_output_embeddings()``), and the 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Iterable, Iterator, Literal, Mapping
 
 import torch
@@ -81,6 +81,19 @@ class ModelView:
     def config(self):
         return getattr(self.model, "config", None)
 
+    def detached(self) -> "ModelView":
+        """The same outputs without autograd history (what a distiller that trains nothing of this model reads)."""
+        def cut(value):
+            if isinstance(value, torch.Tensor):
+                return value.detach()
+            return tuple(cut(v) for v in value) if isinstance(value, tuple) else value
+
+        return replace(
+            self, logits=cut(self.logits), hidden_states=cut(self.hidden_states), attentions=cut(self.attentions),
+            loss=cut(self.loss), head_input=cut(self.head_input),
+            features={spec: cut(value) for spec, value in self.features.items()},
+        )
+
 
 def model_inputs(batch) -> dict:
     """The batch without labels and the trainer's token count: what a model's forward receives."""
@@ -142,17 +155,18 @@ def logits_width(model: nn.Module) -> int | None:
 
 
 @contextlib.contextmanager
-def capture_head_input(head: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the input of ``head`` and hand it an empty sequence, so the model never forms full logits.
+def capture_head_input(head: nn.Module, skip_logits: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the input of ``head`` in ``captured["input"]`` (``[B, T, H]``).
 
-    The model's returned logits are ``[B, 0, V]``; the recorded ``[B, T, H]`` input is in ``captured["input"]``.
+    With ``skip_logits`` the head is handed an empty sequence, so the model never forms full logits (its returned
+    logits are ``[B, 0, V]``).
     """
     captured: dict[str, torch.Tensor] = {}
 
-    def hook(module: nn.Module, args: tuple) -> tuple:
+    def hook(module: nn.Module, args: tuple) -> tuple | None:
         hidden = args[0]
         captured["input"] = hidden
-        return (hidden.narrow(-2, 0, 0), *args[1:])
+        return (hidden.narrow(-2, 0, 0), *args[1:]) if skip_logits else None
 
     handle = head.register_forward_pre_hook(hook)
     try:

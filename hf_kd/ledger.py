@@ -1,8 +1,9 @@
 """Bookkeeping of loss components, on the device, so logging costs no synchronisation per step.
 
-Training values are added on the same scale as the ``loss`` the Trainer accumulates (after its gradient-accumulation
-division), so averaging them over the logging window exactly as the Trainer averages ``loss`` gives comparable
-numbers. Evaluation values are averaged over samples, like ``eval_loss``.
+Training values are added on the same scale as the ``loss`` the Trainer accumulates (each micro-batch weighted by its
+share of the step's global batch, :mod:`hf_kd.normalization`), summed over the step, and join the logging window
+when the step closes (a skipped step's values never do), so averaging them over the window exactly as the Trainer
+averages ``loss`` gives comparable numbers. Evaluation values are averaged over samples, like ``eval_loss``.
 """
 
 from __future__ import annotations
@@ -22,13 +23,20 @@ class LossLedger:
         self.eval_sums: dict[str, torch.Tensor] = {}
         self.eval_count = 0
 
-    def add_train(self, values: dict[str, torch.Tensor], scale: float, global_step: int) -> None:
+    def add_train(self, values: dict[str, torch.Tensor], global_step: int) -> None:
         if self.window_start is None:
             self.window_start = global_step
         for name, value in values.items():
-            value = value.detach().float() * scale
-            for sums in (self.window, self.step):
-                sums[name] = sums[name] + value if name in sums else value
+            value = value.detach().float()
+            self.step[name] = self.step[name] + value if name in self.step else value
+
+    def close_step(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """End the optimizer step: its sums join the logging window unless ``keep`` is false (a skipped step)."""
+        step, self.step = self.step, {}
+        if keep:
+            for name, value in step.items():
+                self.window[name] = self.window[name] + value if name in self.window else value
+        return step
 
     def add_eval(self, values: dict[str, torch.Tensor], batch_size: int) -> None:
         for name, value in values.items():
@@ -44,11 +52,6 @@ class LossLedger:
             logs = {name: gather(value).mean().item() / steps for name, value in self.window.items()}
         self.window, self.window_start = {}, None
         return logs
-
-    def pop_step(self) -> dict[str, float]:
-        values = {name: value.item() for name, value in self.step.items()}
-        self.step = {}
-        return values
 
     def pop_eval(self, gather: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
         if not self.eval_count:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -37,11 +39,21 @@ from .capture import (
     task_of,
     unwrap,
 )
-from .distillers.base import Distiller, build_distiller, ordered_union, teacher_of, weighted_losses
+from .distillers.base import (
+    Distiller,
+    build_distiller,
+    ordered_union,
+    teacher_of,
+    trains_teacher,
+    weighted_losses,
+)
 from .ledger import LossLedger
+from .normalization import StepBatch, StepCounts, batch_size, denominator, share, step_counts
 from .progressive import ProgressiveLayerCallback
 from .row_loss import RowTerm, row_losses, rows_from_views
 from .teachers import prepare_teacher, shared_logit_width
+
+logger = logging.getLogger(__name__)
 
 DISTILLER_STATE_NAME = "distillers.pt"
 TEACHER_STATE_NAME = "teacher_trained.pt"
@@ -136,6 +148,10 @@ class DistillationTrainer(Trainer):
         )
         self._teacher_inputs = [_accepted_inputs(t) for t in bare_teachers]
         self.ledger = LossLedger()
+        self._step_counts: StepCounts | None = None
+        self._fused_checked = False
+        self._skip_this_step = False
+        self._skipped_steps = 0
         self._teacher_evaluated = False
         self._evaluating_teacher = False
 
@@ -188,6 +204,22 @@ class DistillationTrainer(Trainer):
             raise ValueError(f"Distillers {needing} need `labels` in every batch, and this batch has none.")
 
     # ---- the loss --------------------------------------------------------------------------------------------
+    # compute_loss normalises over the optimizer step's global batch itself (hf_kd.normalization), so Trainer must
+    # not divide by the accumulation steps, whatever the model's loss kwargs.
+    loss_is_scaled_for_ga = True
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Trainer's prefetch of one optimizer step's micro-batches, plus their :class:`StepCounts` (summed over
+        processes when ``average_tokens_across_devices``, as Trainer does for its token count)."""
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        reduce = (lambda totals: self.accelerator.reduce(totals, reduction="sum")) if self._global_counts else None
+        self._step_counts = step_counts(batches, self._student_task, device, reduce) if batches else None
+        return batches, num_items_in_batch
+
+    @property
+    def _global_counts(self) -> bool:
+        return bool(self.args.average_tokens_across_devices) and self.accelerator.num_processes > 1
+
     def compute_loss(
         self,
         model: nn.Module,
@@ -199,33 +231,37 @@ class DistillationTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         self._check_batch(inputs)
         training = model.training and torch.is_grad_enabled()
+        batch = StepBatch(inputs, self._step_counts if training else None)
+        # Every term below is a mean over this micro-batch; weighting it by the micro-batch's share of the global
+        # batch (times the processes, whose gradients DDP averages) makes the step's loss the global batch's loss.
+        scale = share(batch) * (self.accelerator.num_processes if batch.counts is not None and self._global_counts
+                                else 1)
+        if self._fused_lm and training and not self._fused_checked:
+            self._check_fused_path(model, batch)
         fused = self._fused_lm and training
         hard_weight = self.args.hard_label_weight
         want_hard = hard_weight > 0 and "labels" in inputs
         hard_as_row = want_hard and self._hard_loss_is_cross_entropy(inputs)
 
         student, outputs = self._student_forward(
-            model, inputs, fused, want_hard and not hard_as_row, num_items_in_batch
+            model, batch, fused, want_hard and not hard_as_row, num_items_in_batch, scale
         )
         teachers = [
-            self._teacher_forward(index, inputs, fused, training) if run else None
+            self._teacher_forward(index, batch, fused, training) if run else None
             for index, run in enumerate(self._teachers_run)
         ]
 
         components: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.args.device)
-        if student.loss is not None:  # the model's own loss, already scaled like Trainer's loss
+        if student.loss is not None:  # the model's own loss, already on the step's scale
             components["hard"] = student.loss
             total = total + hard_weight * student.loss
-
-        scaled_for_ga = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-        distill_total, values = self._distiller_losses(
-            student, teachers, inputs, hard_as_row, num_items_in_batch if scaled_for_ga else None
-        )
-        loss_scale = self._loss_scale(num_items_in_batch)
-        total = total + loss_scale * distill_total
-        components.update({name: value * loss_scale for name, value in values.items()})
-        self._record(model, components, total, inputs, num_items_in_batch)
+        distill_total, values = self._distiller_losses(student, teachers, batch, hard_as_row)
+        total = total + scale * distill_total
+        components.update({name: value * scale for name, value in values.items()})
+        if training:
+            self._check_finite(total, components, student, teachers)
+        self._record(model, components, total, inputs)
         if return_outputs:
             return total, DistillationOutput(loss=total.detach(), logits=outputs.logits)
         return total
@@ -248,41 +284,80 @@ class DistillationTrainer(Trainer):
     def _cross_entropy(self, student, teacher, targets):
         return F.cross_entropy(student, targets, reduction="none", label_smoothing=self.args.label_smoothing_factor)
 
-    def _distiller_losses(self, student, teachers, inputs, hard_as_row, num_items):
-        """``sum_i w_i * L_i`` over the distillers (plus the student's cross-entropy) and each ``L_i``.
+    def _distiller_losses(self, student, teachers, batch, hard_as_row):
+        """``sum_i w_i * L_i`` over the distillers (plus the student's cross-entropy) and each ``L_i``, as means over
+        the micro-batch (see ``compute_loss``).
 
-        Row terms share one chunked pass per teacher they read (the student's cross-entropy joins the first).
+        Row terms share one chunked pass per teacher they read (the student's cross-entropy joins the first); a
+        teacher trained by some distiller gets two passes, so that only the distillers that train it see its
+        logits with autograd history.
         """
         values: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.args.device)
-        groups: dict[int | None, list[RowTerm]] = {}
+        groups: dict[tuple[int, bool] | None, list[RowTerm]] = {}
         for key, distiller in self._row_distillers:
-            groups.setdefault(distiller.teacher_index, []).append(RowTerm(key, distiller.row_loss, distiller.weight))
+            group = (distiller.teacher_index, trains_teacher(distiller))
+            groups.setdefault(group, []).append(RowTerm(key, distiller.row_loss, distiller.weight))
         if hard_as_row:
             groups.setdefault(next(iter(groups), None), []).insert(
                 0, RowTerm("hard", self._cross_entropy, self.args.hard_label_weight)
             )
-        for index, terms in groups.items():
-            rows = rows_from_views(student, teachers[index] if index is not None else None, inputs)
-            normalizer = num_items if num_items is not None else max(rows.rows.numel(), 1)
+        for group, terms in groups.items():
+            teacher = None
+            if group is not None:
+                teacher = teachers[group[0]] if group[1] else teachers[group[0]].detached()
+            rows = rows_from_views(student, teacher, batch)
             group_total, group_values = row_losses(
-                terms, rows.student, rows.teacher, rows.rows, rows.targets, rows.vocab_size, normalizer,
-                self.args.loss_chunk_size,
+                terms, rows.student, rows.teacher, rows.rows, rows.targets, rows.vocab_size,
+                denominator(batch, "rows", rows.rows.numel()), self.args.loss_chunk_size,
             )
             total = total + group_total
             values.update(group_values)
-        other_total, other_values = weighted_losses(self._other_distillers, student, teachers, inputs)
+        other_total, other_values = weighted_losses(self._other_distillers, student, teachers, batch)
         return total + other_total, {**values, **other_values}
 
-    def _loss_scale(self, num_items_in_batch) -> float:
-        """The factor Trainer.compute_loss puts on a loss normalised over tokens of all processes."""
-        if (
-            self.args.average_tokens_across_devices
-            and (self.model_accepts_loss_kwargs or self.compute_loss_func)
-            and num_items_in_batch is not None
-        ):
-            return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
-        return 1
+    # ---- non-finite losses and the fused head path ----------------------------------------------------------
+    def _check_finite(self, total, components, student, teachers) -> None:
+        """Stop (``nonfinite_loss="raise"``) or mark the step for skipping when the loss is not finite, naming the
+        components and the likely cause. One check of a value that is reduced anyway (Trainer checks it too)."""
+        if bool(torch.isfinite(total.detach())):
+            return
+        bad = [name for name, value in components.items() if not bool(torch.isfinite(value.detach()).all())]
+        message = (
+            f"The distillation loss is not finite at step {self.state.global_step}: component(s) "
+            f"{', '.join(bad) or 'total'}. {_nonfinite_cause(self, bad, student, teachers)}"
+        )
+        if self.args.nonfinite_loss == "raise":
+            raise FloatingPointError(message + " Set nonfinite_loss='skip_step' to skip such steps instead.")
+        if not self._skip_this_step:
+            logger.warning("%s Skipping this optimizer step (nonfinite_loss='skip_step').", message)
+        self._skip_this_step = True
+
+    def _check_fused_path(self, model, batch) -> None:
+        """Once, on the first training batch: keep the fused head path only if every model's logits are exactly its
+        output head applied to the head's input (a ``forward()`` that masks or scales logits afterwards is caught
+        here), else fall back to the plain logits path for the run."""
+        self._fused_checked = True
+        sample = {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+        models = [("student", unwrap(model), model_inputs(sample))] + [
+            (f"teacher {i}" if len(self.teachers) > 1 else "teacher", unwrap(teacher),
+             {k: v for k, v in sample.items() if self._teacher_inputs[i](k)})
+            for i, teacher in enumerate(self.teachers) if self._teachers_run[i]
+        ]
+        for role, bare, kwargs in models:
+            head = output_head(bare)
+            with torch.no_grad(), capture_head_input(head, skip_logits=False) as captured:
+                logits = bare(**kwargs).logits
+            fused = F.linear(captured["input"], head.weight, head.bias)
+            if not torch.allclose(fused.float(), logits.float(), rtol=1e-3, atol=1e-3):
+                self._fused_lm = False
+                logger.warning(
+                    "The %s (%s) returns logits that are not its output head applied to the head's input (its "
+                    "forward() masks, scales or caps them); token-level losses use the plain logits path for this "
+                    "run (fused_lm_loss has no effect).", role, type(bare).__name__,
+                )
+                return
+        logger.info("Token-level losses use the fused head path (logits formed chunk by chunk).")
 
     # ---- forward passes --------------------------------------------------------------------------------------
     def _output_flags(self) -> dict[str, bool]:
@@ -293,7 +368,7 @@ class DistillationTrainer(Trainer):
             flags["output_attentions"] = True
         return flags
 
-    def _student_forward(self, model, inputs, fused, model_loss, num_items_in_batch):
+    def _student_forward(self, model, inputs, fused, model_loss, num_items_in_batch, scale):
         bare = unwrap(model)
         flags = self._output_flags()
         head = output_head(bare) if fused else None
@@ -304,10 +379,13 @@ class DistillationTrainer(Trainer):
                 stack.enter_context(distiller.student_forward_context(bare, training))
             captured = stack.enter_context(capture_head_input(head)) if fused else {}
             features = stack.enter_context(capture_features(bare, self._student_features))
-            if model_loss:  # Trainer's own loss path: label smoothing, compute_loss_func, token averaging
+            if model_loss and self.compute_loss_func is not None:  # normalised over the step by contract
                 hard, outputs = super().compute_loss(
                     model, {**inputs, **flags}, return_outputs=True, num_items_in_batch=num_items_in_batch
                 )
+            elif model_loss:  # the model's own loss (regression, multi-label, ...): a mean over the micro-batch
+                hard, outputs = super().compute_loss(model, {**inputs, **flags}, return_outputs=True)
+                hard = hard * scale
             else:
                 outputs = model(**model_inputs(inputs), **flags)
         view = _view(bare, self._student_task, outputs, captured.get("input"), head)
@@ -340,22 +418,12 @@ class DistillationTrainer(Trainer):
         return view
 
     # ---- logging ---------------------------------------------------------------------------------------------
-    def _record(self, model, components, total, inputs, num_items_in_batch) -> None:
+    def _record(self, model, components, total, inputs) -> None:
         named = {f"loss/{name}": value for name, value in components.items()}
         if model.training and torch.is_grad_enabled():
-            self.ledger.add_train({"loss": total, **named}, 1.0 / self._ga_divisor(num_items_in_batch),
-                                  self.state.global_step)
+            self.ledger.add_train({"loss": total, **named}, self.state.global_step)
         elif not model.training:
-            self.ledger.add_eval(components, _batch_size(inputs))
-
-    def _ga_divisor(self, num_items_in_batch) -> int:
-        """What Trainer.training_step divides the loss by (mirrors its rule)."""
-        scaled = self.loss_is_scaled_for_ga
-        if scaled is None:
-            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
-                self.compute_loss_func is not None
-            )
-        return 1 if scaled else getattr(self, "current_gradient_accumulation_steps", 1)
+            self.ledger.add_eval(components, batch_size(inputs))
 
     def _gather(self, value: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(value.reshape(1))
@@ -364,14 +432,19 @@ class DistillationTrainer(Trainer):
         if "loss" in logs:  # a training log: add the components averaged over the same window as `loss`
             window = self.ledger.pop_window(self.state.global_step, self._gather)
             logs.update({k: v for k, v in window.items() if k != "loss"})
+            if self._skipped_steps:
+                logs["skipped_steps"] = self._skipped_steps
         super().log(logs, start_time)
 
-    def _dispatch_step_losses(self, args, state, control) -> None:
+    def _end_step(self, args, state, control) -> None:
+        """Close the optimizer step in the ledger (a skipped step's values are dropped) and send
+        ``on_distillation_step`` to the callbacks that define it."""
+        step = self.ledger.close_step(keep=not self._skip_this_step)
+        self._skip_this_step = False
         listeners = [cb for cb in self.callback_handler.callbacks if hasattr(cb, "on_distillation_step")]
         if not listeners:
-            self.ledger.step = {}
             return
-        losses = self.ledger.pop_step()
+        losses = {name: value.item() for name, value in step.items()}
         for callback in listeners:
             result = callback.on_distillation_step(
                 args, state, control, losses=losses, model=self.model, teacher_model=self.teacher
@@ -494,18 +567,31 @@ class _StepEvents(TrainerCallback):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        accelerator = self.trainer.accelerator
+        trainer, accelerator = self.trainer, self.trainer.accelerator
         if accelerator.num_processes > 1:
-            for param in self.trainer.online_parameters():
+            for param in trainer.online_parameters():
                 if param.grad is not None:
                     param.grad = accelerator.reduce(param.grad, reduction="mean")
+        if args.nonfinite_loss == "skip_step":
+            skip = torch.tensor(float(trainer._skip_this_step), device=args.device)
+            if accelerator.num_processes > 1:  # every process skips the same steps
+                skip = accelerator.reduce(skip, reduction="sum")
+            trainer._skip_this_step = bool(skip > 0)
+            if trainer._skip_this_step:  # no gradient, no update (optimizers leave parameters without .grad alone)
+                trainer._skipped_steps += 1
+                for group in trainer.optimizer.param_groups:
+                    for param in group["params"]:
+                        param.grad = None
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         for param in self.trainer.online_parameters():
             param.grad = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._dispatch_step_losses(args, state, control)
+        self.trainer._end_step(args, state, control)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer._step_counts = None  # compute_loss outside training normalises each batch on its own
 
 
 def _view(model: nn.Module, task, outputs, head_input, head) -> ModelView:
@@ -519,6 +605,36 @@ def _view(model: nn.Module, task, outputs, head_input, head) -> ModelView:
         head_input=head_input,
         head=head,
     )
+
+
+def _nonfinite_cause(trainer: DistillationTrainer, bad: list[str], student: ModelView, teachers) -> str:
+    """The likely cause of a non-finite loss, read off the knobs and the outputs of the step that produced it."""
+    if not math.isfinite(trainer.args.hard_label_weight):
+        return f"hard_label_weight is {trainer.args.hard_label_weight}."
+    for key, distiller in zip(trainer.distiller_keys, trainer.distillers):
+        for knob in ("weight", *distiller.schedules):
+            value = getattr(distiller, knob, None)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                return f"Distiller {key!r} has {knob}={value}; give it a finite value."
+    for index, view in enumerate(teachers):
+        out = None if view is None else (view.logits if view.logits is not None else view.head_input)
+        if out is None:
+            continue
+        role = "teacher" if len(teachers) == 1 else f"teacher {index}"
+        if bool(torch.isnan(out).any() | torch.isposinf(out).any()):
+            hint = " fp16 overflow? Use teacher_dtype='bfloat16' (or float32)." if out.dtype == torch.float16 else ""
+            return f"The {role}'s outputs are not finite (NaN or +inf in {out.dtype}).{hint}"
+        if bool(torch.isneginf(out).any()):
+            return (
+                f"The {role}'s logits are -inf at some entries (a masked vocabulary), where reverse KL and logit MSE "
+                f"are infinite by definition; use kl, jsd, tvd, skew_kl or skew_reverse_kl there, which take "
+                f"0 * log 0 = 0."
+            )
+    out = student.logits if student.logits is not None else student.head_input
+    if out is not None and not bool(torch.isfinite(out).all()):
+        return ("The student's outputs are not finite: training diverged (lower learning_rate, set max_grad_norm) or "
+                "its dtype overflows.")
+    return "Check the learning rate and this batch's inputs."
 
 
 def _teacher_list(teacher_model) -> list[nn.Module]:
@@ -541,13 +657,6 @@ def _accepted_inputs(model: nn.Module):
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return lambda key: key not in NOT_MODEL_INPUTS
     return lambda key: key in params and key not in NOT_MODEL_INPUTS
-
-
-def _batch_size(inputs: Mapping[str, Any]) -> int:
-    for value in inputs.values():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
-    return 1
 
 
 def _unique_keys(distillers: Sequence[Distiller]) -> list[str]:

@@ -12,6 +12,14 @@ Life cycle inside :class:`~hf_kd.DistillationTrainer`:
 3. ``forward(student, teacher, batch)`` returns a scalar loss, or ``(loss, {sub_term: value})`` to log sub-terms.
    Distillers whose loss is a sum over rows of logits implement ``row_loss`` instead (see
    :class:`~hf_kd.distillers.logit.LogitDistiller`) and are evaluated together in one chunked pass.
+
+   **Normalisation** (:mod:`hf_kd.normalization`): the returned loss is read as a mean over the samples of
+   ``batch``, and the trainer weights each micro-batch by its share of the optimizer step's global batch. A
+   per-sample loss is therefore just ``per_sample.mean()``; a per-token loss uses
+   :func:`~hf_kd.normalization.token_mean` (or :func:`~hf_kd.normalization.batch_mean` for either), which divides
+   by the token count of the global batch. Both are exact under gradient accumulation and several processes. A term
+   defined on the samples of one batch (relations, contrasts) sets ``batch_level = True`` and is weighted by the
+   micro-batch's share. Sub-terms follow the same rule.
 4. ``on_step_end()`` after each optimizer step (memory-bank updates and the like); ``on_save(output_dir)`` each
    time the student is saved.
 
@@ -22,7 +30,9 @@ all of them: ``setup`` receives the list of teachers and ``forward`` the list of
 
 Optional hooks: ``student_features()`` / ``teacher_features()`` name submodules whose outputs are captured with
 forward hooks; ``student_forward_context()`` / ``teacher_forward_context()`` wrap the two forward passes;
-``teacher_parameters()`` declares teacher-side parameters an online method trains.
+``teacher_parameters()`` declares teacher-side parameters an online method trains. Only a distiller that declares
+teacher parameters receives teacher tensors with autograd history; every other one reads a detached view, even when
+another distiller trains the teacher.
 
 The total loss is ``hard_label_weight * student_loss + sum_i weight_i * distiller_i``.
 """
@@ -41,6 +51,22 @@ from ..schedules import Schedule
 
 _REGISTRY: dict[str, type["Distiller"]] = {}
 T = TypeVar("T")
+
+
+# The optional hooks of the contract, and how a distiller that holds others (``composite``) serves each: call it on
+# every child ("each"), take the union of the children's answers ("union"), or nest the children's contexts
+# ("nested"). A hook added to Distiller goes here too; a test checks that the table covers every hook.
+CONTRACT_HOOKS: dict[str, str] = {
+    "setup": "each",
+    "set_progress": "each",
+    "on_step_end": "each",
+    "on_save": "each",
+    "student_features": "union",
+    "teacher_features": "union",
+    "teacher_parameters": "union",
+    "student_forward_context": "nested",
+    "teacher_forward_context": "nested",
+}
 
 
 def register_distiller(name: str):
@@ -108,18 +134,33 @@ def ordered_union(groups: Iterable[Iterable]) -> tuple:
     return tuple(dict.fromkeys(item for group in groups for item in group))
 
 
+def trains_teacher(distiller: "Distiller") -> bool:
+    """Whether ``distiller`` declares teacher-side parameters (and so may read teacher tensors with autograd)."""
+    return next(iter(distiller.teacher_parameters()), None) is not None
+
+
+def teacher_views_for(distiller: "Distiller", teachers: Sequence[ModelView | None]):
+    """The teacher view(s) ``distiller`` reads, detached unless it trains teacher-side parameters."""
+    views = teacher_of(distiller, teachers)
+    if trains_teacher(distiller):
+        return views
+    if isinstance(views, list):
+        return [v.detached() if v is not None else None for v in views]
+    return views.detached() if views is not None else None
+
+
 def weighted_losses(
     named: Iterable[tuple[str, "Distiller"]],
     student: ModelView,
     teachers: Sequence[ModelView | None],
     batch: Mapping[str, Any],
 ) -> tuple[torch.Tensor | float, dict[str, torch.Tensor]]:
-    """Call each distiller with the teacher view(s) it reads (:func:`teacher_of`):
+    """Call each distiller with the teacher view(s) it reads (:func:`teacher_views_for`):
     ``(sum_i weight_i * L_i, {name_i: L_i, name_i/part: ...})``."""
     total: torch.Tensor | float = 0.0
     values: dict[str, torch.Tensor] = {}
     for name, distiller in named:
-        result = distiller(student, teacher_of(distiller, teachers), batch)
+        result = distiller(student, teacher_views_for(distiller, teachers), batch)
         value, parts = result if isinstance(result, tuple) else (result, {})
         total = total + distiller.weight * value
         values[name] = value
@@ -152,6 +193,7 @@ class Distiller(nn.Module):
     requires: ClassVar[Requirements] = Requirements()
     teacher_train_mode: ClassVar[bool] = False  # run the teacher in train mode (dropout, BN) while training
     multi_teacher: ClassVar[bool] = False  # setup/forward receive every teacher (lists) instead of one
+    batch_level: ClassVar[bool] = False  # the loss is defined on the batch as a whole (see hf_kd.normalization)
     teacher_index: int = 0  # which teacher of `teacher_model=[...]` a single-teacher distiller reads
 
     def __init__(self, weight: float | Schedule | Mapping[str, Any] = 1.0) -> None:

@@ -2,7 +2,10 @@
 
 Every function takes ``student`` and ``teacher`` logits of shape ``[n, C]`` (already divided by the temperature,
 fp32) and returns ``[n]``: one value per sample (classifier) or per token (causal LM). ``KL(p || q)`` is
-``sum_c p_c (log p_c - log q_c)``. Reductions and the ``T^2`` factor are applied by the distillers.
+``sum_c p_c (log p_c - log q_c)`` with ``0 log 0 = 0``, so teacher logits at ``-inf`` (a masked vocabulary) are
+handled wherever the divergence is finite (forward KL, JSD, skew KLs, TVD); reverse KL and logit MSE are infinite
+there by definition, and the trainer's non-finite check names them. Reductions and the ``T^2`` factor are applied
+by the distillers.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ import torch.nn.functional as F
 
 
 def kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """``KL(p || q)`` per row from log-probabilities."""
-    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    """``KL(p || q)`` per row from log-probabilities; entries where ``p = 0`` (``log_p = -inf``) contribute 0."""
+    possible = log_p > float("-inf")
+    # Where p = 0 both logs are replaced by 0, so the term is exactly 0 with a zero (not NaN) gradient.
+    log_p, log_q = log_p.masked_fill(~possible, 0.0), log_q.masked_fill(~possible, 0.0)
+    return (log_p.exp() * possible * (log_p - log_q)).sum(-1)
 
 
 def forward_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -79,15 +85,23 @@ def decoupled_kd(
 ) -> torch.Tensor:
     """Decoupled KD (Zhao et al., CVPR 2022): ``alpha * TCKD + beta * NCKD``.
 
-    TCKD is the KL between the binary distributions ``[p_y, 1 - p_y]``; NCKD the KL between the distributions over
-    the non-target classes (the target logit is pushed down by 1000 before the softmax, as mdistiller does).
+    TCKD is the KL between the binary distributions ``[p_y, 1 - p_y]``, NCKD the KL between the distributions over
+    the non-target classes. Every log-probability comes from a logsumexp, never from a clamped probability:
+    ``log p_y = z_y - lse(z)``, ``log(1 - p_y) = lse(z_{c != y}) - lse(z)``, and the non-target distribution is the
+    softmax with the target logit at ``-inf`` (mdistiller subtracts 1000 instead), so the loss and its gradient stay
+    exact for saturated logits.
     """
     target_mask = F.one_hot(targets, student.shape[-1]).bool()
-    p_s, p_t = student.softmax(-1), teacher.softmax(-1)
-    binary_s = torch.stack([p_s[target_mask], 1.0 - p_s[target_mask]], dim=-1).clamp_min(1e-12)
-    binary_t = torch.stack([p_t[target_mask], 1.0 - p_t[target_mask]], dim=-1).clamp_min(1e-12)
-    tckd = kl_from_log_probs(binary_t.log(), binary_s.log())
-    nckd = kl_from_log_probs(
-        (teacher - 1000.0 * target_mask).log_softmax(-1), (student - 1000.0 * target_mask).log_softmax(-1)
-    )
+
+    def binary_and_rest(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rest = logits.masked_fill(target_mask, float("-inf"))
+        lse_all, lse_rest = logits.logsumexp(-1), rest.logsumexp(-1)
+        target = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        binary = torch.stack([target - lse_all, lse_rest - lse_all], dim=-1)  # log [p_y, 1 - p_y]
+        return binary, rest.log_softmax(-1)
+
+    binary_s, rest_s = binary_and_rest(student)
+    binary_t, rest_t = binary_and_rest(teacher)
+    tckd = kl_from_log_probs(binary_t, binary_s)
+    nckd = kl_from_log_probs(rest_t, rest_s)
     return alpha * tckd + beta * nckd

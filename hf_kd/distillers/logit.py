@@ -1,8 +1,9 @@
 """Logit distillers: soft labels for classifiers (``[B, C]``) and token-level causal LMs (``[B, T, V]``).
 
 Each distiller is a per-row divergence (one row = one sample, or one predicted token). For causal LMs the rows are
-the shifted positions whose label is not -100, and the loss is normalised by the number of such tokens (over the
-whole accumulated batch when the trainer passes ``num_items_in_batch``), so gradient accumulation changes nothing.
+the shifted positions whose label is not -100, and the loss is normalised by the number of such tokens of the
+optimizer step's global batch (:mod:`hf_kd.normalization`), so gradient accumulation and the number of processes
+change nothing.
 
 Temperature ``T`` softens both distributions: ``p = softmax(z / T)``, and every temperature-based divergence is
 multiplied by ``T^2`` so its gradient keeps the same scale as ``T`` changes (Hinton et al., 2015).
@@ -16,6 +17,7 @@ from typing import Any, Mapping
 import torch
 
 from ..capture import ModelView, Requirements
+from ..normalization import denominator
 from ..row_loss import RowTerm, row_losses, rows_from_views
 from ..schedules import Schedule
 from . import divergences
@@ -54,7 +56,7 @@ class LogitDistiller(Distiller):
     def forward(
         self, student: ModelView, teacher: ModelView | None, batch: Mapping[str, Any], chunk_size: int | None = None
     ) -> torch.Tensor:
-        """The loss averaged over rows (samples, or valid tokens of a causal LM)."""
+        """The loss averaged over rows (samples, or valid tokens of a causal LM) of the step's global batch."""
         rows = rows_from_views(student, teacher, batch)
         total, _ = row_losses(
             [RowTerm(self.name, self.row_loss, 1.0)],
@@ -63,7 +65,7 @@ class LogitDistiller(Distiller):
             rows.rows,
             rows.targets,
             rows.vocab_size,
-            normalizer=max(rows.rows.numel(), 1),
+            normalizer=denominator(batch, "rows", rows.rows.numel()),
             chunk_size=chunk_size,
         )
         return total

@@ -12,7 +12,8 @@ from ..architecture import Projection, attention_projections
 from ..capture import FeatureSpec, ModelView, Requirements, find_module
 from ..layer_maps import LayerMapSpec
 from .base import register_distiller
-from .representation import Knob, LayerMappedDistiller, module_width, weighted_mean
+from ..normalization import token_mean
+from .representation import Knob, LayerMappedDistiller, module_width
 
 _ROLES = ("query", "key", "value")
 
@@ -24,7 +25,7 @@ class MiniLMRelationDistiller(LayerMappedDistiller):
     For each relation type ``r`` in ``relations`` (query, key, value) the projection outputs of all heads are
     concatenated and re-split into ``num_relation_heads`` relation heads of width ``d_r``;
     ``R = softmax(X X^T / sqrt(d_r))`` per relation head, and the loss is ``sum_r KL(R_t || R_s)`` averaged over
-    relation heads and non-padding query rows (padding keys are masked). Because the heads are re-split, teacher and
+    relation heads and over the non-padding query rows of the global batch (padding keys are masked). Because the heads are re-split, teacher and
     student head counts may differ; ``num_relation_heads`` must divide every compared width (default: the teacher's
     number of attention heads). By default the last layers are paired (``layer_map="last_k"``, ``last_k=1``).
 
@@ -102,8 +103,7 @@ class MiniLMRelationDistiller(LayerMappedDistiller):
                 log_r_s = self.relation(student, self.projections[("student", s)][relation], mask)
                 log_r_t = self.relation(teacher, self.projections[("teacher", t)][relation], mask)
                 kl = (log_r_t.exp() * (log_r_t - log_r_s)).sum(-1)  # [B, heads, T]
-                rows = None if mask is None else mask[:, None, :].to(kl.dtype).expand_as(kl)
-                parts[f"layer_{s}/{relation}"] = weighted_mean(kl, rows)
+                parts[f"layer_{s}/{relation}"] = token_mean(kl.mean(1), batch)
             per_layer[f"layer_{s}"] = sum(parts[f"layer_{s}/{r}"] for r in self.relations)
         device = next(iter(student.features.values())).device
         return self.mean_over_layers(per_layer, device), parts

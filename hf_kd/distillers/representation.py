@@ -4,6 +4,8 @@ Layer maps (:mod:`hf_kd.layer_maps`) pair student and teacher layers of models o
 (:mod:`hf_kd.projectors`) map the student's width to the teacher's and are trained with the student, checkpointed,
 and never exported. Each mapped layer is logged as a sub-term (``loss/<name>/layer_<s>``) and the loss is the mean
 over the active layers, so its scale does not depend on how many layers a progressive schedule has switched on.
+Token-level terms are means over the non-padding tokens of the whole global batch
+(:func:`~hf_kd.normalization.token_mean`), pooled ones (``cls``, ``mean``, ``last``) means over samples.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 
 from ..capture import FeatureSpec, ModelView, Requirements, find_module
 from ..layer_maps import LayerMapSpec, num_layers, resolve_layer_map
+from ..normalization import batch_mean, token_mean
 from ..projectors import ProjectorKind, build_projector
 from ..schedules import Schedule
 from .base import Distiller, register_distiller
@@ -43,32 +46,30 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor, loss: FeatureLoss
     raise ValueError(f"Unknown feature loss {loss!r}; choose mse, cosine, smooth_l1 or pkd.")
 
 
-def select_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor | None, tokens: Tokens):
-    """``(features, weights)``: the positions a token-level loss averages over.
+def token_mask(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, T]`` mask of the non-padding positions of ``hidden`` (all ones without an attention mask)."""
+    if attention_mask is None:
+        return hidden.new_ones(hidden.shape[:2])
+    return attention_mask.to(hidden.device, hidden.dtype)
 
-    ``all``: every non-padding token (``[B, T, D]`` with weights = attention mask); ``cls``: the first token;
-    ``mean``: the mask-weighted mean over tokens; ``last``: the last non-padding token (causal LMs). Pooled choices
-    return ``[B, D]`` with weights of one.
+
+def select_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor | None, tokens: Tokens) -> torch.Tensor:
+    """The positions a token-level loss runs over: ``all`` tokens (``[B, T, D]``; padding is left to
+    :func:`~hf_kd.normalization.token_mean`), or one vector per sample (``[B, D]``): ``cls`` the first token,
+    ``mean`` the mask-weighted mean over tokens, ``last`` the last non-padding token (left or right padding).
     """
-    batch, length = hidden.shape[:2]
-    mask = attention_mask.to(hidden.dtype) if attention_mask is not None else hidden.new_ones(batch, length)
     if tokens == "all":
-        return hidden, mask
+        return hidden
     if tokens == "cls":
-        return hidden[:, 0], None
+        return hidden[:, 0]
+    mask = token_mask(hidden, attention_mask)
     if tokens == "mean":
-        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0), None
+        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
     if tokens == "last":
-        last = (mask.sum(1).long() - 1).clamp_min(0)
-        return hidden[torch.arange(batch, device=hidden.device), last], None
+        positions = torch.arange(hidden.shape[1], device=hidden.device)
+        last = (positions * (mask > 0)).argmax(-1)  # the largest position that is not padding
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     raise ValueError(f"Unknown `tokens` {tokens!r}; choose all, cls, mean or last.")
-
-
-def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """Mean of ``values`` (any shape), or its ``weights``-weighted mean."""
-    if weights is None:
-        return values.mean()
-    return (values * weights).sum() / weights.sum().clamp_min(_EPS)
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -163,9 +164,9 @@ class HiddenStatesDistiller(LayerMappedDistiller):
         mask = batch.get("attention_mask")
         per_layer = {}
         for s, t in self.pairs():
-            hs, weights = select_tokens(self.project(s, student.hidden_states[s]), mask, self.tokens)
-            ht, _ = select_tokens(teacher.hidden_states[t], mask, self.tokens)
-            per_layer[f"layer_{s}"] = weighted_mean(feature_loss(hs, ht.to(hs.dtype), self.loss), weights)
+            hs = select_tokens(self.project(s, student.hidden_states[s]), mask, self.tokens)
+            ht = select_tokens(teacher.hidden_states[t], mask, self.tokens)
+            per_layer[f"layer_{s}"] = batch_mean(feature_loss(hs, ht.to(hs.dtype), self.loss), batch)
         return self.mean_over_layers(per_layer, student.hidden_states[0].device), per_layer
 
 
@@ -218,21 +219,31 @@ class AttentionDistiller(LayerMappedDistiller):
         mask = batch.get("attention_mask")
         per_layer = {}
         for s, t in self.pairs():
-            a_s, a_t = student.attentions[s - 1].float(), teacher.attentions[t - 1].float()
+            a_s, a_t = student.attentions[s - 1], teacher.attentions[t - 1]
             if self.average_heads:
                 a_s, a_t = a_s.mean(1, keepdim=True), a_t.mean(1, keepdim=True)
-            per_layer[f"layer_{s}"] = attention_map_loss(a_s, a_t, mask, self.loss)
+            per_layer[f"layer_{s}"] = token_mean(attention_map_loss(a_s, a_t, mask, self.loss), batch)
         return self.mean_over_layers(per_layer, student.attentions[0].device), per_layer
 
 
 def attention_map_loss(a_s: torch.Tensor, a_t: torch.Tensor, mask: torch.Tensor | None, loss: str) -> torch.Tensor:
-    """KL per query row (averaged over heads and valid rows) or MSE over valid (query, key) pairs; ``[B, H, T, T]``."""
-    rows = None if mask is None else mask[:, None, :, None].to(a_s.dtype)  # valid queries
+    """Per query position ``[B, T]``, averaged over heads, from ``[B, H, T, T]`` maps: ``KL(A_t[i] || A_s[i])`` of
+    each query row, or ``mean_keys (A_s - A_t)^2`` over its non-padding keys.
+
+    Rows are renormalised in fp32 first, so maps returned in bf16/fp16 (rows summing to 1 +- 1e-3) still give a
+    KL >= 0.
+    """
+    a_s, a_t = _rows_in_fp32(a_s), _rows_in_fp32(a_t)
     if loss == "kl":
-        kl = (a_t * (a_t.clamp_min(_EPS).log() - a_s.clamp_min(_EPS).log())).sum(-1, keepdim=True)
-        return weighted_mean(kl, None if rows is None else rows.expand_as(kl))
-    pairs = None if mask is None else (rows * mask[:, None, None, :].to(a_s.dtype)).expand_as(a_s)
-    return weighted_mean((a_s - a_t).pow(2), pairs)
+        return (a_t * (a_t.clamp_min(_EPS).log() - a_s.clamp_min(_EPS).log())).sum(-1).clamp_min(0.0).mean(1)
+    keys = a_s.new_ones(a_s.shape[-1]) if mask is None else mask[:, None, None, :].to(a_s.dtype)
+    squared = ((a_s - a_t).pow(2) * keys).sum(-1) / keys.sum(-1).clamp_min(1.0)
+    return squared.mean(1)
+
+
+def _rows_in_fp32(attention: torch.Tensor) -> torch.Tensor:
+    attention = attention.float()
+    return attention / attention.sum(-1, keepdim=True).clamp_min(_EPS)
 
 
 @register_distiller("feature")
@@ -287,16 +298,17 @@ class FeatureDistiller(Distiller):
 
     def forward(self, student: ModelView, teacher: ModelView, batch: Mapping[str, Any]):
         f_s, f_t = student.features[self.student_spec], teacher.features[self.teacher_spec]
-        if f_s.dim() == 4:
+        spatial = f_s.dim() == 4
+        if spatial:
             f_s, f_t = _match_spatial(self.projector(f_s), f_t)
-            return feature_loss(f_s.flatten(2).transpose(1, 2), f_t.flatten(2).transpose(1, 2).to(f_s.dtype),
-                                self.loss).mean()
-        f_s = self.projector(f_s)
-        weights = batch.get("attention_mask") if f_s.dim() == 3 else None
-        if weights is not None and weights.shape != f_s.shape[:2]:
-            weights = None  # e.g. ViT patch tokens: no padding
-        return weighted_mean(feature_loss(f_s, f_t.to(f_s.dtype), self.loss),
-                             None if weights is None else weights.to(f_s.dtype))
+            f_s, f_t = f_s.flatten(2).transpose(1, 2), f_t.flatten(2).transpose(1, 2)
+        else:
+            f_s = self.projector(f_s)
+        values = feature_loss(f_s, f_t.to(f_s.dtype), self.loss)  # [B] or [B, positions]
+        mask = batch.get("attention_mask")
+        if values.dim() == 2 and (spatial or mask is None or mask.shape != values.shape):
+            values = values.mean(-1)  # positions without padding (spatial maps, patch tokens): a mean per sample
+        return batch_mean(values, batch)
 
 
 def module_width(module: nn.Module, what: str) -> int | None:

@@ -25,6 +25,7 @@ from transformers import Cache
 from ..architecture import layers_path
 from ..capture import ModelView, Requirements
 from ..layer_maps import LayerMapSpec
+from ..normalization import batch_mean, token_mean
 from ..projectors import ProjectorKind
 from .base import register_distiller
 from .representation import (
@@ -35,7 +36,7 @@ from .representation import (
     feature_loss,
     hidden_size,
     select_tokens,
-    weighted_mean,
+    token_mask,
 )
 
 Query = Literal["cls", "mean", "last"]
@@ -125,12 +126,12 @@ class InstanceFeatureDistiller(HiddenStatesDistiller):
 
     def position_weights(self, attention: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` weights from a ``[B, H, T, T]`` attention map and a ``[B, T]`` mask; each row sums to one."""
-        row, _ = select_tokens(attention.float().mean(1), mask, self.query)
+        row = select_tokens(attention.float().mean(1), mask, self.query)
         sharpened = row.clamp_min(1e-12).pow(1.0 / self.temperature) * mask
         return sharpened / sharpened.sum(-1, keepdim=True).clamp_min(1e-12)
 
     def forward(self, student: ModelView, teacher: ModelView, batch: Mapping[str, Any]):
-        mask = select_tokens(teacher.hidden_states[0], batch.get("attention_mask"), "all")[1].float()
+        mask = token_mask(teacher.hidden_states[0], batch.get("attention_mask")).float()
         source = {t: len(teacher.attentions) if self.attention_layer == "last" else t for _, t in self.pairs()}
         weights_of = {a: self.position_weights(teacher.attentions[a - 1], mask) for a in set(source.values())}
         per_layer = {}
@@ -140,7 +141,8 @@ class InstanceFeatureDistiller(HiddenStatesDistiller):
             ht = teacher.hidden_states[t].to(hs.dtype)
             if self.layer_norm:
                 hs, ht = F.layer_norm(hs, hs.shape[-1:]), F.layer_norm(ht, ht.shape[-1:])
-            per_layer[f"layer_{s}"] = weighted_mean(feature_loss(hs, ht, self.loss), weights.to(hs.dtype))
+            per_sample = (feature_loss(hs, ht, self.loss) * weights.to(hs.dtype)).sum(-1)  # weights sum to 1
+            per_layer[f"layer_{s}"] = batch_mean(per_sample, batch)
         return self.mean_over_layers(per_layer, student.hidden_states[0].device), per_layer
 
 
@@ -217,7 +219,7 @@ class FeatureMixingDistiller(HiddenStatesDistiller):
         return decoder(mixed)
 
     def forward(self, student: ModelView, teacher: ModelView, batch: Mapping[str, Any]):
-        mask = select_tokens(teacher.hidden_states[0], batch.get("attention_mask"), "all")[1]
+        mask = token_mask(teacher.hidden_states[0], batch.get("attention_mask"))
         generator = self.random.generator(self.global_step if student.model.training else None)
         per_layer = {}
         for s, t in self.pairs():
@@ -225,7 +227,7 @@ class FeatureMixingDistiller(HiddenStatesDistiller):
             ht = teacher.hidden_states[t].to(hs.dtype)
             mixed = torch.where(self.replace_mask(mask, generator).unsqueeze(-1), ht, hs)
             reconstruction = feature_loss(self.decode(s, mixed, mask), ht, "mse")
-            per_layer[f"layer_{s}"] = weighted_mean(reconstruction, mask.to(hs.dtype))
+            per_layer[f"layer_{s}"] = token_mean(reconstruction, batch)
         return self.mean_over_layers(per_layer, student.hidden_states[0].device), per_layer
 
 
