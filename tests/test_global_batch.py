@@ -1,0 +1,123 @@
+"""The normalisation rule over the whole registry: one optimizer step on a fixed batch of 8 (uneven padding) gives the
+same logged losses and the same update of everything that learns, whether it runs as 1 x 8, 2 x 4 or 8 x 1
+(gradient accumulation). A distiller added to hf_kd later must get a case in CASES, or the first test fails."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, ViTConfig, ViTForImageClassification
+
+from conftest import bert, image_data, llama, lm_data, text_classification_data
+from hf_kd import DistillationArguments, DistillationTrainer, list_distillers
+from hf_kd.distillers.base import _REGISTRY
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BUILTIN = sorted(name for name in list_distillers() if _REGISTRY[name].__module__.startswith("hf_kd."))
+EAGER = {"attn_implementation": "eager"}
+
+
+@dataclass
+class Case:
+    family: str  # text (BERT classifiers), lm (Llama causal LMs, padded), deit (DeiT student, ViT teacher)
+    options: dict = field(default_factory=dict)
+    hard_label_weight: float = 1.0
+    teacher: dict = field(default_factory=dict)  # overrides of the teacher's factory arguments
+    args: dict = field(default_factory=dict)  # extra DistillationArguments
+
+
+CASES: dict[str, Case] = {
+    **{name: Case("lm", {"temperature": 2.0}) for name in ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl",
+                                                             "tvd", "dkd")},
+    "mse": Case("lm"),
+    "okd": Case("lm", {"temperature": 2.0}),
+    "hidden_states": Case("text", {"loss": "mse", "projector": "linear"}),
+    "attention": Case("text", {"loss": "kl"}),
+    "feature": Case("text", {"student_module": "bert.encoder.layer.1.output",
+                             "teacher_module": "bert.encoder.layer.2.output"}),
+    "minilm_relation": Case("text"),
+    "tinybert": Case("text", {"temperature": 2.0}),
+    "composite": Case("text", {"components": {"kl": {"name": "kl"}, "hidden": {"name": "hidden_states"},
+                                              "attention": {"name": "attention", "loss": "mse"}}}),
+    "instance_feature": Case("text", {"query": "last"}),
+    "feature_mixing": Case("text", {"ratio": 0.0}),  # random masks are drawn per micro-batch: exact with none
+    "block_swap": Case("text", {"swap_prob": 1.0}, teacher={"hidden": 32}),  # every block swapped: no draw
+    "atsc": Case("text"),
+    "sokd": Case("text"),
+    "bdkd": Case("text", {"online_teacher": True}),
+    "dualde": Case("text", {"stage2_step": 0}, hard_label_weight=0.0),
+    "mutual": Case("text", {"seed": 0}),
+    "p2p": Case("text", {"seed": 0}),
+    "deit": Case("deit", {"distillation_type": "soft", "temperature": 2.0}, hard_label_weight=0.0,
+                 args={"label_names": ["labels"]}),  # its forward takes no labels: keep the column
+}
+
+
+def models_and_data(case: Case):
+    if case.family == "text":
+        teacher = {"layers": 4, "hidden": 48, "seed": 2, **EAGER, **case.teacher}
+        return bert(seed=1, **EAGER), bert(**teacher), text_classification_data(n=8)
+    if case.family == "lm":
+        return llama(seed=1), llama(layers=3, hidden=48, seed=2, **case.teacher), lm_data(n=8)
+    torch.manual_seed(1)
+    student = DeiTForImageClassificationWithTeacher(DeiTConfig(
+        image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, num_labels=4))
+    torch.manual_seed(2)
+    teacher = ViTForImageClassification(ViTConfig(
+        image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, num_labels=4))
+    return student, teacher, image_data(n=8)
+
+
+def one_step(name: str, micro_batch: int, output_dir: str):
+    case = CASES[name]
+    student, teacher, data = models_and_data(case)
+    args = DistillationArguments(
+        output_dir=output_dir, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0,
+        max_steps=1, logging_steps=1, per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=8 // micro_batch, optim="sgd", learning_rate=0.5, max_grad_norm=0.0,
+        lr_scheduler_type="constant", hard_label_weight=case.hard_label_weight, **case.args,
+    )
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
+                                  distillers=[{"name": name, **case.options}])
+    learners = {"student": dict(student.named_parameters()),
+                "distillers": dict(trainer.distillers.named_parameters()),
+                "teacher": trainer._trained_teacher_state()}
+    before = {group: {n: p.detach().clone() for n, p in params.items()} for group, params in learners.items()}
+    trainer.train()
+    after = {"student": dict(student.named_parameters()), "distillers": dict(trainer.distillers.named_parameters()),
+             "teacher": trainer._trained_teacher_state()}
+    updates = {group: {n: after[group][n].detach() - value for n, value in params.items()}
+               for group, params in before.items()}
+    logs = {k: v for k, v in trainer.state.log_history[0].items() if k == "loss" or k.startswith("loss/")}
+    return logs, updates
+
+
+def test_every_builtin_distiller_has_a_case():
+    assert sorted(CASES) == BUILTIN, "add a Case for each new distiller to CASES"
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_one_step_is_the_same_for_every_split_of_the_global_batch(name, tmp_path):
+    if _REGISTRY[name].batch_level:
+        pytest.skip("batch-level terms are weighted by micro-batch share; see their own tests")
+    reference_logs, reference = one_step(name, 8, str(tmp_path / "a"))
+    assert all(torch.isfinite(torch.tensor(v)) for v in reference_logs.values()), reference_logs
+    moved = [n for n, u in reference["student"].items() if u.abs().max() > 0]
+    assert moved, "the step must update the student"
+    for micro_batch in (4, 1):
+        logs, updates = one_step(name, micro_batch, str(tmp_path / f"b{micro_batch}"))
+        assert logs.keys() == reference_logs.keys()
+        for key, value in reference_logs.items():
+            assert logs[key] == pytest.approx(value, rel=1e-5, abs=1e-6), f"{key} differs for {8 // micro_batch} x {micro_batch}"
+        for group, params in reference.items():
+            for param_name, update in params.items():
+                difference = (updates[group][param_name] - update).norm()
+                assert difference <= 1e-5 * update.norm() + 1e-8, (
+                    f"{group} {param_name}: update differs by {difference / update.norm().clamp_min(1e-12):.2e} "
+                    f"for {8 // micro_batch} x {micro_batch}"
+                )
