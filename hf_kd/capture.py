@@ -114,15 +114,18 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def task_of(model: nn.Module) -> Task:
-    """Classify a transformers model by its head: causal LM, classifier, or anything else."""
-    name = type(unwrap(model)).__name__
-    if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        return "causal_lm"
+    """Classify a transformers model by its head: causal LM, classifier, or anything else. The class and its bases
+    are looked up in transformers' auto mappings, so subclasses of e.g. ``LlamaForCausalLM`` count too."""
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     classifiers = _class_names(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) | _class_names(
         MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
     )
-    if name in classifiers or name.endswith(("ForSequenceClassification", "ForImageClassification")):
-        return "classification"
+    for klass in type(unwrap(model)).__mro__:
+        name = klass.__name__
+        if name in causal:
+            return "causal_lm"
+        if name in classifiers or name.endswith(("ForSequenceClassification", "ForImageClassification")):
+            return "classification"
     return "other"
 
 

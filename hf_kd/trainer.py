@@ -325,7 +325,7 @@ class DistillationTrainer(Trainer):
         bad = [name for name, value in components.items() if not bool(torch.isfinite(value.detach()).all())]
         message = (
             f"The distillation loss is not finite at step {self.state.global_step}: component(s) "
-            f"{', '.join(bad) or 'total'}. {_nonfinite_cause(self, bad, student, teachers)}"
+            f"{', '.join(bad) or 'none alone, their weighted sum'}. {_nonfinite_cause(self, bad, student, teachers)}"
         )
         if self.args.nonfinite_loss == "raise":
             raise FloatingPointError(message + " Set nonfinite_loss='skip_step' to skip such steps instead.")
@@ -349,7 +349,7 @@ class DistillationTrainer(Trainer):
             with torch.no_grad(), capture_head_input(head, skip_logits=False) as captured:
                 logits = bare(**kwargs).logits
             fused = F.linear(captured["input"], head.weight, head.bias)
-            if not torch.allclose(fused.float(), logits.float(), rtol=1e-3, atol=1e-3):
+            if not torch.allclose(fused.float(), logits.float(), rtol=1e-3, atol=1e-3, equal_nan=True):
                 self._fused_lm = False
                 logger.warning(
                     "The %s (%s) returns logits that are not its output head applied to the head's input (its "
@@ -612,7 +612,7 @@ def _nonfinite_cause(trainer: DistillationTrainer, bad: list[str], student: Mode
     if not math.isfinite(trainer.args.hard_label_weight):
         return f"hard_label_weight is {trainer.args.hard_label_weight}."
     for key, distiller in zip(trainer.distiller_keys, trainer.distillers):
-        for knob in ("weight", *distiller.schedules):
+        for knob in distiller.knobs:
             value = getattr(distiller, knob, None)
             if isinstance(value, (int, float)) and not math.isfinite(value):
                 return f"Distiller {key!r} has {knob}={value}; give it a finite value."
@@ -630,6 +630,9 @@ def _nonfinite_cause(trainer: DistillationTrainer, bad: list[str], student: Mode
                 f"are infinite by definition; use kl, jsd, tvd, skew_kl or skew_reverse_kl there, which take "
                 f"0 * log 0 = 0."
             )
+        if next(view.model.parameters()).dtype == torch.float16:
+            return (f"The {role} runs in float16, whose logits overflow above 65504: fp16 overflow? Use "
+                    f"teacher_dtype='bfloat16' (or float32).")
     out = student.logits if student.logits is not None else student.head_input
     if out is not None and not bool(torch.isfinite(out).all()):
         return ("The student's outputs are not finite: training diverged (lower learning_rate, set max_grad_norm) or "

@@ -199,6 +199,7 @@ class Distiller(nn.Module):
     def __init__(self, weight: float | Schedule | Mapping[str, Any] = 1.0) -> None:
         super().__init__()
         self.schedules: dict[str, Schedule] = {}
+        self.knobs: list[str] = []  # every attribute registered with schedulable()
         self.global_step = 0
         self.weight = self.schedulable("weight", weight)
 
@@ -215,6 +216,7 @@ class Distiller(nn.Module):
         Every value the knob can take must be ``>= 0`` (``> 0`` with ``positive``) and at most ``maximum``, checked
         here, before training.
         """
+        self.knobs.append(attr)
         if isinstance(value, Mapping):
             value = Schedule.from_dict(value)
         if isinstance(value, Schedule):

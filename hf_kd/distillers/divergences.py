@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 def kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """``KL(p || q)`` per row from log-probabilities; entries where ``p = 0`` (``log_p = -inf``) contribute 0."""
-    possible = log_p > float("-inf")
+    possible = log_p != float("-inf")  # NaN stays NaN (and is caught by the trainer)
     # Where p = 0 both logs are replaced by 0, so the term is exactly 0 with a zero (not NaN) gradient.
     log_p, log_q = log_p.masked_fill(~possible, 0.0), log_q.masked_fill(~possible, 0.0)
     return (log_p.exp() * possible * (log_p - log_q)).sum(-1)
