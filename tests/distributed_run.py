@@ -1,0 +1,70 @@
+"""Run by tests/test_distributed.py, under ``torchrun --nproc_per_node 2`` (gloo, CPU) and in-process as the
+1-process reference: 4 optimizer steps of a global batch of 8 for each CONFIG, with default TrainingArguments
+(``average_tokens_across_devices=True``), SGD, and a checkpoint at the end. ``main(path)`` runs every config as
+2 processes x 4 and as 2 processes x 2 x accumulation 2, and process 0 saves what each run logged and learned."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from conftest import bert, llama, lm_data, text_classification_data  # noqa: E402
+from hf_kd import DistillationArguments, DistillationTrainer  # noqa: E402
+
+STEPS, GLOBAL_BATCH = 4, 8
+
+CONFIGS = {
+    "kl_classifier": dict(family="text", distillers=[{"name": "kl", "temperature": 2.0}]),
+    "kl_padded_lm": dict(family="lm", distillers=[{"name": "kl", "temperature": 2.0}]),
+    "hidden_states_projector": dict(family="text", distillers=[{"name": "hidden_states", "projector": "linear"}]),
+    "atsc_online_teacher": dict(family="text", distillers=[{"name": "atsc"}]),
+}
+
+
+def run(config: str, per_device: int, accumulation: int, output_dir: str) -> dict:
+    spec = CONFIGS[config]
+    if spec["family"] == "text":
+        student, teacher, data = bert(seed=1), bert(layers=3, hidden=48, seed=2), text_classification_data(n=32)
+    else:
+        student, teacher, data = llama(seed=1), llama(layers=3, hidden=48, seed=2), lm_data(n=32)
+    args = DistillationArguments(
+        output_dir=output_dir, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None,
+        max_steps=STEPS, logging_steps=1, save_strategy="steps", save_steps=STEPS,
+        per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
+        optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0,
+    )
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
+                                  distillers=spec["distillers"])
+    trainer.train()
+    checkpoint = os.path.join(output_dir, f"checkpoint-{STEPS}")
+    saved = {name: torch.load(os.path.join(checkpoint, name), weights_only=True)
+             for name in ("distillers.pt", "teacher_trained.pt") if os.path.isfile(os.path.join(checkpoint, name))}
+    return {
+        "logs": [{k: v for k, v in log.items() if k == "loss" or k.startswith("loss/")}
+                 for log in trainer.state.log_history if "loss" in log],
+        "student": {n: p.detach().clone() for n, p in student.named_parameters()},
+        "distillers": {n: p.detach().clone() for n, p in trainer.distillers.named_parameters()},
+        "teacher": {n: p.clone() for n, p in trainer._trained_teacher_state().items()},
+        "checkpoint": saved,
+        "processes": trainer.accelerator.num_processes,
+    }
+
+
+def main(path: str) -> None:
+    torch.set_num_threads(1)
+    results = {}
+    for config in CONFIGS:
+        for per_device, accumulation in ((4, 1), (2, 2)):
+            out = os.path.join(os.path.dirname(path), f"{config}_{per_device}x{accumulation}")
+            results[(config, per_device, accumulation)] = run(config, per_device, accumulation, out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save(results, path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,63 @@
+"""Two real processes (torchrun, gloo, CPU) give what one process gives on the same global batches: the logged losses,
+the final student, the projector and the teacher-side weights, for logit KD on a classifier and on a padded causal
+LM, hidden states through a projector, and ATSC's online teacher. Default TrainingArguments
+(``average_tokens_across_devices=True``); 2 processes x 4 and 2 processes x 2 x accumulation 2 vs 1 process x 8."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import distributed_run
+
+HERE = os.path.dirname(__file__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddp")
+    path = str(folder / "results.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), os.path.join(HERE, "distributed_run.py"), path]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return torch.load(path, weights_only=False)
+
+
+@pytest.mark.parametrize("config", list(distributed_run.CONFIGS))
+def test_two_processes_match_one_process(config, two_process_results, tmp_path, one_thread):
+    reference = distributed_run.run(config, per_device=8, accumulation=1, output_dir=str(tmp_path))
+    assert reference["processes"] == 1
+    for per_device, accumulation in ((4, 1), (2, 2)):
+        result = two_process_results[(config, per_device, accumulation)]
+        where = f"{config}, 2 processes x {per_device} x accumulation {accumulation}"
+        assert result["processes"] == 2
+        assert len(result["logs"]) == len(reference["logs"]) == distributed_run.STEPS, where  # one log per step
+        for got, want in zip(result["logs"], reference["logs"]):
+            assert got.keys() == want.keys(), where
+            for key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), f"{where}: {key}"
+        for group in ("student", "distillers", "teacher"):
+            assert result[group].keys() == reference[group].keys()
+            for name, value in reference[group].items():
+                torch.testing.assert_close(result[group][name], value, rtol=1e-5, atol=1e-6, msg=f"{where}: {name}")
+        assert result["checkpoint"].keys() == reference["checkpoint"].keys()
+        for file, state in reference["checkpoint"].items():
+            for name, value in state.items():
+                torch.testing.assert_close(result["checkpoint"][file][name], value, rtol=1e-5, atol=1e-6)
+    if config == "hidden_states_projector":
+        assert reference["distillers"], "the projector must be trained"
+    if config == "atsc_online_teacher":
+        assert reference["teacher"] and "teacher_trained.pt" in reference["checkpoint"]
