@@ -18,7 +18,10 @@ import torch.nn.functional as F
 
 def kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """``KL(p || q)`` per row from log-probabilities; entries where ``p = 0`` (``log_p = -inf``) contribute 0."""
-    possible = log_p != float("-inf")  # NaN stays NaN (and is caught by the trainer)
+    kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    if not bool(torch.isnan(kl).any()):  # a check over rows only: the full-size masked form below is 3x slower
+        return kl
+    possible = log_p != float("-inf")  # NaN inputs stay NaN (the trainer's non-finite check names them)
     # Where p = 0 both logs are replaced by 0, so the term is exactly 0 with a zero (not NaN) gradient.
     log_p, log_q = log_p.masked_fill(~possible, 0.0), log_q.masked_fill(~possible, 0.0)
     return (log_p.exp() * possible * (log_p - log_q)).sum(-1)

@@ -175,9 +175,9 @@ class AttentionDistiller(LayerMappedDistiller):
     """Match attention distributions layer by layer.
 
     ``loss="kl"``: ``mean_{heads, query rows} KL(A_t[i, :] || A_s[i, :])`` (Aguilar et al., 2020; MiniLM, Wang et al.,
-    2020). ``loss="mse"``: ``mean (A_s - A_t)^2`` over heads and valid (query, key) pairs, TinyBERT-style but on
-    the attention *probabilities* models return — transformers does not expose the pre-softmax scores TinyBERT used.
-    Padded queries and keys are ignored.
+    2020). ``loss="mse"``: ``mean_{heads, query rows} mean_{keys} (A_s - A_t)^2``, TinyBERT-style but on the
+    attention *probabilities* models return — transformers does not expose the pre-softmax scores TinyBERT used.
+    Padded queries and keys are ignored; query rows are averaged over the non-padding tokens of the global batch.
 
     Attention maps come only from ``attn_implementation="eager"``; the trainer raises before training, naming the
     setting, when a model uses sdpa/flash attention (switching the user's model silently would change its saved
