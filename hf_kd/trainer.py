@@ -325,7 +325,7 @@ class DistillationTrainer(Trainer):
         bad = [name for name, value in components.items() if not bool(torch.isfinite(value.detach()).all())]
         message = (
             f"The distillation loss is not finite at step {self.state.global_step}: component(s) "
-            f"{', '.join(bad) or 'none alone, their weighted sum'}. {_nonfinite_cause(self, bad, student, teachers)}"
+            f"{', '.join(bad) or 'none alone, their weighted sum'}. {_nonfinite_cause(self, student, teachers)}"
         )
         if self.args.nonfinite_loss == "raise":
             raise FloatingPointError(message + " Set nonfinite_loss='skip_step' to skip such steps instead.")
@@ -607,7 +607,7 @@ def _view(model: nn.Module, task, outputs, head_input, head) -> ModelView:
     )
 
 
-def _nonfinite_cause(trainer: DistillationTrainer, bad: list[str], student: ModelView, teachers) -> str:
+def _nonfinite_cause(trainer: DistillationTrainer, student: ModelView, teachers) -> str:
     """The likely cause of a non-finite loss, read off the knobs and the outputs of the step that produced it."""
     if not math.isfinite(trainer.args.hard_label_weight):
         return f"hard_label_weight is {trainer.args.hard_label_weight}."
