@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -47,6 +46,14 @@ from .distillers.base import (
     trains_teacher,
     weighted_losses,
 )
+from .checkpoints import (
+    DISTILLER_STATE_NAME,
+    TEACHER_STATE_NAME,
+    check_resumable,
+    describe,
+    last_complete_checkpoint,
+    save_distillation_state,
+)
 from .ledger import LossLedger
 from .normalization import StepBatch, StepCounts, batch_size, denominator, share, step_counts
 from .progressive import ProgressiveLayerCallback
@@ -55,8 +62,6 @@ from .teachers import prepare_teacher, shared_logit_width
 
 logger = logging.getLogger(__name__)
 
-DISTILLER_STATE_NAME = "distillers.pt"
-TEACHER_STATE_NAME = "teacher_trained.pt"
 
 
 class DistillationTrainer(Trainer):
@@ -102,7 +107,16 @@ class DistillationTrainer(Trainer):
         self.distiller_keys = _unique_keys(self.distillers)
         self.requirements = _union(d.requires for d in self.distillers)
         teachers = _teacher_list(teacher_model)
+        if model is not None and any(t is model for t in teachers):
+            raise ValueError(
+                "The student (`model`) and a teacher (`teacher_model`) are the same object. The teacher is frozen in "
+                "place, so the student would not train. Pass a separate teacher: load it again with from_pretrained, "
+                "or copy.deepcopy(student) before distilling."
+            )
         self._check_teacher_indices(len(teachers))
+        if args.hard_label_weight == 0 and all(d.weight == 0 and "weight" not in d.schedules for d in self.distillers):
+            logger.warning("hard_label_weight is 0 and every distiller's weight is 0: the loss is 0 and the student "
+                           "gets no gradient. Give hard_label_weight or some distiller a positive weight.")
         callbacks = [*(kwargs.pop("callbacks", None) or []), ScheduleCallback(self.distillers), _StepEvents(self)]
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
 
@@ -149,6 +163,7 @@ class DistillationTrainer(Trainer):
         self._teacher_inputs = [_accepted_inputs(t) for t in bare_teachers]
         self.ledger = LossLedger()
         self._step_counts: StepCounts | None = None
+        self._checkpoint_folder: str | None = None
         self._fused_checked = False
         self._skip_this_step = False
         self._skipped_steps = 0
@@ -511,29 +526,58 @@ class DistillationTrainer(Trainer):
             state.update({prefix + n: p.detach() for n, p in unwrap(teacher).named_parameters() if id(p) in trained})
         return state
 
+    def _needed_state_files(self) -> list[str]:
+        """The distillation state files a checkpoint of this run must hold to be resumed."""
+        needed = [DISTILLER_STATE_NAME] if self.distillers.state_dict() else []
+        return needed + ([TEACHER_STATE_NAME] if self._teacher_trained else [])
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if resume_from_checkpoint is True:  # Trainer would take the newest folder, even one whose save was cut off
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir, self._needed_state_files())
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint found in output_dir ({self.args.output_dir}).")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
         super()._save(output_dir, state_dict)
+        if not self.args.should_save:  # Trainer may call _save on every process; files come from the main one
+            return
+        if output_dir == self._checkpoint_folder:  # before trainer_state.json and the rotation of old checkpoints
+            states = {DISTILLER_STATE_NAME: self.distillers.state_dict(),
+                      TEACHER_STATE_NAME: self._trained_teacher_state() if self._teacher_trained else {}}
+            manifest = {"distillers": describe(self.distiller_keys, self.distillers)}
+            save_distillation_state(output_dir, manifest, states)
         for distiller in self.distillers:
-            distiller.on_save(output_dir if output_dir is not None else self.args.output_dir)
+            distiller.on_save(output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
-        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        for name, state in ((DISTILLER_STATE_NAME, self.distillers.state_dict()),
-                            (TEACHER_STATE_NAME, self._trained_teacher_state() if self._teacher_trained else {})):
-            if state:
-                torch.save(state, os.path.join(folder, name))
+        self._checkpoint_folder = os.path.join(self._get_output_dir(trial),
+                                               f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_folder = None
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
-        # Runs on every resume, whatever the backend, so online state is restored next to the optimizer's.
+        # Runs on every resume, whatever the backend, so online state is restored next to the optimizer's. It is
+        # checked and loaded first, so that other distillers or options are named before torch's optimizer errors.
+        if checkpoint:
+            check_resumable(checkpoint, self._needed_state_files(), describe(self.distiller_keys, self.distillers))
+            self._load_distillation_state(checkpoint)
         super()._load_optimizer_and_scheduler(checkpoint)
-        if not checkpoint:
-            return
+
+    def _load_distillation_state(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, DISTILLER_STATE_NAME)
         if os.path.isfile(path):
-            self.distillers.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
+            saved = torch.load(path, map_location=self.args.device, weights_only=True)
+            try:
+                self.distillers.load_state_dict(saved)
+            except RuntimeError as error:
+                raise ValueError(
+                    f"{path} does not fit the distillers' current options (their state changed shape or names): "
+                    f"{error}. Resume with the options the checkpoint was trained with."
+                ) from None
         path = os.path.join(checkpoint, TEACHER_STATE_NAME)
         if os.path.isfile(path) and self._teacher_trained:
             saved = torch.load(path, map_location=self.args.device, weights_only=True)
@@ -608,14 +652,8 @@ def _view(model: nn.Module, task, outputs, head_input, head) -> ModelView:
 
 
 def _nonfinite_cause(trainer: DistillationTrainer, student: ModelView, teachers) -> str:
-    """The likely cause of a non-finite loss, read off the knobs and the outputs of the step that produced it."""
-    if not math.isfinite(trainer.args.hard_label_weight):
-        return f"hard_label_weight is {trainer.args.hard_label_weight}."
-    for key, distiller in zip(trainer.distiller_keys, trainer.distillers):
-        for knob in distiller.knobs:
-            value = getattr(distiller, knob, None)
-            if isinstance(value, (int, float)) and not math.isfinite(value):
-                return f"Distiller {key!r} has {knob}={value}; give it a finite value."
+    """The likely cause of a non-finite loss (knobs are finite: they are checked when given), read off the outputs of
+    the step that produced it."""
     for index, view in enumerate(teachers):
         out = None if view is None else (view.logits if view.logits is not None else view.head_input)
         if out is None:
