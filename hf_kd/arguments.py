@@ -9,6 +9,7 @@ Every knob is a dataclass field, so ``HfArgumentParser``, YAML/JSON configs and 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +105,12 @@ class DistillationArguments(TrainingArguments):
         if isinstance(self.distillers, dict):
             self.distillers = [self.distillers]
         self.distillers = list(self.distillers or [])
+        for name in ("hard_label_weight", "teacher_learning_rate"):
+            value = getattr(self, name)
+            if value is None and name == "teacher_learning_rate":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r} ({type(value).__name__}).")
         if self.hard_label_weight < 0:
             raise ValueError(f"`hard_label_weight` must be >= 0, got {self.hard_label_weight}.")
         if self.teacher_learning_rate is not None and self.teacher_learning_rate < 0:

@@ -56,7 +56,10 @@ class ProgressiveLayers:
     final_distillers: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.layer_distillers, self.final_distillers = list(self.layer_distillers), list(self.final_distillers)
+        # One name alone is a list of one (list("kl") would be ["k", "l"]).
+        self.layer_distillers, self.final_distillers = (
+            [names] if isinstance(names, str) else list(names) for names in (self.layer_distillers, self.final_distillers)
+        )
         if not self.layer_distillers:
             raise ValueError("progressive layers: `layer_distillers` is empty; name the distillers to schedule.")
         if self.mode not in ("progressive", "stacked"):

@@ -56,6 +56,11 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> "Schedule":
+        if "schedule" not in spec:  # without it the dataclass default would silently make a constant
+            raise ValueError(
+                f"A schedule dict needs its kind, `schedule`: one of {', '.join(_KINDS)} (e.g. {{'schedule': "
+                f"'linear', 'start': 0.0, 'end': 1.0}}); got {dict(spec)!r}."
+            )
         return from_dict(cls, spec, "schedule")
 
     def to_dict(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ Run it with::
     hf-kd run recipes/causal_lm.yaml max_steps=2            # the same run from the YAML config, a smoke test
     python recipes/causal_lm.py --student_init truncate --student_layers 6
     python recipes/causal_lm.py --teacher HuggingFaceTB/SmolLM2-360M --dataset wikitext --task wikitext-2-raw-v1
-    accelerate launch recipes/causal_lm.py --max_steps 500  # several processes / GPUs
+    accelerate launch recipes/causal_lm.py --max_steps 500  # several GPUs (CPUs: torchrun --nproc_per_node 2 ... --use_cpu --ddp_backend gloo)
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from typing import Any, ClassVar, ContextManager, Iterable, Mapping, Sequence, TypeVar
 
 import torch
@@ -199,7 +200,6 @@ class Distiller(nn.Module):
     def __init__(self, weight: float | Schedule | Mapping[str, Any] = 1.0) -> None:
         super().__init__()
         self.schedules: dict[str, Schedule] = {}
-        self.knobs: list[str] = []  # every attribute registered with schedulable()
         self.global_step = 0
         self.weight = self.schedulable("weight", weight)
 
@@ -216,24 +216,32 @@ class Distiller(nn.Module):
         Every value the knob can take must be ``>= 0`` (``> 0`` with ``positive``) and at most ``maximum``, checked
         here, before training.
         """
-        self.knobs.append(attr)
+        label = f"Distiller {self.name or type(self).__name__!r}"
         if isinstance(value, Mapping):
-            value = Schedule.from_dict(value)
+            try:
+                value = Schedule.from_dict(value)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{label}: `{attr}` schedule {dict(value)!r} is invalid: {error}") from None
         if isinstance(value, Schedule):
             self.schedules[attr] = value
             candidates = value.values()
-            initial = value(0)
         else:
-            candidates = [float(value)]
-            initial = float(value)
+            candidates = [value]
+        for v in candidates:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(
+                    f"{label}: `{attr}` must be a number or a schedule dict such as {{'schedule': 'linear', "
+                    f"'start': 0.0, 'end': 1.0}}; got {v!r} ({type(v).__name__})."
+                )
+        candidates = [float(v) for v in candidates]
+        initial = value(0) if isinstance(value, Schedule) else candidates[0]
         lower = "> 0" if positive else ">= 0"
         bounds = f"{lower} and <= {maximum}" if maximum is not None else lower
         for v in candidates:
+            if not math.isfinite(v):
+                raise ValueError(f"{label}: `{attr}` must be a finite number, got {v}.")
             if v < 0 or (positive and v == 0) or (maximum is not None and v > maximum):
-                raise ValueError(
-                    f"Distiller {self.name or type(self).__name__!r}: `{attr}` must be {bounds}, got {v}. "
-                    f"Set `{attr}` within those bounds."
-                )
+                raise ValueError(f"{label}: `{attr}` must be {bounds}, got {v}. Set `{attr}` within those bounds.")
         return initial
 
     def set_progress(self, step: int, max_steps: int | None) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from accelerate import PartialState
 from torch import nn
 from transformers import Trainer
 
@@ -44,24 +44,34 @@ def phase_arguments(
 def cached_model(cache_dir: str | Path, key: str, build: Callable[[Path], None]) -> Path:
     """The folder ``cache_dir/key``, built once by ``build(folder)`` (which must save a model with ``config.json``).
 
-    The build writes to a temporary folder that is renamed when complete, so an interrupted build leaves no
-    half-written cache.
+    The build writes to a staging folder that is renamed when complete, so an interrupted build leaves no
+    half-written cache. With several processes (torchrun / accelerate launch) every process runs ``build`` (the
+    training inside it is collective; the main process saves) and the main process alone checks and renames.
     """
     path = Path(cache_dir).expanduser() / key
     if (path / "config.json").is_file():
         print(f"reusing cached {key} at {path}")
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    state = PartialState()
+    staging = path.parent / f".{path.name}.building"
+    if state.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted build
+        staging.mkdir()
+    state.wait_for_everyone()
     try:
         build(staging)
-        if not (staging / "config.json").is_file():
-            raise RuntimeError(f"Building the cached model {key!r} wrote no config.json; `build` must save a model "
-                               "into the folder it is given (e.g. model.save_pretrained(folder)).")
-        shutil.rmtree(path, ignore_errors=True)  # a leftover without config.json
-        staging.rename(path)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            if not (staging / "config.json").is_file():
+                raise RuntimeError(f"Building the cached model {key!r} wrote no config.json; `build` must save a "
+                                   "model into the folder it is given (e.g. model.save_pretrained(folder)).")
+            shutil.rmtree(path, ignore_errors=True)  # a leftover without config.json
+            staging.rename(path)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if state.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+    state.wait_for_everyone()
     print(f"cached {key} at {path}")
     return path
 
