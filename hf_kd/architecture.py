@@ -87,3 +87,14 @@ def truncated_copy(model: PreTrainedModel, layers: Sequence[int]) -> PreTrainedM
             state[f"{path}.{renumber[int(match.group(1))]}.{key[match.end():]}"] = value
     copy_.load_state_dict(state)
     return copy_
+
+
+def patch_grid(model: nn.Module) -> int | None:
+    """Patch tokens per image of a vision transformer (``(image_size / patch_size)^2``), ``None`` for other models."""
+    config = getattr(model, "config", None)
+    image, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
+    if image is None or patch is None:
+        return None
+    image = image if isinstance(image, (tuple, list)) else (image, image)
+    patch = patch if isinstance(patch, (tuple, list)) else (patch, patch)
+    return (image[0] // patch[0]) * (image[1] // patch[1])

@@ -12,6 +12,7 @@ model up to the input of its output head (``get_output_embeddings()``), and the 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field, fields, replace
 from typing import Iterable, Iterator, Literal, Mapping
 
@@ -95,9 +96,20 @@ class ModelView:
         )
 
 
-def model_inputs(batch) -> dict:
-    """The batch without labels and the trainer's token count: what a model's forward receives."""
-    return {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
+def model_inputs(batch, model: nn.Module | None = None) -> dict:
+    """What a model's forward receives of ``batch``: everything but labels and the trainer's token count, and with
+    ``model`` only the inputs its ``forward`` accepts (a DistilBERT student beside a BERT teacher gets no
+    ``token_type_ids``)."""
+    accepts = accepted_inputs(model) if model is not None else (lambda key: key not in NOT_MODEL_INPUTS)
+    return {key: value for key, value in batch.items() if accepts(key)}
+
+
+def accepted_inputs(model: nn.Module):
+    """A predicate on batch keys: those ``model.forward`` takes (all but labels when it takes ``**kwargs``)."""
+    params = inspect.signature(unwrap(model).forward).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return lambda key: key not in NOT_MODEL_INPUTS
+    return lambda key: key in params and key not in NOT_MODEL_INPUTS
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -144,6 +156,18 @@ def output_head(model: nn.Module) -> nn.Linear | None:
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     return head if isinstance(head, nn.Linear) else None
+
+
+def learned_positions(model: nn.Module) -> int | None:
+    """``max_position_embeddings`` when the model has a learned position table of that size (BERT, GPT-2, ...),
+    whose lookup fails past it; ``None`` for rotary / relative positions (Llama) or no positions at all."""
+    limit = getattr(getattr(unwrap(model), "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    found = any(isinstance(m, nn.Embedding) and m.num_embeddings == limit and ("position" in name or
+                                                                           name.endswith("wpe"))
+                for name, m in unwrap(model).named_modules())
+    return limit if found else None
 
 
 def logits_width(model: nn.Module) -> int | None:

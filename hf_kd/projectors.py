@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import nn
 
 ProjectorKind = Literal["auto", "linear", "mlp", "none"]
@@ -32,3 +33,10 @@ def build_projector(in_features: int, out_features: int, kind: ProjectorKind = "
     if kind == "linear":
         return nn.Linear(in_features, out_features)
     return nn.Sequential(nn.Linear(in_features, out_features), nn.GELU(), nn.Linear(out_features, out_features))
+
+
+def project(projector: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """``projector(features)`` in the projector's own dtype: an fp32 projector on a bf16 / fp16 student computes in
+    fp32 (gradients flow back through the cast), instead of failing in ``F.linear`` on mixed dtypes."""
+    param = next(projector.parameters(), None)
+    return projector(features if param is None else features.to(param.dtype))

@@ -28,12 +28,12 @@ from transformers.utils import ModelOutput
 from .arguments import DistillationArguments
 from .callbacks import ScheduleCallback
 from .capture import (
-    NOT_MODEL_INPUTS,
     ModelView,
     Requirements,
     capture_features,
+    accepted_inputs,
     capture_head_input,
-    model_inputs,
+    learned_positions,
     output_head,
     task_of,
     unwrap,
@@ -126,6 +126,7 @@ class DistillationTrainer(Trainer):
         bare_teachers = [unwrap(t) for t in self.teachers]
         readers = [self._readers(index) for index in range(len(teachers))]
         self._check_outputs_available(student, bare_teachers)
+        self._check_same_inputs(student, bare_teachers)
         for teacher, reading in zip(bare_teachers, readers):
             if any(d.requires.logits for d in reading):
                 shared_logit_width(student, teacher, self.processing_class)
@@ -160,7 +161,12 @@ class DistillationTrainer(Trainer):
             and not self._teacher_trained
             and not any(d.requires.logits for _, d in self._other_distillers)
         )
-        self._teacher_inputs = [_accepted_inputs(t) for t in bare_teachers]
+        self._student_inputs = accepted_inputs(student)
+        self._position_limits = [(role, limit) for role, model in
+                                 [("student", student)] + [(f"teacher {i}" if len(bare_teachers) > 1 else "teacher", t)
+                                                           for i, t in enumerate(bare_teachers)]
+                                 if (limit := learned_positions(model)) is not None]
+        self._teacher_inputs = [accepted_inputs(t) for t in bare_teachers]
         self.ledger = LossLedger()
         self._step_counts: StepCounts | None = None
         self._checkpoint_folder: str | None = None
@@ -205,7 +211,33 @@ class DistillationTrainer(Trainer):
                     f"from_pretrained(..., attn_implementation='eager')."
                 )
 
+    def _check_same_inputs(self, student: nn.Module, teachers: list[nn.Module]) -> None:
+        """Student and teachers must read the same kind of input (token ids, pixels, ...)."""
+        wanted = getattr(student, "main_input_name", None)
+        for index, teacher in enumerate(teachers):
+            theirs = getattr(teacher, "main_input_name", None)
+            if wanted and theirs and theirs != wanted:
+                role = "the teacher" if len(teachers) == 1 else f"teacher {index}"
+                raise ValueError(
+                    f"The student ({type(student).__name__}) reads `{wanted}` but {role} ({type(teacher).__name__}) "
+                    f"reads `{theirs}`: distillation needs both on the same inputs. Use a teacher of the student's "
+                    f"modality."
+                )
+
+    def _check_lengths(self, inputs: Mapping[str, Any]) -> None:
+        ids = inputs.get("input_ids")
+        if not isinstance(ids, torch.Tensor) or ids.dim() < 2:
+            return
+        for role, limit in self._position_limits:
+            if ids.shape[-1] > limit:
+                raise ValueError(
+                    f"A batch of {ids.shape[-1]} tokens is longer than the {role}'s max_position_embeddings={limit} "
+                    f"(learned positions). Truncate the inputs, e.g. tokenizer(..., truncation=True, "
+                    f"max_length={limit})."
+                )
+
     def _check_batch(self, inputs: Mapping[str, Any]) -> None:
+        self._check_lengths(inputs)
         if "labels" in inputs:
             return
         if self.args.hard_label_weight > 0 and not self._evaluating_teacher:
@@ -222,6 +254,14 @@ class DistillationTrainer(Trainer):
     # compute_loss normalises over the optimizer step's global batch itself (hf_kd.normalization), so Trainer must
     # not divide by the accumulation steps, whatever the model's loss kwargs.
     loss_is_scaled_for_ga = True
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep the dataset columns any teacher takes too (``remove_unused_columns`` would otherwise drop e.g. a BERT
+        teacher's ``token_type_ids`` because a DistilBERT student does not take them); each model then gets only
+        what its ``forward`` accepts."""
+        super()._set_signature_columns_if_needed()
+        teacher_columns = [name for t in self.teachers for name in inspect.signature(unwrap(t).forward).parameters]
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *teacher_columns]))
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Trainer's prefetch of one optimizer step's micro-batches, plus their :class:`StepCounts` (summed over
@@ -354,7 +394,7 @@ class DistillationTrainer(Trainer):
         here), else fall back to the plain logits path for the run."""
         self._fused_checked = True
         sample = {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
-        models = [("student", unwrap(model), model_inputs(sample))] + [
+        models = [("student", unwrap(model), {k: v for k, v in sample.items() if self._student_inputs(k)})] + [
             (f"teacher {i}" if len(self.teachers) > 1 else "teacher", unwrap(teacher),
              {k: v for k, v in sample.items() if self._teacher_inputs[i](k)})
             for i, teacher in enumerate(self.teachers) if self._teachers_run[i]
@@ -394,15 +434,18 @@ class DistillationTrainer(Trainer):
                 stack.enter_context(distiller.student_forward_context(bare, training))
             captured = stack.enter_context(capture_head_input(head)) if fused else {}
             features = stack.enter_context(capture_features(bare, self._student_features))
+            student_inputs = {k: v for k, v in inputs.items() if self._student_inputs(k)}
             if model_loss and self.compute_loss_func is not None:  # normalised over the step by contract
                 hard, outputs = super().compute_loss(
-                    model, {**inputs, **flags}, return_outputs=True, num_items_in_batch=num_items_in_batch
+                    model, {**student_inputs, "labels": inputs["labels"], **flags}, return_outputs=True,
+                    num_items_in_batch=num_items_in_batch,
                 )
             elif model_loss:  # the model's own loss (regression, multi-label, ...): a mean over the micro-batch
-                hard, outputs = super().compute_loss(model, {**inputs, **flags}, return_outputs=True)
+                hard, outputs = super().compute_loss(model, {**student_inputs, "labels": inputs["labels"], **flags},
+                                                     return_outputs=True)
                 hard = hard * scale
             else:
-                outputs = model(**model_inputs(inputs), **flags)
+                outputs = model(**student_inputs, **flags)
         view = _view(bare, self._student_task, outputs, captured.get("input"), head)
         view.loss, view.features = hard, features
         return view, outputs
@@ -691,13 +734,6 @@ def _teacher_list(teacher_model) -> list[nn.Module]:
 
 def _autograd_safe(tensors):
     return None if tensors is None else tuple(t.clone() for t in tensors)
-
-
-def _accepted_inputs(model: nn.Module):
-    params = inspect.signature(model.forward).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return lambda key: key not in NOT_MODEL_INPUTS
-    return lambda key: key in params and key not in NOT_MODEL_INPUTS
 
 
 def _unique_keys(distillers: Sequence[Distiller]) -> list[str]:

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import bert, llama, lm_data
+from conftest import bert, llama, lm_data, text_classification_data
 from hf_kd import DistillationArguments, DistillationTrainer, build_distiller
 from hf_kd.progressive import ProgressiveLayers
 
@@ -86,3 +86,94 @@ def test_batch_whose_labels_are_all_masked_contributes_and_logs_zero(tmp_path):
     assert not any(math.isnan(v) for v in log.values() if isinstance(v, float))
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
+
+
+# ---- caught before training instead of deep inside --------------------------------------------------------------
+def vit_pair(student_patch: int, teacher_patch: int):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    def make(patch, seed):
+        torch.manual_seed(seed)
+        return ViTForImageClassification(ViTConfig(image_size=8, patch_size=patch, num_channels=1, hidden_size=16,
+                                                   num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                                   num_labels=4))
+    return make(student_patch, 0), make(teacher_patch, 1)
+
+
+def test_student_and_teacher_of_different_modalities_are_refused(tmp_path):
+    student, _ = vit_pair(2, 2)
+    with pytest.raises(ValueError, match=r"reads `pixel_values` but the teacher \(BertForSequenceClassification\) "
+                                         r"reads `input_ids`"):
+        DistillationTrainer(model=student, teacher_model=bert(num_labels=4), args=args_for(tmp_path),
+                            distillers=[{"name": "kl"}])
+
+
+def test_hidden_states_between_different_patch_grids_is_refused_at_setup(tmp_path):
+    student, teacher = vit_pair(2, 4)
+    with pytest.raises(ValueError, match=r"student has 16 patch tokens per image and the teacher 4.*tokens='cls'"):
+        DistillationTrainer(model=student, teacher_model=teacher, args=args_for(tmp_path),
+                            distillers=[{"name": "hidden_states"}])
+    DistillationTrainer(model=student, teacher_model=teacher, args=args_for(tmp_path),  # pooled tokens pair fine
+                        distillers=[{"name": "hidden_states", "tokens": "cls"}])
+
+
+def test_batch_longer_than_the_teachers_positions_is_refused_on_the_first_batch(tmp_path):
+    from transformers import BertForSequenceClassification
+
+    config = bert().config
+    config.max_position_embeddings = 8
+    trainer = DistillationTrainer(model=bert(), teacher_model=BertForSequenceClassification(config),
+                                  args=args_for(tmp_path), train_dataset=text_classification_data(n=4, length=12),
+                                  distillers=[{"name": "kl"}])
+    with pytest.raises(ValueError, match=r"12 tokens is longer than the teacher's max_position_embeddings=8.*"
+                                         r"max_length=8"):
+        trainer.train()
+
+
+def test_bf16_student_trains_through_an_fp32_projector(tmp_path):
+    student = bert(seed=1).to(torch.bfloat16)
+    trainer = DistillationTrainer(model=student, teacher_model=bert(seed=2, hidden=48), args=args_for(tmp_path),
+                                  train_dataset=text_classification_data(n=4),
+                                  distillers=[{"name": "hidden_states", "projector": "linear"}])
+    before = trainer.distillers[0].projectors["shared"].weight.detach().clone()
+    trainer.train()
+    assert trainer.distillers[0].projectors["shared"].weight.dtype == torch.float32
+    assert not torch.equal(trainer.distillers[0].projectors["shared"].weight, before)
+    assert math.isfinite(trainer.state.log_history[0]["loss/hidden_states"])
+
+
+def test_subclass_of_a_transformers_model_keeps_its_task():
+    from transformers import LlamaForCausalLM
+
+    from hf_kd.capture import task_of
+
+    class MyLlama(LlamaForCausalLM):
+        pass
+
+    assert task_of(MyLlama(llama().config)) == "causal_lm"
+
+
+def test_atsc_on_causal_lms_names_head_module(tmp_path):
+    with pytest.raises(ValueError, match=r"atsc needs a classifier head.*task 'causal_lm'.*`head_module`"):
+        DistillationTrainer(model=llama(), teacher_model=llama(seed=1), args=args_for(tmp_path),
+                            distillers=[{"name": "atsc"}])
+
+
+# ---- silently wrong inputs ----------------------------------------------------------------------------------------
+def test_teacher_only_columns_reach_the_teacher_and_not_the_student(tmp_path):
+    from datasets import Dataset
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    student = DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=97, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_position_embeddings=64, num_labels=3))
+    teacher = bert()
+    rows = text_classification_data(n=4).to_dict()
+    rows["token_type_ids"] = [[0] * 6 + [1] * 6 for _ in range(4)]  # sentence pairs
+    seen = []
+    teacher.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("token_type_ids")),
+                                      with_kwargs=True)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args_for(tmp_path),
+                                  train_dataset=Dataset.from_dict(rows), distillers=[{"name": "kl"}])
+    trainer.train()  # the student's forward would fail on token_type_ids
+    assert seen and seen[0] is not None and seen[0][:, 6:].eq(1).all()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import inject_adapters, lora_delta_norm
-from ..capture import FeatureSpec, ModelView, Requirements, find_module
+from ..capture import FeatureSpec, ModelView, Requirements, find_module, task_of
 from ..projectors import build_projector
 from ..schedules import Schedule
 from .base import Distiller, register_distiller
@@ -164,7 +164,14 @@ class ATSCDistiller(Distiller):
 
     # ---- setup --------------------------------------------------------------------------------------------------
     def _head(self, model: nn.Module, role: str) -> nn.Linear:
-        head = find_module(model, self.head_module)
+        try:
+            head = find_module(model, self.head_module)
+        except ValueError as error:
+            raise ValueError(
+                f"atsc needs a classifier head: the student predicts through the teachers' classifiers. {error} "
+                f"({role}: {type(model).__name__}, task {task_of(model)!r}). Use classifiers (e.g. "
+                f"AutoModelForSequenceClassification), or set `head_module` to the name of their linear classifier."
+            ) from None
         if not isinstance(head, nn.Linear):
             raise ValueError(
                 f"atsc: the {role}'s `{self.head_module}` is {type(head).__name__}, not nn.Linear. ATSC shares a "

@@ -103,11 +103,10 @@ class MutualLearningDistiller(Distiller):
         return folders
 
     def peer_logits(self, batch: Mapping[str, Any], training: bool) -> list[torch.Tensor]:
-        inputs = model_inputs(batch)
         logits = []
         for peer in self.peers:
             peer.train(training)
-            view = ModelView(model=peer, task="classification", logits=peer(**inputs).logits)
+            view = ModelView(model=peer, task="classification", logits=peer(**model_inputs(batch, peer)).logits)
             logits.append(_class_logits(view, "peer", self.name))
         return logits
 

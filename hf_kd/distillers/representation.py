@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..architecture import patch_grid
 from ..capture import FeatureSpec, ModelView, Requirements, find_module
 from ..layer_maps import LayerMapSpec, num_layers, resolve_layer_map
 from ..normalization import batch_mean, token_mean
-from ..projectors import ProjectorKind, build_projector
+from ..projectors import ProjectorKind, build_projector, project
 from ..schedules import Schedule
 from .base import Distiller, register_distiller
 
@@ -153,12 +154,19 @@ class HiddenStatesDistiller(LayerMappedDistiller):
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
         super().setup(student, teacher)
+        grids = patch_grid(student), patch_grid(teacher)
+        if self.tokens == "all" and None not in grids and grids[0] != grids[1]:
+            raise ValueError(
+                f"{self.name}: the student has {grids[0]} patch tokens per image and the teacher {grids[1]}, so "
+                f"tokens='all' cannot pair them. Use pooled tokens (tokens='cls' or 'mean'), or the same image_size "
+                f"/ patch_size in both models."
+            )
         widths = (hidden_size(student), hidden_size(teacher))
         keys = [str(s) for s in self.layer_map] if self.projector_per_layer else ["shared"]
         self.projectors = nn.ModuleDict({key: build_projector(*widths, self.projector_kind) for key in keys})
 
     def project(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        return self.projectors[str(layer) if self.projector_per_layer else "shared"](hidden)
+        return project(self.projectors[str(layer) if self.projector_per_layer else "shared"], hidden)
 
     def forward(self, student: ModelView, teacher: ModelView, batch: Mapping[str, Any]):
         mask = batch.get("attention_mask")
@@ -300,10 +308,10 @@ class FeatureDistiller(Distiller):
         f_s, f_t = student.features[self.student_spec], teacher.features[self.teacher_spec]
         spatial = f_s.dim() == 4
         if spatial:
-            f_s, f_t = _match_spatial(self.projector(f_s), f_t)
+            f_s, f_t = _match_spatial(project(self.projector, f_s), f_t)
             f_s, f_t = f_s.flatten(2).transpose(1, 2), f_t.flatten(2).transpose(1, 2)
         else:
-            f_s = self.projector(f_s)
+            f_s = project(self.projector, f_s)
         values = feature_loss(f_s, f_t.to(f_s.dtype), self.loss)  # [B] or [B, positions]
         mask = batch.get("attention_mask")
         if values.dim() == 2 and (spatial or mask is None or mask.shape != values.shape):
