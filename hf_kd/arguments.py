@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
+from .distillers.base import build_distiller
 from .progressive import ProgressiveLayers
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -111,6 +112,12 @@ class DistillationArguments(TrainingArguments):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"`{name}` must be a finite number, got {value!r} ({type(value).__name__}).")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        for spec in self.distillers:  # unknown names, options and bad values are reported now, before any work
+            build_distiller(spec)
         if self.hard_label_weight < 0:
             raise ValueError(f"`hard_label_weight` must be >= 0, got {self.hard_label_weight}.")
         if self.teacher_learning_rate is not None and self.teacher_learning_rate < 0:

@@ -304,3 +304,36 @@ def test_write_model_card(tmp_path):
     assert "AutoModelForImageClassification.from_pretrained" in text
     assert "| student (KD) | 9,674 |" in text and '[{"name": "kl", "temperature": 2.0}]' in text
     assert "hf-kd run recipes/vit_digits.yaml" in text
+
+
+# ---- every setting checked when the config is parsed, before any work ------------------------------------------
+@pytest.mark.parametrize("override, fragment", [
+    ("max_steps=abc", r"Setting `max_steps` must be int, got 'abc' \(str\)"),
+    ("learning_rate=fast", r"Setting `learning_rate` must be float, got 'fast' \(str\)"),
+    ("hidden_size=two", r"Setting `hidden_size` must be int, got 'two' \(str\)"),
+    ("per_device_train_batch_size=0", r"`per_device_train_batch_size` must be an integer >= 1, got 0"),
+    ("distillers=[{name: kll}]", r"Unknown distiller 'kll'"),
+    ("distillers=[{name: kl, temperature: two}]", r"Distiller 'kl': `temperature` must be a number"),
+    ("dataset=./my_data.csv", r"`dataset`='./my_data.csv' looks like a local path, and it does not exist"),
+    ("teacher=~/no/such/teacher", r"`teacher`='~/no/such/teacher' looks like a local path"),
+])
+def test_cli_show_refuses_bad_values_naming_the_setting(toy, override, fragment, capsys):
+    recipe, config_path = toy
+    with pytest.raises((ValueError, FileNotFoundError), match=fragment):
+        recipe.parse_dict(load_config(config_path, [override]))
+    with pytest.raises(SystemExit):
+        cli_main(["show", str(config_path), override])
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_numbers_given_as_strings_are_converted(toy):
+    recipe, config_path = toy
+    args, training_args = recipe.parse_dict(load_config(config_path, ["max_steps='7'", "learning_rate='2e-3'"]))
+    assert training_args.max_steps == 7 and training_args.learning_rate == 2e-3
+
+
+def test_yaml_syntax_error_is_one_line_with_file_line_and_column(toy, tmp_path):
+    _, config_path = toy
+    config_path.write_text("max_steps: 3\ndistillers: [{name: kl\n")
+    with pytest.raises(ValueError, match=rf"{config_path}:3:1: YAML syntax error"):
+        load_config(config_path)

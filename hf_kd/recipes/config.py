@@ -15,6 +15,8 @@ import enum
 import importlib.util
 import re
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -38,8 +40,14 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+def _load_yaml(text: str, source: str) -> Any:
+    """``text`` parsed as YAML; a syntax error is one line: ``source:line:column: problem``."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        raise ValueError(f"{where}: YAML syntax error: {error.problem or error.context}.") from None
 
 
 @dataclass
@@ -89,6 +97,25 @@ class RecipeArguments:
         default="~/.cache/hf_kd",
         metadata={"help": "Where fine-tuned teachers and converted models are cached (outside the repository)."},
     )
+
+    def __post_init__(self) -> None:
+        for name in ("teacher", "student", "dataset"):
+            value = getattr(self, name)
+            if isinstance(value, str) and _looks_like_path(value) and not Path(value).expanduser().exists():
+                raise FileNotFoundError(
+                    f"`{name}`={value!r} looks like a local path, and it does not exist (from {Path.cwd()}). Give an "
+                    f"existing file or folder, or a Hub id such as `glue` / `org/name`."
+                )
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"`eval_fraction` must lie in (0, 1), got {self.eval_fraction}.")
+
+
+_PATH_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt", ".arrow", ".safetensors", ".bin", ".gguf")
+
+
+def _looks_like_path(value: str) -> bool:
+    """A value that can only be a local path (not a Hub id): explicit prefixes, or a data/model file suffix."""
+    return value.startswith(("./", "../", "/", "~")) or value.lower().endswith(_PATH_SUFFIXES)
 
 
 def _field_names(cls: type) -> list[str]:
@@ -174,8 +201,10 @@ class Recipe:
                 f"(`python recipes/{self.name}.py --help` lists them all)."
             )
         merged = {**self.training_defaults, **config}
-        args = self.arguments(**{k: v for k, v in merged.items() if k in recipe_keys})
-        training_args = DistillationArguments(**{k: v for k, v in merged.items() if k in training_keys})
+        args = self.arguments(**coerce(self.arguments, {k: v for k, v in merged.items() if k in recipe_keys}))
+        training_args = DistillationArguments(
+            **coerce(DistillationArguments, {k: v for k, v in merged.items() if k in training_keys})
+        )
         return args, training_args
 
     def to_dict(self, args: Any, training_args: DistillationArguments) -> dict[str, Any]:
@@ -197,6 +226,36 @@ class Recipe:
         return self.run(*self.parse_argv(argv))
 
 
+def coerce(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` converted to the types of ``cls``'s fields (``"5"`` -> 5 for an int field), or an error naming the
+    field, the value and the type it needs. Fields of other types (lists, dicts, enums) are left to ``cls``."""
+    hints = typing.get_type_hints(cls)
+    return {name: _coerce_field(name, hints.get(name), value) for name, value in values.items()}
+
+
+def _coerce_field(name: str, hint: Any, value: Any) -> Any:
+    allowed = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
+    if value is None and type(None) in allowed:
+        return None
+    scalars = [t for t in (bool, int, float, str) if t in allowed]
+    if len(scalars) != len(allowed - {type(None)}) or not scalars:
+        return value  # lists, dicts, enums: the dataclass checks them
+    if type(value) in scalars:
+        return value
+    for kind in scalars:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if kind in (int, float) and isinstance(value, str):
+            try:
+                return kind(value)
+            except ValueError:
+                continue
+    expected = " or ".join(t.__name__ for t in scalars) + (" or null" if type(None) in allowed else "")
+    raise ValueError(f"Setting `{name}` must be {expected}, got {value!r} ({type(value).__name__}).")
+
+
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``["key=value", ...]`` as a dict; each value is read as YAML (``5`` an int, ``'[{name: kl}]'`` a list)."""
     overrides = {}
@@ -213,7 +272,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
                 f"Override {item!r}: nested keys are not supported; set the whole top-level value, e.g. "
                 "`distillers='[{name: kl, temperature: 2}]'`."
             )
-        overrides[key] = _load_yaml(value)
+        overrides[key] = _load_yaml(value, f"override {item!r}")
     return overrides
 
 
@@ -221,7 +280,7 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Config file {str(path)!r} does not exist; pass the path of a recipe's YAML config.")
-    config = _load_yaml(path.read_text()) or {}
+    config = _load_yaml(path.read_text(), str(path)) or {}
     if not isinstance(config, dict):
         raise ValueError(f"Config file {str(path)!r} must hold a mapping of `key: value` settings at the top level.")
     return config
