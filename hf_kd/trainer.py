@@ -62,6 +62,8 @@ from .teachers import prepare_teacher, shared_logit_width
 
 logger = logging.getLogger(__name__)
 
+OBJECTIVE = "distillation_loss"  # the optimised objective in evaluation: metric `<prefix>_distillation_loss`
+
 
 
 class DistillationTrainer(Trainer):
@@ -295,7 +297,8 @@ class DistillationTrainer(Trainer):
             self._check_fused_path(model, batch)
         fused = self._fused_lm and training
         hard_weight = self.args.hard_label_weight
-        want_hard = hard_weight > 0 and "labels" in inputs
+        # In evaluation the student's own loss is computed whatever its weight: it is the reported eval_loss.
+        want_hard = "labels" in inputs and (hard_weight > 0 or not model.training)
         hard_as_row = want_hard and self._hard_loss_is_cross_entropy(inputs)
 
         student, outputs = self._student_forward(
@@ -317,9 +320,12 @@ class DistillationTrainer(Trainer):
         if training:
             self._check_finite(total, components, student, teachers)
         self._record(model, components, total, inputs)
+        # Training optimises the total; evaluation reports what a plain Trainer would, the student's own loss (so
+        # exp(eval_loss) is its perplexity and best-checkpoint selection compares students), the total beside it.
+        loss = components["hard"] if not model.training and "hard" in components else total
         if return_outputs:
-            return total, DistillationOutput(loss=total.detach(), logits=outputs.logits)
-        return total
+            return loss, DistillationOutput(loss=loss.detach(), logits=outputs.logits)
+        return loss
 
     def _hard_loss_is_cross_entropy(self, inputs) -> bool:
         """Whether the student's own loss is plain (label-smoothed) cross-entropy on its logits.
@@ -481,7 +487,7 @@ class DistillationTrainer(Trainer):
         if model.training and torch.is_grad_enabled():
             self.ledger.add_train({"loss": total, **named}, self.state.global_step)
         elif not model.training:
-            self.ledger.add_eval(components, batch_size(inputs))
+            self.ledger.add_eval({**components, OBJECTIVE: total}, batch_size(inputs))
 
     def _gather(self, value: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(value.reshape(1))
@@ -515,7 +521,8 @@ class DistillationTrainer(Trainer):
                         metric_key_prefix: str = "eval"):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         for name, value in self.ledger.pop_eval(self._gather).items():
-            output.metrics[f"{metric_key_prefix}_loss/{name}"] = value
+            key = f"{metric_key_prefix}_{name}" if name == OBJECTIVE else f"{metric_key_prefix}_loss/{name}"
+            output.metrics[key] = value
         return output
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:

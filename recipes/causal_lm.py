@@ -226,10 +226,11 @@ def perplexity(model: PreTrainedModel, args: DistillationArguments, blocks: Data
 
 
 def with_perplexity(history: list[dict]) -> list[dict]:
-    """``history`` with ``eval_perplexity`` on its eval entries: exp of the cross-entropy part of the eval loss."""
+    """``history`` with ``eval_perplexity`` on its eval entries: exp of ``eval_loss``, the student's own cross-entropy
+    (also under distillation; the objective is ``eval_distillation_loss``)."""
     entries = []
     for entry in history:
-        loss = entry.get("eval_loss/hard", entry.get("eval_loss"))
+        loss = entry.get("eval_loss")
         entries.append({**entry, "eval_perplexity": math.exp(loss)} if loss is not None else entry)
     return entries
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification
 from conftest import bert, text_classification_data, vit, image_data
 from hf_kd import DistillationArguments, DistillationTrainer
 from hf_kd.distillers.atsc import ATSCDistiller
-from hf_kd.trainer import DISTILLER_STATE_NAME, TEACHER_STATE_NAME
+from hf_kd.trainer import DISTILLER_STATE_NAME, OBJECTIVE, TEACHER_STATE_NAME
 
 
 def build(output_dir, distiller=None, student=None, teacher=None, data=None, **overrides):
@@ -78,7 +78,8 @@ def test_training_logits_are_the_shared_path_and_the_hard_loss_is_ce_on_them(tmp
     assert components["hard"] == pytest.approx(hard.item(), rel=1e-5)
     # total = hard CE (trainer) + MSE + anchor (distiller): the distiller holds no CE
     assert components["atsc"] == pytest.approx(components["atsc/mse"] + components["atsc/anchor"], rel=1e-5)
-    assert loss.item() == pytest.approx(hard.item() + components["atsc"], rel=1e-5)
+    assert components[OBJECTIVE] == pytest.approx(hard.item() + components["atsc"], rel=1e-5)
+    assert loss.item() == pytest.approx(hard.item(), rel=1e-5)  # evaluation returns the student's own loss
     # the hook is gone after compute_loss: the plain student is back
     plain_after, _ = by_hand(student, teacher, atsc, inputs)
     torch.testing.assert_close(plain_after, plain)

@@ -145,7 +145,8 @@ def test_deit_beside_kl_evaluates_through_the_trainer(tmp_path):
         model=student, teacher_model=vit_teacher(), args=trainer.args, train_dataset=pixel_data(),
         eval_dataset=pixel_data(), distillers=[{"name": "deit"}, {"name": "kl", "weight": 0.5}])
     metrics = kl_trainer.evaluate()
-    assert metrics["eval_loss"] == pytest.approx(metrics["eval_loss/deit"] + 0.5 * metrics["eval_loss/kl"], rel=1e-5)
+    assert metrics["eval_distillation_loss"] == pytest.approx(metrics["eval_loss/deit"] + 0.5 * metrics["eval_loss/kl"],
+                                                              rel=1e-5)
     predictions = kl_trainer.predict(pixel_data()).predictions
     with torch.no_grad():
         expected = student.eval()(pixel_values=pixel_data()[:]["pixel_values"]).logits

@@ -243,7 +243,9 @@ def test_eval_components_and_teacher_metrics(output_dir):
     )
     metrics = trainer.evaluate()
     assert {"eval_loss", "eval_loss/hard", "eval_loss/kl", "eval_accuracy", "eval_teacher_accuracy"} <= metrics.keys()
-    assert metrics["eval_loss"] == pytest.approx(metrics["eval_loss/hard"] + metrics["eval_loss/kl"], rel=1e-5)
+    objective = metrics["eval_loss/hard"] + metrics["eval_loss/kl"]  # issue 11: eval_loss is the student's own loss
+    assert metrics["eval_distillation_loss"] == pytest.approx(objective, rel=1e-5)
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_loss/hard"], rel=1e-6)
     with torch.no_grad():
         batch = batch_of(data)
         teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
