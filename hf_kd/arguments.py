@@ -23,6 +23,9 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
+DEFAULT_DISTILLERS = ({"name": "kl", "temperature": 2.0},)  # used when no distillers are given (Hinton et al.)
+
+
 @dataclass
 class DistillationArguments(TrainingArguments):
     """Arguments of :class:`~hf_kd.DistillationTrainer`; all ``TrainingArguments`` fields keep their meaning."""
@@ -35,7 +38,8 @@ class DistillationArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Distillers as a list of dicts {'name': ..., **options} (a JSON string on the command line), "
-            "e.g. [{'name': 'kl', 'temperature': 2.0}]. See hf_kd.list_distillers() for the names."
+            "e.g. [{'name': 'kl', 'temperature': 2.0}]. See hf_kd.list_distillers() for the names. None: kl at "
+            "temperature 2 (Hinton KD)."
         },
     )
     teacher_dtype: str | None = field(

@@ -50,6 +50,8 @@ def shared_logit_width(student: nn.Module, teacher: nn.Module, tokenizer=None) -
         )
     s_width, t_width = logits_width(student), logits_width(teacher)
     if s_width == t_width:
+        if s_task == "classification":
+            check_label_order(student, teacher)
         return s_width
     if s_task == "classification":
         raise ValueError(
@@ -70,3 +72,32 @@ def shared_logit_width(student: nn.Module, teacher: nn.Module, tokenizer=None) -
         "logits they share.", s_width, t_width, small,
     )
     return small
+
+
+def check_label_order(student: nn.Module, teacher: nn.Module) -> None:
+    """Logits are compared class by class, so both models must name class ``i`` alike.
+
+    Refused when both configs carry real class names (not transformers' default ``LABEL_i``) that differ at some
+    index, naming both orders (a permuted teacher, the MNLI trap, would teach the wrong classes silently); a warning
+    when only one side has names.
+    """
+    orders = []
+    for model in (student, teacher):
+        id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+        names = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(len(id2label))]
+        orders.append(names if any(n != f"LABEL_{i}" for i, n in enumerate(names)) else None)
+    student_names, teacher_names = orders
+    if student_names is not None and teacher_names is not None and student_names != teacher_names:
+        same = sorted(student_names) == sorted(teacher_names)
+        raise ValueError(
+            f"The student's classes are {student_names} and the teacher's {teacher_names}: "
+            + ("the same classes in another order, " if same else "different classes, ")
+            + "so logit distillation would teach class i from the teacher's class i. Build the student with the "
+            "teacher's id2label / label2id (and its labels mapped to them)."
+        )
+    if (student_names is None) != (teacher_names is None):
+        named = "student" if student_names is not None else "teacher"
+        logger.warning(
+            "Only the %s's config names its classes (%s); hf_kd cannot check that both models order the classes "
+            "alike. Give both the same id2label.", named, student_names or teacher_names,
+        )

@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import ModelOutput
 
-from .arguments import DistillationArguments
+from .arguments import DEFAULT_DISTILLERS, DistillationArguments
 from .callbacks import ScheduleCallback
 from .capture import (
     ModelView,
@@ -100,11 +100,10 @@ class DistillationTrainer(Trainer):
         if distillers is not None and args.distillers:
             raise ValueError("Distillers are given both as `distillers=` and in `args.distillers`; keep one of them.")
         specs = list(distillers) if distillers is not None else args.distillers
-        if not specs:
-            raise ValueError(
-                "No distillers given. Pass `distillers=[{'name': 'kl', 'temperature': 2.0}]` (or set "
-                "`DistillationArguments.distillers`); hf_kd.list_distillers() lists the names."
-            )
+        if not specs:  # the 6-line edit of a Trainer script: standard Hinton KD
+            specs = [dict(spec) for spec in DEFAULT_DISTILLERS]
+            logger.warning("No distillers given: using %s (Hinton KD). Choose others with `distillers=[...]` or "
+                           "--distillers '[{\"name\": ...}]'; hf_kd.list_distillers() lists the names.", specs)
         self.distillers = nn.ModuleList(build_distiller(spec) for spec in specs)
         self.distiller_keys = _unique_keys(self.distillers)
         self.requirements = _union(d.requires for d in self.distillers)

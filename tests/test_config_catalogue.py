@@ -29,6 +29,7 @@ BAD_DISTILLERS = [
     ({"name": "kl", "weight": {"start": 0.0, "end": 1.0}},
      r"`weight` schedule .* is invalid: A schedule dict needs its kind, `schedule`: one of constant, linear"),
     ({"name": "kl", "weight": {"schedule": "exp"}}, r"`weight` schedule .* is invalid: Unknown schedule 'exp'"),
+    ({"name": "kll"}, r"Unknown distiller 'kll'. Valid names: .*on the command line: --distillers"),
 ]
 
 
@@ -177,3 +178,27 @@ def test_teacher_only_columns_reach_the_teacher_and_not_the_student(tmp_path):
                                   train_dataset=Dataset.from_dict(rows), distillers=[{"name": "kl"}])
     trainer.train()  # the student's forward would fail on token_type_ids
     assert seen and seen[0] is not None and seen[0][:, 6:].eq(1).all()
+
+
+# ---- label order (issue 11) ----------------------------------------------------------------------------------------
+def labelled_bert(names, seed):
+    return bert(seed=seed, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+
+
+def test_teacher_with_permuted_classes_is_refused_naming_both_orders(tmp_path):
+    student = labelled_bert(["entailment", "neutral", "contradiction"], 0)
+    teacher = labelled_bert(["contradiction", "entailment", "neutral"], 1)
+    with pytest.raises(ValueError, match=r"student's classes are \['entailment', 'neutral', 'contradiction'\] and "
+                                         r"the teacher's \['contradiction', 'entailment', 'neutral'\]: the same "
+                                         r"classes in another order"):
+        DistillationTrainer(model=student, teacher_model=teacher, args=args_for(tmp_path), distillers=[{"name": "kl"}])
+    same = labelled_bert(["entailment", "neutral", "contradiction"], 1)
+    DistillationTrainer(model=student, teacher_model=same, args=args_for(tmp_path), distillers=[{"name": "kl"}])
+
+
+def test_only_one_side_naming_its_classes_warns(tmp_path, caplog):
+    student = labelled_bert(["a", "b", "c"], 0)
+    with caplog.at_level(logging.WARNING, logger="hf_kd.teachers"):
+        DistillationTrainer(model=student, teacher_model=bert(seed=1), args=args_for(tmp_path),
+                            distillers=[{"name": "kl"}])
+    assert "Only the student's config names its classes" in caplog.text

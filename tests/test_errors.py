@@ -124,9 +124,11 @@ def test_distillers_in_args_and_as_argument(tmp_path):
         DistillationTrainer(model=llama(), teacher_model=llama(seed=1), args=args, distillers=[{"name": "tvd"}])
 
 
-def test_no_distillers(tmp_path):
-    with pytest.raises(ValueError, match="No distillers given"):
-        DistillationTrainer(model=llama(), teacher_model=llama(seed=1), args=make_args(tmp_path))
+def test_no_distillers_means_kl_at_temperature_2(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_kd.trainer"):
+        trainer = DistillationTrainer(model=llama(), teacher_model=llama(seed=1), args=make_args(tmp_path))
+    assert [d.name for d in trainer.distillers] == ["kl"] and trainer.distillers[0].temperature == 2.0
+    assert "No distillers given: using" in caplog.text and "--distillers" in caplog.text
 
 
 def test_missing_teacher(tmp_path):

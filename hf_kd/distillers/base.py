@@ -100,7 +100,10 @@ def build_distiller(spec: "Distiller | Mapping[str, Any]") -> "Distiller":
     kwargs = dict(spec)
     name = kwargs.pop("name")
     if name not in _REGISTRY:
-        raise ValueError(f"Unknown distiller {name!r}. Valid names: {', '.join(list_distillers())}.")
+        raise ValueError(
+            f"Unknown distiller {name!r}. Valid names: {', '.join(list_distillers())} (on the command line: "
+            f"--distillers '[{{\"name\": \"kl\", \"temperature\": 2.0}}]')."
+        )
     cls = _REGISTRY[name]
     teacher_index = kwargs.pop("teacher", None)
     if teacher_index is not None and cls.multi_teacher:
