@@ -5,7 +5,8 @@ A checkpoint folder ``checkpoint-N`` gets, next to the student's weights and bef
 
 - ``distillers.pt``: the distillers' state (projectors, branches, peers, memory, learned mixing, ...);
 - ``teacher_trained.pt``: the teacher-side parameters online distillers train (adapters, adapted heads, ...);
-- ``distillers.json``: which distillers wrote them (keys, registry names, classes) and which files they need.
+- ``distillers.json``: which distillers wrote them (keys, registry names, classes, the specs given) and which
+  files they hold.
 
 Each file is written to a temporary name and renamed into place, so a file under its final name is always whole.
 A checkpoint is *complete* when ``trainer_state.json`` parses and every state file the run needs is there;
@@ -19,7 +20,7 @@ import json
 import logging
 import os
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -65,10 +66,13 @@ def _write_json(path: str, value: Any) -> None:
         json.dump(value, f, indent=2)
 
 
-def describe(keys: Sequence[str], distillers: Sequence[torch.nn.Module]) -> list[dict[str, str]]:
-    """The distillers as a checkpoint records them: trainer key, registry name, class."""
-    return [{"key": key, "name": d.name, "class": f"{type(d).__module__}.{type(d).__qualname__}"}
-            for key, d in zip(keys, distillers)]
+def describe(keys: Sequence[str], distillers: Sequence[torch.nn.Module], specs: Sequence[Any] = ()) -> list[dict]:
+    """The distillers as a checkpoint records them: trainer key, registry name, class, and the spec they were built
+    from (the dict given, for the record; only keys and names must match on resume, so options may change)."""
+    specs = list(specs) + [None] * (len(keys) - len(specs))
+    return [{"key": key, "name": d.name, "class": f"{type(d).__module__}.{type(d).__qualname__}",
+             "spec": json.loads(json.dumps(spec, default=repr)) if isinstance(spec, Mapping) else None}
+            for key, d, spec in zip(keys, distillers, specs)]
 
 
 def missing_files(folder: str, needed: Sequence[str]) -> list[str]:

@@ -104,6 +104,7 @@ class DistillationTrainer(Trainer):
             specs = [dict(spec) for spec in DEFAULT_DISTILLERS]
             logger.warning("No distillers given: using %s (Hinton KD). Choose others with `distillers=[...]` or "
                            "--distillers '[{\"name\": ...}]'; hf_kd.list_distillers() lists the names.", specs)
+        self._distiller_specs = list(specs)
         self.distillers = nn.ModuleList(build_distiller(spec) for spec in specs)
         self.distiller_keys = _unique_keys(self.distillers)
         self.requirements = _union(d.requires for d in self.distillers)
@@ -595,7 +596,7 @@ class DistillationTrainer(Trainer):
         if output_dir == self._checkpoint_folder:  # before trainer_state.json and the rotation of old checkpoints
             states = {DISTILLER_STATE_NAME: self.distillers.state_dict(),
                       TEACHER_STATE_NAME: self._trained_teacher_state() if self._teacher_trained else {}}
-            manifest = {"distillers": describe(self.distiller_keys, self.distillers)}
+            manifest = {"distillers": describe(self.distiller_keys, self.distillers, self._distiller_specs)}
             save_distillation_state(output_dir, manifest, states)
         for distiller in self.distillers:
             distiller.on_save(output_dir)

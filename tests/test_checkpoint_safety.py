@@ -76,6 +76,7 @@ def test_every_checkpoint_file_is_counted(tmp_path, monkeypatch):
     assert written[-1] == "save_to_json" and len(written) >= 8  # trainer_state.json is written last
     manifest = json.loads((folder / MANIFEST_NAME).read_text())
     assert [d["name"] for d in manifest["distillers"]] == ["atsc", "hidden_states"]
+    assert [d["spec"] for d in manifest["distillers"]] == DISTILLERS
     assert manifest["state_files"] == [DISTILLER_STATE_NAME, TEACHER_STATE_NAME]
     assert not (tmp_path / "checkpoint-2").exists()  # rotated away once checkpoint-4 was complete
 
