@@ -80,6 +80,14 @@ class DistillationArguments(TrainingArguments):
         },
     )
 
+    eval_distillation_losses: bool = field(
+        default=True,
+        metadata={
+            "help": "Also compute the distiller terms in evaluation (runs the teachers): `eval_distillation_loss` "
+            "and `eval_loss/<name>`. False: evaluation runs the student alone (eval_loss and metrics only). "
+            "predict() always runs the student alone."
+        },
+    )
     nonfinite_loss: str = field(
         default="raise",
         metadata={

@@ -175,7 +175,8 @@ class DistillationTrainer(Trainer):
         self._fused_checked = False
         self._skip_this_step = False
         self._skipped_steps = 0
-        self._teacher_evaluated = False
+        self._teacher_metrics: dict[str, dict[str, float]] = {}
+        self._student_only = False  # predict(): the student alone
         self._evaluating_teacher = False
 
     # ---- teachers ---------------------------------------------------------------------------------------------
@@ -304,8 +305,10 @@ class DistillationTrainer(Trainer):
         student, outputs = self._student_forward(
             model, batch, fused, want_hard and not hard_as_row, num_items_in_batch, scale
         )
+        # Evaluation without distiller terms (predict(), or eval_distillation_losses=False): the student alone.
+        student_only = not model.training and (self._student_only or not self.args.eval_distillation_losses)
         teachers = [
-            self._teacher_forward(index, batch, fused, training) if run else None
+            self._teacher_forward(index, batch, fused, training) if run and not student_only else None
             for index, run in enumerate(self._teachers_run)
         ]
 
@@ -314,12 +317,12 @@ class DistillationTrainer(Trainer):
         if student.loss is not None:  # the model's own loss, already on the step's scale
             components["hard"] = student.loss
             total = total + hard_weight * student.loss
-        distill_total, values = self._distiller_losses(student, teachers, batch, hard_as_row)
+        distill_total, values = self._distiller_losses(student, teachers, batch, hard_as_row, not student_only)
         total = total + scale * distill_total
         components.update({name: value * scale for name, value in values.items()})
         if training:
             self._check_finite(total, components, student, teachers)
-        self._record(model, components, total, inputs)
+        self._record(model, components, total, inputs, objective=not student_only)
         # Training optimises the total; evaluation reports what a plain Trainer would, the student's own loss (so
         # exp(eval_loss) is its perplexity and best-checkpoint selection compares students), the total beside it.
         loss = components["hard"] if not model.training and "hard" in components else total
@@ -345,7 +348,7 @@ class DistillationTrainer(Trainer):
     def _cross_entropy(self, student, teacher, targets):
         return F.cross_entropy(student, targets, reduction="none", label_smoothing=self.args.label_smoothing_factor)
 
-    def _distiller_losses(self, student, teachers, batch, hard_as_row):
+    def _distiller_losses(self, student, teachers, batch, hard_as_row, with_distillers=True):
         """``sum_i w_i * L_i`` over the distillers (plus the student's cross-entropy) and each ``L_i``, as means over
         the micro-batch (see ``compute_loss``).
 
@@ -356,7 +359,7 @@ class DistillationTrainer(Trainer):
         values: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.args.device)
         groups: dict[tuple[int, bool] | None, list[RowTerm]] = {}
-        for key, distiller in self._row_distillers:
+        for key, distiller in self._row_distillers if with_distillers else ():
             group = (distiller.teacher_index, trains_teacher(distiller))
             groups.setdefault(group, []).append(RowTerm(key, distiller.row_loss, distiller.weight))
         if hard_as_row:
@@ -374,7 +377,8 @@ class DistillationTrainer(Trainer):
             )
             total = total + group_total
             values.update(group_values)
-        other_total, other_values = weighted_losses(self._other_distillers, student, teachers, batch)
+        named = self._other_distillers if with_distillers else ()
+        other_total, other_values = weighted_losses(named, student, teachers, batch)
         return total + other_total, {**values, **other_values}
 
     # ---- non-finite losses and the fused head path ----------------------------------------------------------
@@ -482,12 +486,12 @@ class DistillationTrainer(Trainer):
         return view
 
     # ---- logging ---------------------------------------------------------------------------------------------
-    def _record(self, model, components, total, inputs) -> None:
+    def _record(self, model, components, total, inputs, objective: bool = True) -> None:
         named = {f"loss/{name}": value for name, value in components.items()}
         if model.training and torch.is_grad_enabled():
             self.ledger.add_train({"loss": total, **named}, self.state.global_step)
         elif not model.training:
-            self.ledger.add_eval({**components, OBJECTIVE: total}, batch_size(inputs))
+            self.ledger.add_eval({**components, **({OBJECTIVE: total} if objective else {})}, batch_size(inputs))
 
     def _gather(self, value: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(value.reshape(1))
@@ -527,11 +531,23 @@ class DistillationTrainer(Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        if self.args.teacher_eval_metrics and not self._teacher_evaluated:
-            for index in range(len(self.teachers)):  # eval_teacher_* (one teacher) or eval_teacher<i>_*
-                prefix = f"{metric_key_prefix}_teacher" + (str(index) if len(self.teachers) > 1 else "")
-                metrics.update(self.evaluate_teacher(eval_dataset, ignore_keys, prefix, teacher_index=index))
+        if self.args.teacher_eval_metrics:  # measured once per evaluation set, merged into every result
+            if metric_key_prefix not in self._teacher_metrics:
+                teacher_metrics = {}
+                for index in range(len(self.teachers)):  # eval_teacher_* (one teacher) or eval_teacher<i>_*
+                    prefix = f"{metric_key_prefix}_teacher" + (str(index) if len(self.teachers) > 1 else "")
+                    teacher_metrics.update(self.evaluate_teacher(eval_dataset, ignore_keys, prefix, index))
+                self._teacher_metrics[metric_key_prefix] = teacher_metrics
+            metrics.update(self._teacher_metrics[metric_key_prefix])
         return metrics
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        """``Trainer.predict`` of the student alone: no teacher pass, no distiller terms."""
+        self._student_only = True
+        try:
+            return super().predict(test_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._student_only = False
 
     def evaluate_teacher(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval_teacher",
                          teacher_index: int = 0):
@@ -546,7 +562,6 @@ class DistillationTrainer(Trainer):
         finally:
             self.model, self.model_wrapped = student, wrapped
             self._evaluating_teacher = False
-        self._teacher_evaluated = True
         return metrics
 
     # ---- optimizer and checkpoints ----------------------------------------------------------------------------

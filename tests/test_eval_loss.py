@@ -38,3 +38,44 @@ def test_eval_loss_is_the_plain_trainers_and_the_objective_is_reported_beside_it
     assert metrics["eval_distillation_loss"] == pytest.approx(objective, rel=1e-5)
     if family == "causal_lm":
         assert math.exp(metrics["eval_loss"]) == pytest.approx(math.exp(expected), rel=1e-5)  # the perplexity
+
+
+def test_student_only_evaluation_and_predict_never_run_the_teacher(tmp_path):
+    from conftest import bert, text_classification_data
+
+    calls = []
+    teacher = bert(layers=3, seed=2)
+    teacher.register_forward_pre_hook(lambda module, args: calls.append(1))
+    data = text_classification_data(n=8)
+
+    def build(**overrides):
+        return DistillationTrainer(
+            model=bert(seed=1), teacher_model=teacher, eval_dataset=data, distillers=[{"name": "kl"}],
+            args=DistillationArguments(output_dir=str(tmp_path), **{**COMMON, **overrides}),
+        )
+
+    full = build().evaluate()
+    calls.clear()
+    light = build(eval_distillation_losses=False).evaluate()
+    assert not calls, "eval_distillation_losses=False must not run the teacher"
+    assert light["eval_loss"] == pytest.approx(full["eval_loss"], rel=1e-6)
+    assert "eval_distillation_loss" in full and "eval_distillation_loss" not in light
+    trainer = build()
+    predictions = trainer.predict(data)
+    assert not calls and predictions.metrics["test_loss"] == pytest.approx(full["eval_loss"], rel=1e-6)
+
+
+def test_teacher_metrics_are_measured_once_and_merged_into_every_evaluation(tmp_path):
+    from conftest import bert, text_classification_data
+
+    trainer = DistillationTrainer(
+        model=bert(seed=1), teacher_model=bert(layers=3, seed=2), eval_dataset=text_classification_data(n=8),
+        distillers=[{"name": "kl"}],
+        args=DistillationArguments(output_dir=str(tmp_path), teacher_eval_metrics=True, **COMMON),
+    )
+    calls = []
+    original = trainer.evaluate_teacher
+    trainer.evaluate_teacher = lambda *a, **k: calls.append(1) or original(*a, **k)
+    first, second = trainer.evaluate(), trainer.evaluate()
+    assert len(calls) == 1
+    assert first["eval_teacher_loss"] == second["eval_teacher_loss"]
