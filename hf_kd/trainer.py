@@ -175,6 +175,7 @@ class DistillationTrainer(Trainer):
         self._fused_checked = False
         self._skip_this_step = False
         self._skipped_steps = 0
+        self._scales_checked = False
         self._teacher_metrics: dict[str, dict[str, float]] = {}
         self._student_only = False  # predict(): the student alone
         self._evaluating_teacher = False
@@ -500,9 +501,30 @@ class DistillationTrainer(Trainer):
         if "loss" in logs:  # a training log: add the components averaged over the same window as `loss`
             window = self.ledger.pop_window(self.state.global_step, self._gather)
             logs.update({k: v for k, v in window.items() if k != "loss"})
+            if not self._scales_checked and window:
+                self._scales_checked = True
+                self._warn_on_dominant_term(window)
             if self._skipped_steps:
                 logs["skipped_steps"] = self._skipped_steps
         super().log(logs, start_time)
+
+    def _warn_on_dominant_term(self, window: dict[str, float]) -> None:
+        """Once, at the first training log: warn when one weighted term is over 100x another (e.g. hidden-state MSE
+        on an LLM's residual stream, ~1e4, beside a KL of ~1), which silently swamps the others."""
+        weights = {"hard": self.args.hard_label_weight, **{k: d.weight for k, d in zip(self.distiller_keys,
+                                                                                      self.distillers)}}
+        terms = {name: abs(window[f"loss/{name}"]) * weight for name, weight in weights.items()
+                 if f"loss/{name}" in window and weight > 0}
+        positive = {name: value for name, value in terms.items() if value > 0}
+        if len(positive) < 2:
+            return
+        big, small = max(positive, key=positive.get), min(positive, key=positive.get)
+        if positive[big] > 100 * positive[small]:
+            logger.warning(
+                "The weighted term %r (%.3g) is %.0fx the term %r (%.3g): it dominates the loss. Lower its weight, or "
+                "use a scale-free loss (e.g. hidden_states with loss='cosine').", big, positive[big],
+                positive[big] / positive[small], small, positive[small],
+            )
 
     def _end_step(self, args, state, control) -> None:
         """Close the optimizer step in the ledger (a skipped step's values are dropped) and send

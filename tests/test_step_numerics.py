@@ -292,3 +292,14 @@ def test_composite_logit_child_equals_the_shared_row_pass_under_accumulation(tmp
     logs = trainer.state.log_history[0]
     assert logs["loss/composite/kl"] == pytest.approx(logs["loss/kl"], rel=1e-6)
     assert logs["loss/composite"] == pytest.approx(logs["loss/kl"], rel=1e-6)
+
+
+def test_a_term_that_swamps_the_others_is_named_once(tmp_path, caplog):
+    trainer = DistillationTrainer(
+        model=llama(seed=1), teacher_model=llama(layers=3, hidden=48, seed=2), train_dataset=lm_data(n=8),
+        args=args_for(str(tmp_path), max_steps=2, learning_rate=0.0),
+        distillers=[{"name": "kl"}, {"name": "hidden_states", "weight": 1e6, "projector": "linear"}],
+    )
+    with caplog.at_level(logging.WARNING, logger="hf_kd.trainer"):
+        trainer.train()
+    assert caplog.text.count("The weighted term 'hidden_states'") == 1 and "loss='cosine'" in caplog.text
