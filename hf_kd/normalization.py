@@ -27,7 +27,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
-from .row_loss import causal_lm_rows
+from .row_loss import causal_lm_targets
 
 Unit = Literal["tokens", "rows"]
 
@@ -58,21 +58,22 @@ def batch_size(batch: Mapping[str, Any]) -> int:
     return 1
 
 
-def local_counts(batch: Mapping[str, Any], task: str) -> tuple[int, int, int]:
-    """``(samples, tokens, rows)`` of one micro-batch, counted exactly as :func:`token_mean` and the row pass do."""
-    samples = batch_size(batch)
-    mask = batch.get("attention_mask")
-    tokens = int(mask.sum()) if isinstance(mask, torch.Tensor) else 0
+def local_counts(batch: Mapping[str, Any], task: str) -> torch.Tensor:
+    """``[samples, tokens, rows]`` (int64) of one micro-batch, counted exactly as :func:`token_mean` and the row pass
+    do, on the batch's device and without reading values back (no synchronisation)."""
+    ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+    device = next((v.device for v in batch.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    samples = torch.tensor(batch_size(batch), device=device)
+    tokens = mask.sum() if isinstance(mask, torch.Tensor) else torch.zeros((), dtype=torch.int64, device=device)
     rows = samples
-    ids = batch.get("input_ids")
     if task == "causal_lm" and isinstance(ids, torch.Tensor):
-        rows = int(causal_lm_rows(batch.get("labels"), mask, ids, ids.shape)[0].numel())
-    return samples, tokens, rows
+        rows = causal_lm_targets(batch.get("labels"), mask, ids, ids.shape)[0].sum()
+    return torch.stack([samples, tokens, rows]).to(torch.int64)
 
 
 def step_counts(batches: Sequence[Mapping[str, Any]], task: str, device: torch.device, reduce=None) -> StepCounts:
     """The :class:`StepCounts` of a step's micro-batches; ``reduce`` sums a tensor over processes (or ``None``)."""
-    totals = torch.tensor([list(local_counts(b, task)) for b in batches], dtype=torch.int64).sum(0).to(device)
+    totals = torch.stack([local_counts(b, task).to(device) for b in batches]).sum(0)
     if reduce is not None:
         totals = reduce(totals)
     samples, tokens, rows = totals.float().unbind()

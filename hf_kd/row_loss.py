@@ -53,29 +53,33 @@ class LogitSource:
         return (self.values.reshape(-1, self.values.shape[-1]), self.head_weight, self.head_bias)
 
 
+def causal_lm_targets(
+    labels: torch.Tensor | None, attention_mask: torch.Tensor | None, input_ids: torch.Tensor | None, shape: torch.Size
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(valid, targets)``, both ``[B, T - 1]``: which positions predict a token, and the token they predict.
+
+    Position ``t`` predicts token ``t + 1`` (the causal shift). With labels, positions whose next label is -100 are
+    not valid; without labels, positions whose next token is padding (``attention_mask == 0``) are not, and the next
+    input id is the target.
+    """
+    if labels is not None:
+        targets = labels[:, 1:]
+        return targets != -100, targets
+    targets = input_ids[:, 1:] if input_ids is not None else None
+    if attention_mask is not None:
+        return attention_mask[:, 1:].bool(), targets
+    return torch.ones(shape[0], shape[1] - 1, dtype=torch.bool, device=_device_of(labels, input_ids)), targets
+
+
 def causal_lm_rows(
     labels: torch.Tensor | None, attention_mask: torch.Tensor | None, input_ids: torch.Tensor | None, shape: torch.Size
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Flat indices into ``[B * T]`` of the positions that predict a token, and the token they predict.
-
-    Position ``t`` predicts token ``t + 1`` (the causal shift). With labels, positions whose next label is -100 are
-    dropped; without labels, positions whose next token is padding (``attention_mask == 0``) are dropped and the
-    next input id is the target.
-    """
+    """Flat indices into ``[B * T]`` of the positions that predict a token (:func:`causal_lm_targets`), and the
+    token they predict."""
+    valid, targets = causal_lm_targets(labels, attention_mask, input_ids, shape)
     batch, length = shape[0], shape[1]
-    if labels is not None:
-        targets = labels[:, 1:]
-        valid = targets != -100
-    else:
-        targets = input_ids[:, 1:] if input_ids is not None else None
-        valid = (
-            attention_mask[:, 1:].bool()
-            if attention_mask is not None
-            else torch.ones(batch, length - 1, dtype=torch.bool, device=_device_of(labels, input_ids))
-        )
     positions = torch.arange(batch * length, device=valid.device).view(batch, length)[:, :-1]
-    rows = positions[valid]
-    return rows, (targets[valid] if targets is not None else None)
+    return positions[valid], (targets[valid] if targets is not None else None)
 
 
 def _device_of(*tensors: torch.Tensor | None) -> torch.device:

@@ -1,6 +1,7 @@
 """The normalisation rule over the whole registry: one optimizer step on a fixed batch of 8 (uneven padding) gives the
 same logged losses and the same update of everything that learns, whether it runs as 1 x 8, 2 x 4 or 8 x 1
-(gradient accumulation). A distiller added to hf_kd later must get a case in CASES, or the first test fails."""
+(gradient accumulation); and the exported student holds exactly what a plain ``save_pretrained`` writes and
+reloads with identical logits. A distiller added to hf_kd later must get a case in CASES, or the first test fails."""
 
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def models_and_data(case: Case):
     return student, teacher, image_data(n=8)
 
 
-def one_step(name: str, micro_batch: int, output_dir: str):
+def one_step(name: str, micro_batch: int, output_dir: str, trainer_out: list | None = None):
     case = CASES[name]
     student, teacher, data = models_and_data(case)
     args = DistillationArguments(
@@ -94,6 +95,8 @@ def one_step(name: str, micro_batch: int, output_dir: str):
     updates = {group: {n: after[group][n].detach() - value for n, value in params.items()}
                for group, params in before.items()}
     logs = {k: v for k, v in trainer.state.log_history[0].items() if k == "loss" or k.startswith("loss/")}
+    if trainer_out is not None:
+        trainer_out.append(trainer)
     return logs, updates
 
 
@@ -121,3 +124,27 @@ def test_one_step_is_the_same_for_every_split_of_the_global_batch(name, tmp_path
                     f"{group} {param_name}: update differs by {difference / update.norm().clamp_min(1e-12):.2e} "
                     f"for {8 // micro_batch} x {micro_batch}"
                 )
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_export_holds_only_the_student_and_reloads_with_identical_logits(name, tmp_path):
+    from safetensors.torch import load_file
+
+    trained = []
+    one_step(name, 8, str(tmp_path / "run"), trained)
+    trainer = trained[0]
+    trainer.save_model(str(tmp_path / "export"))
+    student = trainer.model
+    student.save_pretrained(str(tmp_path / "plain"))  # what transformers itself writes for this student
+    exported, plain = (load_file(str(tmp_path / folder / "model.safetensors")) for folder in ("export", "plain"))
+    assert exported.keys() == plain.keys()
+    for key, value in plain.items():
+        assert torch.equal(exported[key], value), key
+    model_class = getattr(__import__("transformers"), type(student).__name__)
+    reloaded = model_class.from_pretrained(  # the same attention kernel as the trained student, for exact logits
+        str(tmp_path / "export"), attn_implementation=student.config._attn_implementation).eval()
+    student.eval()
+    batch = next(iter(trainer.get_eval_dataloader(trainer.train_dataset)))
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, student(**inputs).logits, rtol=0, atol=0)
