@@ -12,25 +12,13 @@ model up to the input of its output head (``get_output_embeddings()``), and the 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass, field, fields, replace
-from typing import Iterable, Iterator, Literal, Mapping
+from typing import Iterable, Iterator, Literal
 
 import torch
 from torch import nn
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
-    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-)
 
-Task = Literal["causal_lm", "classification", "other"]
-
-# Batch keys that are not model inputs: the trainer's labels and its token count.
-NOT_MODEL_INPUTS = ("labels", "num_items_in_batch")
-
-# Config attributes that post-process logits after the output head; the fused head path cannot reproduce them.
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+from .architecture import Task, find_module
 
 
 @dataclass(frozen=True)
@@ -82,6 +70,18 @@ class ModelView:
     def config(self):
         return getattr(self.model, "config", None)
 
+    def class_logits(self, role: str, method: str) -> torch.Tensor:
+        """The ``[B, C]`` classifier logits in fp32, or an error naming ``method`` and ``role`` (``"student"``,
+        ``"teacher"``, ``"peer"``) for methods that work on classifiers only."""
+        logits = self.logits
+        if logits is None or logits.dim() != 2:
+            shape = None if logits is None else tuple(logits.shape)
+            raise ValueError(
+                f"{method} works on classifier logits [batch, classes]; the {role} gave logits of shape {shape}. Use "
+                "it with sequence/image classification models."
+            )
+        return logits.float()
+
     def detached(self) -> "ModelView":
         """The same outputs without autograd history (what a distiller that trains nothing of this model reads)."""
         def cut(value):
@@ -94,91 +94,6 @@ class ModelView:
             loss=cut(self.loss), head_input=cut(self.head_input),
             features={spec: cut(value) for spec, value in self.features.items()},
         )
-
-
-def model_inputs(batch, model: nn.Module | None = None) -> dict:
-    """What a model's forward receives of ``batch``: everything but labels and the trainer's token count, and with
-    ``model`` only the inputs its ``forward`` accepts (a DistilBERT student beside a BERT teacher gets no
-    ``token_type_ids``)."""
-    accepts = accepted_inputs(model) if model is not None else (lambda key: key not in NOT_MODEL_INPUTS)
-    return {key: value for key, value in batch.items() if accepts(key)}
-
-
-def accepted_inputs(model: nn.Module):
-    """A predicate on batch keys: those ``model.forward`` takes (all but labels when it takes ``**kwargs``)."""
-    params = inspect.signature(unwrap(model).forward).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return lambda key: key not in NOT_MODEL_INPUTS
-    return lambda key: key in params and key not in NOT_MODEL_INPUTS
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare transformers model under DDP/compile/peft wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DataParallel
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft
-            model = model.get_base_model()
-        else:
-            return model
-
-
-def task_of(model: nn.Module) -> Task:
-    """Classify a transformers model by its head: causal LM, classifier, or anything else. The class and its bases
-    are looked up in transformers' auto mappings, so subclasses of e.g. ``LlamaForCausalLM`` count too."""
-    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    classifiers = _class_names(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) | _class_names(
-        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
-    )
-    for klass in type(unwrap(model)).__mro__:
-        name = klass.__name__
-        if name in causal:
-            return "causal_lm"
-        if name in classifiers or name.endswith(("ForSequenceClassification", "ForImageClassification")):
-            return "classification"
-    return "other"
-
-
-def _class_names(mapping: Mapping[str, str | tuple[str, ...]]) -> set[str]:
-    """The class names of a transformers auto mapping, whose values are a name or a tuple of names (e.g. DeiT's
-    ``("DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")``)."""
-    return {name for value in mapping.values() for name in ((value,) if isinstance(value, str) else value)}
-
-
-def output_head(model: nn.Module) -> nn.Linear | None:
-    """The linear output head of a causal LM when logits are exactly ``head(hidden)``, else ``None``."""
-    model = unwrap(model)
-    config = getattr(model, "config", None)
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING):
-        return None
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    return head if isinstance(head, nn.Linear) else None
-
-
-def learned_positions(model: nn.Module) -> int | None:
-    """``max_position_embeddings`` when the model has a learned position table of that size (BERT, GPT-2, ...),
-    whose lookup fails past it; ``None`` for rotary / relative positions (Llama) or no positions at all."""
-    limit = getattr(getattr(unwrap(model), "config", None), "max_position_embeddings", None)
-    if not isinstance(limit, int):
-        return None
-    found = any(isinstance(m, nn.Embedding) and m.num_embeddings == limit and ("position" in name or
-                                                                           name.endswith("wpe"))
-                for name, m in unwrap(model).named_modules())
-    return limit if found else None
-
-
-def logits_width(model: nn.Module) -> int | None:
-    """Size of the last logits dimension: vocabulary rows of the LM head, or ``num_labels`` of a classifier."""
-    head = output_head(model)
-    if head is not None:
-        return head.out_features
-    config = getattr(unwrap(model), "config", None)
-    if task_of(model) == "classification":
-        return getattr(config, "num_labels", None)
-    return getattr(config, "vocab_size", None)
 
 
 @contextlib.contextmanager
@@ -200,17 +115,6 @@ def capture_head_input(head: nn.Module, skip_logits: bool = True) -> Iterator[di
         yield captured
     finally:
         handle.remove()
-
-
-def find_module(model: nn.Module, path: str) -> nn.Module:
-    """``model.get_submodule(path)`` with an error that lists the model's modules of the same kind of name."""
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        leaf = path.rsplit(".", 1)[-1]
-        similar = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] == leaf][:8]
-        hint = f" Modules with that name: {similar}." if similar else ""
-        raise ValueError(f"{type(model).__name__} has no submodule {path!r}.{hint}") from None
 
 
 @contextlib.contextmanager

@@ -19,20 +19,8 @@ from __future__ import annotations
 
 from typing import Literal, Mapping, Union
 
-from torch import nn
-
 LayerMapSpec = Union[Literal["uniform", "skip", "last", "last_k"], Mapping[int, int], Mapping[str, int]]
 STRATEGIES = ("uniform", "skip", "last", "last_k")
-
-
-def num_layers(model: nn.Module) -> int:
-    """Depth of a transformers model, from its config."""
-    config = getattr(model, "config", None)
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        depth = getattr(config, name, None)
-        if isinstance(depth, int):
-            return depth
-    raise ValueError(f"Cannot read the number of layers of {type(model).__name__} from its config.")
 
 
 def resolve_layer_map(

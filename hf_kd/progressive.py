@@ -29,10 +29,13 @@ from typing import Any, Literal, Mapping, Sequence
 
 from transformers import TrainerCallback
 
+from .choices import check_choice
+from .configs import from_dict
 from .distillers.base import Distiller
 from .distillers.representation import LayerMappedDistiller
-from .configs import from_dict
 from .schedules import Schedule
+
+Mode = Literal["progressive", "stacked"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ class ProgressiveLayers:
     """
 
     layer_distillers: list[str]
-    mode: Literal["progressive", "stacked"] = "progressive"
+    mode: Mode = "progressive"
     steps_per_layer: int | None = None
     epochs_per_layer: float | None = None
     final_distillers: list[str] = field(default_factory=list)
@@ -62,8 +65,7 @@ class ProgressiveLayers:
         )
         if not self.layer_distillers:
             raise ValueError("progressive layers: `layer_distillers` is empty; name the distillers to schedule.")
-        if self.mode not in ("progressive", "stacked"):
-            raise ValueError(f"progressive layers: unknown `mode` {self.mode!r}; choose progressive or stacked.")
+        check_choice("progressive layers", "mode", self.mode, Mode)
         if (self.steps_per_layer is None) == (self.epochs_per_layer is None):
             raise ValueError("progressive layers: give exactly one of `steps_per_layer` and `epochs_per_layer`.")
         if (self.steps_per_layer if self.epochs_per_layer is None else self.epochs_per_layer) <= 0:

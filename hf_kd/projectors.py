@@ -11,16 +11,16 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .choices import check_choice
+
 ProjectorKind = Literal["auto", "linear", "mlp", "none"]
-KINDS = ("auto", "linear", "mlp", "none")
 
 
 def build_projector(in_features: int, out_features: int, kind: ProjectorKind = "auto") -> nn.Module:
     """``auto``: identity when the widths match, else ``linear``; ``linear``: ``W x + b`` (FitNets' regressor);
     ``mlp``: Linear-GELU-Linear with a hidden width of ``out_features``; ``none``: identity, only valid when the
     widths already match."""
-    if kind not in KINDS:
-        raise ValueError(f"Unknown projector {kind!r}; choose one of {', '.join(KINDS)}.")
+    check_choice("projector", "kind", kind, ProjectorKind)
     if kind == "auto":
         kind = "none" if in_features == out_features else "linear"
     if kind == "none":

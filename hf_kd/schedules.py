@@ -15,10 +15,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping
 
+from .choices import choices_of
 from .configs import from_dict
 
 ScheduleKind = Literal["constant", "linear", "cosine", "step"]
-_KINDS = ("constant", "linear", "cosine", "step")
+_KINDS = choices_of(ScheduleKind)
 
 
 @dataclass
@@ -89,3 +90,7 @@ class Schedule:
         if self.schedule == "cosine":
             progress = (1.0 - math.cos(math.pi * progress)) / 2.0
         return self.start + (self.end - self.start) * progress
+
+
+Knob = float | Schedule | Mapping[str, Any]
+"""A distiller option that may change with the step: a number, a :class:`Schedule`, or a schedule dict."""

@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from .capture import logits_width, task_of
+from .architecture import logits_width, task_of
 
 logger = logging.getLogger(__name__)
 

@@ -27,17 +27,8 @@ from transformers.utils import ModelOutput
 
 from .arguments import DEFAULT_DISTILLERS, DistillationArguments
 from .callbacks import ScheduleCallback
-from .capture import (
-    ModelView,
-    Requirements,
-    capture_features,
-    accepted_inputs,
-    capture_head_input,
-    learned_positions,
-    output_head,
-    task_of,
-    unwrap,
-)
+from .architecture import accepted_inputs, learned_positions, output_head, task_of, unwrap
+from .capture import ModelView, Requirements, capture_features, capture_head_input
 from .distillers.base import (
     Distiller,
     build_distiller,

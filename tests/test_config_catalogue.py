@@ -146,7 +146,7 @@ def test_bf16_student_trains_through_an_fp32_projector(tmp_path):
 def test_subclass_of_a_transformers_model_keeps_its_task():
     from transformers import LlamaForCausalLM
 
-    from hf_kd.capture import task_of
+    from hf_kd.architecture import task_of
 
     class MyLlama(LlamaForCausalLM):
         pass

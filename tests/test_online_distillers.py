@@ -15,7 +15,7 @@ from conftest import bert, image_data, text_classification_data, vit
 from hf_kd import DistillationArguments, DistillationTrainer, ModelView, build_distiller
 from hf_kd.distillers.bdkd import BDKDDistiller, entropy_weighting
 from hf_kd.distillers.dualde import DualDEDistiller
-from hf_kd.distillers.peers import MutualLearningDistiller, PeerToPeerDistiller
+from hf_kd.distillers.mutual import MutualLearningDistiller, PeerToPeerDistiller
 from hf_kd.trainer import DISTILLER_STATE_NAME, TEACHER_STATE_NAME
 
 Z_S = torch.tensor([[1.0, 2.0, 0.0], [0.5, -1.0, 2.0]])

@@ -16,7 +16,7 @@ from hf_kd import DistillationArguments, DistillationTrainer, Distiller, Require
 from hf_kd.capture import ModelView
 from hf_kd.distillers import divergences
 from hf_kd.distillers.base import CONTRACT_HOOKS
-from hf_kd.distillers.presets import CompositeDistiller
+from hf_kd.distillers.composite import CompositeDistiller
 from hf_kd.distillers.representation import attention_map_loss
 from hf_kd.trainer import DISTILLER_STATE_NAME
 

@@ -1,7 +1,19 @@
-"""Distillers: the registry and every built-in method (importing this package registers them)."""
+"""Distillers: the registry and every built-in method (importing this package registers them).
+
+A method lives in the file of its registry name (``sokd`` in ``sokd.py``); plain per-row logit losses share
+``logit.py`` and plain representation matches ``representation.py``; a subclass may sit beside its parent (``p2p`` in
+``mutual.py``). ``Distiller.family`` places each in the taxonomy of ``docs/distillers.md``.
+"""
 
 from .atsc import ATSCDistiller
 from .base import Distiller, build_distiller, list_distillers, register_distiller
+from .bdkd import BDKDDistiller, register_bdkd_weighting
+from .block_swap import BlockSwapDistiller
+from .composite import CompositeDistiller
+from .deit import DeiTDistiller
+from .dualde import DualDEDistiller
+from .feature_mixing import FeatureMixingDistiller
+from .instance_feature import InstanceFeatureDistiller
 from .logit import (
     DKDDistiller,
     JSDDistiller,
@@ -13,41 +25,36 @@ from .logit import (
     SkewReverseKLDistiller,
     TVDDistiller,
 )
+from .minilm_relation import MiniLMRelationDistiller
+from .mutual import MutualLearningDistiller, PeerToPeerDistiller
 from .okd import OKDDistiller
-from .bdkd import BDKDDistiller, register_bdkd_weighting
-from .deit import DeiTDistiller
-from .dualde import DualDEDistiller
-from .peers import MutualLearningDistiller, PeerToPeerDistiller
-from .presets import CompositeDistiller, TinyBERTDistiller
-from .relation import MiniLMRelationDistiller
-from .sokd import SOKDDistiller
-from .teacher_guided import BlockSwapDistiller, FeatureMixingDistiller, InstanceFeatureDistiller
 from .representation import AttentionDistiller, FeatureDistiller, HiddenStatesDistiller, LayerMappedDistiller
+from .sokd import SOKDDistiller
+from .tinybert import TinyBERTDistiller
 
 __all__ = [
     "ATSCDistiller",
-    "BDKDDistiller",
-    "DualDEDistiller",
-    "MutualLearningDistiller",
-    "OKDDistiller",
-    "PeerToPeerDistiller",
-    "register_bdkd_weighting",
     "AttentionDistiller",
+    "BDKDDistiller",
     "BlockSwapDistiller",
     "CompositeDistiller",
+    "DKDDistiller",
     "DeiTDistiller",
+    "Distiller",
+    "DualDEDistiller",
     "FeatureDistiller",
     "FeatureMixingDistiller",
     "HiddenStatesDistiller",
     "InstanceFeatureDistiller",
-    "LayerMappedDistiller",
-    "DKDDistiller",
-    "Distiller",
     "JSDDistiller",
     "KLDistiller",
+    "LayerMappedDistiller",
     "LogitDistiller",
     "LogitMSEDistiller",
     "MiniLMRelationDistiller",
+    "MutualLearningDistiller",
+    "OKDDistiller",
+    "PeerToPeerDistiller",
     "ReverseKLDistiller",
     "SOKDDistiller",
     "SkewKLDistiller",
@@ -56,5 +63,6 @@ __all__ = [
     "TinyBERTDistiller",
     "build_distiller",
     "list_distillers",
+    "register_bdkd_weighting",
     "register_distiller",
 ]

@@ -17,15 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import inject_adapters, lora_delta_norm
-from ..capture import FeatureSpec, ModelView, Requirements, find_module, task_of
+from ..architecture import find_module, task_of
+from ..capture import FeatureSpec, ModelView, Requirements
+from ..choices import check_choice
 from ..projectors import build_projector
-from ..schedules import Schedule
+from ..schedules import Knob
 from .base import Distiller, register_distiller
 
-Knob = float | Schedule | Mapping[str, Any]
-_ADAPTATIONS = ("full", "lora", "none")
-_PROJECTORS = ("linear", "mlp")
-_COMBINES = ("average", "learned")
+Adaptation = Literal["full", "lora", "none"]
+Projector = Literal["linear", "mlp"]
+Combine = Literal["average", "learned"]
 SHARED_CLASSIFIER_WEIGHTS = "atsc_shared_classifier.safetensors"
 SHARED_CLASSIFIER_CONFIG = "atsc_shared_classifier.json"
 
@@ -123,6 +124,8 @@ class ATSCDistiller(Distiller):
     Logged sub-terms: ``mse`` and ``anchor`` (unweighted).
     """
 
+    family = "online"
+
     requires = Requirements()
     multi_teacher = True
 
@@ -131,19 +134,18 @@ class ATSCDistiller(Distiller):
         weight: Knob = 1.0,
         feature_weight: Knob = 1.0,
         anchor_weight: Knob = 1.0,
-        teacher_adaptation: Literal["full", "lora", "none"] = "full",
-        projector: Literal["linear", "mlp"] = "linear",
-        combine: Literal["average", "learned"] = "average",
+        teacher_adaptation: Adaptation = "full",
+        projector: Projector = "linear",
+        combine: Combine = "average",
         peft_config: Mapping[str, Any] | Any | None = None,
         head_module: str = "classifier",
     ) -> None:
         super().__init__(weight)
         self.feature_weight = self.schedulable("feature_weight", feature_weight)
         self.anchor_weight = self.schedulable("anchor_weight", anchor_weight)
-        for option, value, valid in (("teacher_adaptation", teacher_adaptation, _ADAPTATIONS),
-                                     ("projector", projector, _PROJECTORS), ("combine", combine, _COMBINES)):
-            if value not in valid:
-                raise ValueError(f"atsc: `{option}` must be one of {valid}, got {value!r}.")
+        for option, value, valid in (("teacher_adaptation", teacher_adaptation, Adaptation),
+                                     ("projector", projector, Projector), ("combine", combine, Combine)):
+            check_choice("atsc", option, value, valid)
         if peft_config is not None and teacher_adaptation != "lora":
             raise ValueError("atsc: `peft_config` is used with teacher_adaptation='lora' only.")
         if not isinstance(head_module, str) or not head_module:

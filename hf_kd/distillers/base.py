@@ -51,6 +51,8 @@ from ..capture import FeatureSpec, ModelView, Requirements
 from ..schedules import Schedule
 
 _REGISTRY: dict[str, type["Distiller"]] = {}
+# The taxonomy shared by the README, docs/distillers.md and ``Distiller.family``.
+FAMILIES = ("logit", "representation", "relation", "online", "composite")
 T = TypeVar("T")
 
 
@@ -143,6 +145,38 @@ def trains_teacher(distiller: "Distiller") -> bool:
     return next(iter(distiller.teacher_parameters()), None) is not None
 
 
+def teacher_side_parameters(teacher: nn.Module | None, modules: Sequence[str] | str | None, method: str) -> list:
+    """The parameters an online method trains in the teacher (what its ``teacher_parameters()`` returns): all of
+    them (``modules=None``) or those of the named submodules (dotted names, the method's ``teacher_modules``)."""
+    if teacher is None:
+        raise ValueError(f"{method} trains teacher-side parameters, so it needs `teacher_model=`.")
+    if modules is None:
+        return list(teacher.parameters())
+    if isinstance(modules, str):
+        modules = [modules]
+    params = []
+    for name in modules:
+        try:
+            params.extend(teacher.get_submodule(name).parameters())
+        except AttributeError:
+            names = [n for n, _ in teacher.named_children()]
+            raise ValueError(
+                f"{method}: the teacher has no submodule {name!r} (`teacher_modules`). Its top-level modules: {names}; "
+                "use dotted names from teacher.named_modules()."
+            ) from None
+    if not params:
+        raise ValueError(f"{method}: `teacher_modules={list(modules)}` hold no parameters.")
+    return params
+
+
+def batch_labels(batch: Mapping[str, Any], method: str) -> torch.Tensor:
+    """``batch["labels"]`` (one class index per sample), or an error naming ``method``."""
+    labels = batch.get("labels")
+    if labels is None:
+        raise ValueError(f"{method} needs `labels` (one class index per sample) in every batch.")
+    return labels
+
+
 def teacher_views_for(distiller: "Distiller", teachers: Sequence[ModelView | None]):
     """The teacher view(s) ``distiller`` reads, detached unless it trains teacher-side parameters."""
     views = teacher_of(distiller, teachers)
@@ -194,6 +228,7 @@ class Distiller(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    family: ClassVar[str] = ""  # built-ins: one of FAMILIES, the section of docs/distillers.md that documents it
     requires: ClassVar[Requirements] = Requirements()
     teacher_train_mode: ClassVar[bool] = False  # run the teacher in train mode (dropout, BN) while training
     multi_teacher: ClassVar[bool] = False  # setup/forward receive every teacher (lists) instead of one

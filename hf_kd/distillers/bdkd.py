@@ -3,7 +3,7 @@
 ``bdkd``: a per-sample balance of forward and reverse KL for the student; optionally the teacher learns too
 (``online_teacher=True``). The balance ``w_r`` comes from a named weighting (:func:`register_bdkd_weighting` adds
 one). Shared conventions of the online distillers (logits, logging, teacher-side parameters): see
-:mod:`hf_kd.distillers._online_common`.
+``docs/distillers.md`` (online modules).
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture import Requirements
-from ._online_common import _class_logits, _labels, _teacher_side_parameters
-from .base import Distiller, register_distiller
-from .divergences import forward_kl, reverse_kl
-from .logit import Knob
+from ..schedules import Knob
+from .base import Distiller, batch_labels, register_distiller, teacher_side_parameters
+from .divergences import forward_kl, reverse_kl, tempered
 
 Weighting = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -98,6 +97,8 @@ class BDKDDistiller(Distiller):
             ``["classifier"]``); ``None``: all of the teacher.
     """
 
+    family = "online"
+
     def __init__(
         self,
         weight: Knob = 1.0,
@@ -127,7 +128,7 @@ class BDKDDistiller(Distiller):
 
     def setup(self, student, teacher):
         if self.online_teacher:
-            self._teacher_params = _teacher_side_parameters(teacher, self.teacher_modules, "bdkd")
+            self._teacher_params = teacher_side_parameters(teacher, self.teacher_modules, "bdkd")
 
     def teacher_parameters(self):
         return list(self._teacher_params)
@@ -138,24 +139,24 @@ class BDKDDistiller(Distiller):
             return self.weighting_fn(student_logits.detach(), teacher_logits.detach()).float().clamp(0.0, 1.0)
 
     def forward(self, student, teacher, batch):
-        z_s = _class_logits(student, "student", "bdkd")
-        z_t = _class_logits(teacher, "teacher", "bdkd")
+        z_s = student.class_logits("student", "bdkd")
+        z_t = teacher.class_logits("teacher", "bdkd")
         t = self.temperature
         w_r = self.reverse_weight(z_s, z_t)
         z_t_fixed = z_t.detach()
-        fwd = forward_kl(z_s / t, z_t_fixed / t)
-        rev = reverse_kl(z_s / t, z_t_fixed / t)
-        student_loss = (t * t) * ((1.0 - w_r) * fwd + w_r * rev).mean()
+        fwd = tempered(forward_kl, z_s, z_t_fixed, t)
+        rev = tempered(reverse_kl, z_s, z_t_fixed, t)
+        student_loss = ((1.0 - w_r) * fwd + w_r * rev).mean()
         parts = {
             "student": student_loss.detach(),
-            "forward_kl": fwd.mean().detach() * t * t,
-            "reverse_kl": rev.mean().detach() * t * t,
+            "forward_kl": fwd.mean().detach(),
+            "reverse_kl": rev.mean().detach(),
             "w_reverse": w_r.mean(),
         }
         loss = student_loss
         if self.online_teacher:
-            labels = _labels(batch, "bdkd with online_teacher=True")
-            teacher_loss = F.cross_entropy(z_t, labels) + (t * t) * reverse_kl(z_s.detach() / t, z_t / t).mean()
+            labels = batch_labels(batch, "bdkd with online_teacher=True")
+            teacher_loss = F.cross_entropy(z_t, labels) + tempered(reverse_kl, z_s.detach(), z_t, t).mean()
             parts["teacher"] = teacher_loss.detach()
             loss = loss + teacher_loss
         return loss, parts

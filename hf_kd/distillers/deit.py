@@ -13,19 +13,20 @@ At inference the model's ``logits`` are the mean of the two heads' logits (as in
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..capture import FeatureSpec, ModelView, Requirements, find_module
-from ..schedules import Schedule
+from ..architecture import find_module
+from ..capture import FeatureSpec, ModelView, Requirements
+from ..choices import check_choice
+from ..schedules import Knob
 from . import divergences
 from .base import Distiller, register_distiller
 
-Knob = float | Schedule | Mapping[str, Any]
-TYPES = ("hard", "soft")
+DistillationType = Literal["hard", "soft"]
 
 
 @register_distiller("deit")
@@ -47,21 +48,21 @@ class DeiTDistiller(Distiller):
         distillation_head: Dotted name of the student's distillation-token head.
     """
 
+    family = "logit"
+
     requires = Requirements(logits=True, labels=True)  # the teacher's logits; the student's heads via hooks
 
     def __init__(
         self,
         weight: Knob = 1.0,
-        distillation_type: str = "hard",
+        distillation_type: DistillationType = "hard",
         alpha: Knob = 0.5,
         temperature: Knob = 1.0,
         cls_head: str = "cls_classifier",
         distillation_head: str = "distillation_classifier",
     ) -> None:
         super().__init__(weight)
-        if distillation_type not in TYPES:
-            raise ValueError(f"deit: `distillation_type` must be one of {TYPES}, got {distillation_type!r}.")
-        self.distillation_type = distillation_type
+        self.distillation_type = check_choice("deit", "distillation_type", distillation_type, DistillationType)
         self.alpha = self.schedulable("alpha", alpha, maximum=1.0)
         self.temperature = self.schedulable("temperature", temperature, positive=True)
         self.cls_spec = FeatureSpec(cls_head, "output")
@@ -95,8 +96,7 @@ class DeiTDistiller(Distiller):
         if self.distillation_type == "hard":
             distillation_loss = F.cross_entropy(distillation_logits, teacher_logits.argmax(-1))
         else:
-            tau = self.temperature
-            distillation_loss = divergences.forward_kl(distillation_logits / tau, teacher_logits / tau).mean() * tau**2
+            distillation_loss = divergences.tempered_kl(distillation_logits, teacher_logits, self.temperature).mean()
         loss = (1 - self.alpha) * cls_loss + self.alpha * distillation_loss
         return loss, {"cls": cls_loss.detach(), "distillation": distillation_loss.detach()}
 

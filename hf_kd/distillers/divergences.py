@@ -4,13 +4,14 @@ Every function takes ``student`` and ``teacher`` logits of shape ``[n, C]`` (alr
 fp32) and returns ``[n]``: one value per sample (classifier) or per token (causal LM). ``KL(p || q)`` is
 ``sum_c p_c (log p_c - log q_c)`` with ``0 log 0 = 0``, so teacher logits at ``-inf`` (a masked vocabulary) are
 handled wherever the divergence is finite (forward KL, JSD, skew KLs, TVD); reverse KL and logit MSE are infinite
-there by definition, and the trainer's non-finite check names them. Reductions and the ``T^2`` factor are applied
-by the distillers.
+there by definition, and the trainer's non-finite check names them. :func:`tempered` applies a temperature and
+the ``T^2`` factor; reductions are applied by the distillers.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -108,3 +109,18 @@ def decoupled_kd(
     tckd = kl_from_log_probs(binary_t, binary_s)
     nckd = kl_from_log_probs(rest_t, rest_s)
     return alpha * tckd + beta * nckd
+
+
+def tempered(
+    divergence: Callable[..., torch.Tensor], student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+    *args: Any,
+) -> torch.Tensor:
+    """``T^2 * divergence(z_s / T, z_t / T, *args)`` per row: the temperature softens both distributions and ``T^2``
+    keeps the gradients' scale independent of ``T`` (Hinton et al., 2015, https://huggingface.co/papers/1503.02531).
+    The caller detaches whichever side must not learn."""
+    return divergence(student / temperature, teacher / temperature, *args) * (temperature * temperature)
+
+
+def tempered_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(p_teacher^T || p_student^T)`` per row: :func:`tempered` :func:`forward_kl`."""
+    return tempered(forward_kl, student, teacher, temperature)

@@ -2,7 +2,7 @@
 
 ``dualde``: soft/hard weighting by the teacher's confidence, and a second stage where the teacher learns from the
 student. Shared conventions of the online distillers (logits, logging, teacher-side parameters): see
-:mod:`hf_kd.distillers._online_common`.
+``docs/distillers.md`` (online modules).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture import Requirements
-from ._online_common import _class_logits, _kl_t, _labels, _teacher_side_parameters
-from .base import Distiller, register_distiller
-from .logit import Knob
+from ..schedules import Knob
+from .base import Distiller, batch_labels, register_distiller, teacher_side_parameters
+from .divergences import tempered_kl
 
 
 @register_distiller("dualde")
@@ -57,6 +57,8 @@ class DualDEDistiller(Distiller):
         teacher_modules: Teacher submodules trained in stage 2 (e.g. ``["classifier"]``); ``None``: the whole teacher.
     """
 
+    family = "online"
+
     requires = Requirements(logits=True, labels=True)
 
     def __init__(
@@ -87,7 +89,7 @@ class DualDEDistiller(Distiller):
 
     def setup(self, student, teacher):
         if self.stage2_step is not None:
-            self._teacher_params = _teacher_side_parameters(teacher, self.teacher_modules, "dualde")
+            self._teacher_params = teacher_side_parameters(teacher, self.teacher_modules, "dualde")
 
     def teacher_parameters(self):
         return list(self._teacher_params)
@@ -99,14 +101,14 @@ class DualDEDistiller(Distiller):
             return torch.sigmoid(self.beta * (p_y - self.c))
 
     def _mixed(self, learner: torch.Tensor, guide: torch.Tensor, labels: torch.Tensor, w: torch.Tensor):
-        soft = _kl_t(learner, guide.detach(), self.temperature)
+        soft = tempered_kl(learner, guide.detach(), self.temperature)
         hard = F.cross_entropy(learner, labels, reduction="none")
         return (w * soft + (1.0 - w) * hard).mean(), soft.mean(), hard.mean()
 
     def forward(self, student, teacher, batch):
-        z_s = _class_logits(student, "student", "dualde")
-        z_t = _class_logits(teacher, "teacher", "dualde")
-        labels = _labels(batch, "dualde")
+        z_s = student.class_logits("student", "dualde")
+        z_t = teacher.class_logits("teacher", "dualde")
+        labels = batch_labels(batch, "dualde")
         w = self.confidence_weight(z_t, labels)
         student_loss, soft, hard = self._mixed(z_s, z_t, labels, w)
         parts = {"student": student_loss.detach(), "soft": soft.detach(), "hard": hard.detach(), "w": w.mean()}

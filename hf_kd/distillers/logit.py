@@ -19,11 +19,9 @@ import torch
 from ..capture import ModelView, Requirements
 from ..normalization import denominator
 from ..row_loss import RowTerm, row_losses, rows_from_views
-from ..schedules import Schedule
+from ..schedules import Knob
 from . import divergences
 from .base import Distiller, register_distiller
-
-Knob = float | Schedule | Mapping[str, Any]
 
 
 class LogitDistiller(Distiller):
@@ -39,6 +37,8 @@ class LogitDistiller(Distiller):
     vocabulary, see :func:`hf_kd.row_loss.rows_per_chunk`).
     """
 
+    family = "logit"
+
     requires = Requirements(logits=True)
 
     def __init__(self, weight: Knob = 1.0, temperature: Knob = 1.0) -> None:
@@ -50,8 +50,7 @@ class LogitDistiller(Distiller):
 
     def row_loss(self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
         """Loss of each row from raw fp32 logits: ``T^2 * divergence(z_s / T, z_t / T)``."""
-        t = self.temperature
-        return self.divergence(student / t, teacher / t, targets) * (t * t)
+        return divergences.tempered(self.divergence, student, teacher, self.temperature, targets)
 
     def forward(
         self, student: ModelView, teacher: ModelView | None, batch: Mapping[str, Any], chunk_size: int | None = None

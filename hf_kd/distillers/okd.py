@@ -26,7 +26,7 @@ adapters can be exported with ``save_teacher_adapters(dir)`` (peft format, loada
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +34,13 @@ from torch import nn
 
 from ..adapters import inject_adapters
 from ..capture import Requirements
+from ..choices import check_choice
+from ..schedules import Knob
 from . import divergences
 from .base import register_distiller
-from .logit import Knob, LogitDistiller
+from .logit import LogitDistiller
 
-_DIVERGENCES = ("kl", "skew_kl")
+Divergence = Literal["kl", "skew_kl"]
 
 
 @register_distiller("okd")
@@ -58,6 +60,8 @@ class OKDDistiller(LogitDistiller):
     Causal LMs with labels; the vocabularies must match (shared prefix when padded).
     """
 
+    family = "online"
+
     requires = Requirements(logits=True, labels=True)
     teacher_train_mode = False  # adapters are trained with the teacher in eval mode (no dropout)
 
@@ -65,7 +69,7 @@ class OKDDistiller(LogitDistiller):
         self,
         weight: Knob = 1.0,
         temperature: Knob = 1.0,
-        divergence: str = "kl",
+        divergence: Divergence = "kl",
         alpha: float = 0.1,
         module_weight: float = 1.0,
         module_ce_weight: float = 1.0,
@@ -73,8 +77,7 @@ class OKDDistiller(LogitDistiller):
         adapter_name: str = "okd",
     ) -> None:
         super().__init__(weight, temperature)
-        if divergence not in _DIVERGENCES:
-            raise ValueError(f"okd: `divergence` must be one of {_DIVERGENCES}, got {divergence!r}.")
+        check_choice("okd", "divergence", divergence, Divergence)
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"okd: `alpha` (skew) must lie in [0, 1), got {alpha}.")
         if module_weight < 0 or module_ce_weight < 0:
@@ -110,13 +113,11 @@ class OKDDistiller(LogitDistiller):
 
     def student_term(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """``T^2 * D(sg(p_T') || p_S)`` per row: gradients reach the student only."""
-        t = self.temperature
-        return self._divergence(student / t, teacher.detach() / t) * (t * t)
+        return divergences.tempered(self._divergence, student, teacher.detach(), self.temperature)
 
     def module_term(self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``ce_w * CE(y, p_T') + lambda * T^2 * D(sg(p_S) || p_T')`` per row: gradients reach the teacher only."""
-        t = self.temperature
-        loss = self.module_weight * self._divergence(teacher / t, student.detach() / t) * (t * t)
+        loss = self.module_weight * divergences.tempered(self._divergence, teacher, student.detach(), self.temperature)
         if self.module_ce_weight:
             loss = loss + self.module_ce_weight * F.cross_entropy(teacher, targets, reduction="none")
         return loss

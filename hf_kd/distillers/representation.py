@@ -16,17 +16,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..architecture import patch_grid
-from ..capture import FeatureSpec, ModelView, Requirements, find_module
-from ..layer_maps import LayerMapSpec, num_layers, resolve_layer_map
+from ..architecture import find_module, hidden_size, module_width, num_layers, patch_grid
+from ..capture import FeatureSpec, ModelView, Requirements
+from ..choices import check_choice, choices_of
+from ..layer_maps import LayerMapSpec, resolve_layer_map
 from ..normalization import batch_mean, token_mean
 from ..projectors import ProjectorKind, build_projector, project
-from ..schedules import Schedule
+from ..schedules import Knob
 from .base import Distiller, register_distiller
 
-Knob = float | Schedule | Mapping[str, Any]
 FeatureLoss = Literal["mse", "cosine", "smooth_l1", "pkd"]
 Tokens = Literal["all", "cls", "mean", "last"]
+AttentionLoss = Literal["kl", "mse"]
+HeadMismatch = Literal["average", "error"]
+FeatureSide = Literal["output", "input"]
 _EPS = 1e-12
 
 
@@ -44,7 +47,7 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor, loss: FeatureLoss
         return F.smooth_l1_loss(student, teacher, reduction="none").mean(-1)
     if loss == "pkd":
         return (F.normalize(student, dim=-1, eps=1e-8) - F.normalize(teacher, dim=-1, eps=1e-8)).pow(2).sum(-1)
-    raise ValueError(f"Unknown feature loss {loss!r}; choose mse, cosine, smooth_l1 or pkd.")
+    raise ValueError(f"Unknown feature loss {loss!r}; choose one of {', '.join(choices_of(FeatureLoss))}.")
 
 
 def token_mask(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -70,11 +73,7 @@ def select_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor | None, tok
         positions = torch.arange(hidden.shape[1], device=hidden.device)
         last = (positions * (mask > 0)).argmax(-1)  # the largest position that is not padding
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    raise ValueError(f"Unknown `tokens` {tokens!r}; choose all, cls, mean or last.")
-
-
-def hidden_size(model: nn.Module) -> int:
-    return int(model.config.hidden_size)
+    raise ValueError(f"Unknown `tokens` {tokens!r}; choose one of {', '.join(choices_of(Tokens))}.")
 
 
 class LayerMappedDistiller(Distiller):
@@ -87,6 +86,8 @@ class LayerMappedDistiller(Distiller):
 
     ``active_layers`` (``None``: all) restricts the loss to some student layers; progressive schedules set it.
     """
+
+    family = "representation"
 
     def __init__(
         self, weight: Knob = 1.0, layer_map: LayerMapSpec = "uniform", last_k: int = 1, include_embeddings: bool = False
@@ -145,10 +146,8 @@ class HiddenStatesDistiller(LayerMappedDistiller):
         projector_per_layer: bool = False,
     ) -> None:
         super().__init__(weight, layer_map, last_k, include_embeddings)
-        feature_loss(torch.zeros(1, 1), torch.zeros(1, 1), loss)  # validate the name now
-        if tokens not in ("all", "cls", "mean", "last"):
-            raise ValueError(f"hidden_states: unknown `tokens` {tokens!r}; choose all, cls, mean or last.")
-        self.loss, self.tokens = loss, tokens
+        self.loss = check_choice(self.name, "loss", loss, FeatureLoss)
+        self.tokens = check_choice(self.name, "tokens", tokens, Tokens)
         self.projector_kind, self.projector_per_layer = projector, projector_per_layer
         self.projectors = nn.ModuleDict()
 
@@ -200,15 +199,12 @@ class AttentionDistiller(LayerMappedDistiller):
         weight: Knob = 1.0,
         layer_map: LayerMapSpec = "uniform",
         last_k: int = 1,
-        loss: Literal["kl", "mse"] = "kl",
-        head_mismatch: Literal["average", "error"] = "average",
+        loss: AttentionLoss = "kl",
+        head_mismatch: HeadMismatch = "average",
     ) -> None:
         super().__init__(weight, layer_map, last_k, include_embeddings=False)
-        if loss not in ("kl", "mse"):
-            raise ValueError(f"attention: unknown `loss` {loss!r}; choose kl or mse.")
-        if head_mismatch not in ("average", "error"):
-            raise ValueError(f"attention: `head_mismatch` must be 'average' or 'error', got {head_mismatch!r}.")
-        self.loss, self.head_mismatch = loss, head_mismatch
+        self.loss = check_choice("attention", "loss", loss, AttentionLoss)
+        self.head_mismatch = check_choice("attention", "head_mismatch", head_mismatch, HeadMismatch)
         self.average_heads = False
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
@@ -265,6 +261,8 @@ class FeatureDistiller(Distiller):
     ``student_dim``/``teacher_dim`` when it cannot be read off them.
     """
 
+    family = "representation"
+
     requires = Requirements()
 
     def __init__(
@@ -272,14 +270,15 @@ class FeatureDistiller(Distiller):
         student_module: str,
         teacher_module: str,
         weight: Knob = 1.0,
-        what: Literal["output", "input"] = "output",
+        what: FeatureSide = "output",
         loss: FeatureLoss = "mse",
         projector: ProjectorKind = "auto",
         student_dim: int | None = None,
         teacher_dim: int | None = None,
     ) -> None:
         super().__init__(weight)
-        feature_loss(torch.zeros(1, 1), torch.zeros(1, 1), loss)
+        check_choice("feature", "loss", loss, FeatureLoss)
+        check_choice("feature", "what", what, FeatureSide)
         self.student_spec, self.teacher_spec = FeatureSpec(student_module, what), FeatureSpec(teacher_module, what)
         self.loss, self.projector_kind = loss, projector
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
@@ -317,21 +316,6 @@ class FeatureDistiller(Distiller):
         if values.dim() == 2 and (spatial or mask is None or mask.shape != values.shape):
             values = values.mean(-1)  # positions without padding (spatial maps, patch tokens): a mean per sample
         return batch_mean(values, batch)
-
-
-def module_width(module: nn.Module, what: str) -> int | None:
-    """Feature width a module produces (``output``) or takes (``input``), read from its layers."""
-    leaves = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.Embedding))]
-    if not leaves:
-        return None
-    leaf = leaves[0] if what == "input" else leaves[-1]
-    if isinstance(leaf, nn.Linear):
-        return leaf.in_features if what == "input" else leaf.out_features
-    if isinstance(leaf, nn.Conv2d):
-        return leaf.in_channels if what == "input" else leaf.out_channels
-    if isinstance(leaf, nn.LayerNorm):
-        return leaf.normalized_shape[-1]
-    return None if what == "input" else leaf.embedding_dim
 
 
 def _match_spatial(f_s: torch.Tensor, f_t: torch.Tensor):

@@ -11,59 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Cache
 
-from ..architecture import layers_path
-from ..capture import ModelView, Requirements, task_of, unwrap
-from ..schedules import Schedule
-from . import divergences
+from ..architecture import HeadKind, classifier_head, layers_path, run_layers, task_of, unwrap
+from ..capture import ModelView, Requirements
+from ..schedules import Knob
 from .base import Distiller, register_distiller
-from .teacher_guided import run_layers
-
-Knob = float | Schedule | Mapping[str, Any]
-HeadKind = Literal["pooler", "cls_norm", "last_token"]
-
-
-def kl_tau(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
-    """``tau^2 * KL(softmax(b / tau) || softmax(a / tau))``, averaged over rows (``batchmean``); ``a`` learns."""
-    return divergences.forward_kl(a.float() / tau, b.float() / tau).mean() * (tau * tau)
-
-
-def _resolve_head(model: nn.Module) -> tuple[HeadKind, dict[str, nn.Module]]:
-    """The modules between the last transformer block and the logits of a classifier, and how they are chained.
-
-    - ``pooler`` (BERT family): ``classifier(dropout(pooler(h)))``, the pooler reading the first token;
-    - ``cls_norm`` (ViT): ``classifier(layernorm(h)[:, 0])``;
-    - ``last_token`` (Llama-family ``*ForSequenceClassification``): ``score(norm(h))`` at the last non-padding token.
-    """
-    name = type(model).__name__
-    base = getattr(model, "base_model", None)
-    if task_of(model) != "classification" or base is None or base is model:
-        raise ValueError(
-            f"sokd builds its auxiliary branch from a classifier's head; the teacher is {name} "
-            f"({task_of(model)}). Supported: BERT-family *ForSequenceClassification, ViTForImageClassification and "
-            f"Llama-family *ForSequenceClassification teachers."
-        )
-    classifier, score = getattr(model, "classifier", None), getattr(model, "score", None)
-    pooler, dropout = getattr(base, "pooler", None), getattr(model, "dropout", None)
-    layernorm, norm = getattr(base, "layernorm", None), getattr(base, "norm", None)
-    if isinstance(classifier, nn.Linear) and isinstance(pooler, nn.Module) and isinstance(dropout, nn.Module) \
-            and layernorm is None and norm is None:
-        return "pooler", {"pooler": pooler, "dropout": dropout, "classifier": classifier}
-    if isinstance(classifier, nn.Linear) and isinstance(layernorm, nn.Module) and pooler is None:
-        return "cls_norm", {"norm": layernorm, "classifier": classifier}
-    if isinstance(score, nn.Linear) and isinstance(norm, nn.Module):
-        return "last_token", {"norm": norm, "score": score}
-    raise ValueError(
-        f"sokd cannot tell which modules form the output head of {name} (it knows the BERT pooler + classifier, the "
-        f"ViT final layernorm + classifier on the class token, and the Llama-family final norm + score). Use one of "
-        f"those teachers, or subclass SOKDDistiller and override `head_logits`."
-    )
+from .divergences import tempered_kl
 
 
 def _clone(value: Any, dtype: torch.dtype | None) -> Any:
@@ -120,6 +79,8 @@ class SOKDDistiller(Distiller):
         branch_ce_weight, branch_teacher_weight, branch_student_weight: ``lambda`` of the branch's three terms.
     """
 
+    family = "online"
+
     requires = Requirements(logits=True, labels=True)
 
     def __init__(
@@ -153,7 +114,7 @@ class SOKDDistiller(Distiller):
         if teacher is None:
             raise ValueError("sokd builds its auxiliary branch from the teacher: pass `teacher_model=`.")
         teacher = unwrap(teacher)
-        self.head_kind, head = _resolve_head(teacher)
+        self.head_kind, head = self.resolve_head(teacher)
         layers = teacher.get_submodule(layers_path(teacher))
         if self.k > len(layers):
             raise ValueError(f"sokd: `k`={self.k} but the teacher {type(teacher).__name__} has {len(layers)} blocks; "
@@ -165,6 +126,25 @@ class SOKDDistiller(Distiller):
         }).float().requires_grad_(True)
         self.pad_token_id = getattr(getattr(teacher, "config", None), "pad_token_id", None)
         self._recorded_block = [layers[start]]
+
+    @staticmethod
+    def resolve_head(teacher: nn.Module) -> tuple[HeadKind, dict[str, nn.Module]]:
+        """The teacher's output head (:func:`~hf_kd.architecture.classifier_head`), or an error naming what works."""
+        found = classifier_head(teacher)
+        if found is not None:
+            return found
+        name = type(teacher).__name__
+        if task_of(teacher) != "classification":
+            raise ValueError(
+                f"sokd builds its auxiliary branch from a classifier's head; the teacher is {name} "
+                f"({task_of(teacher)}). Supported: BERT-family *ForSequenceClassification, ViTForImageClassification "
+                f"and Llama-family *ForSequenceClassification teachers."
+            )
+        raise ValueError(
+            f"sokd cannot tell which modules form the output head of {name} (it knows the BERT pooler + classifier, the "
+            f"ViT final layernorm + classifier on the class token, and the Llama-family final norm + score). Use one "
+            f"of those teachers, or subclass SOKDDistiller and override `head_logits`."
+        )
 
     @contextlib.contextmanager
     def teacher_forward_context(self, teacher: nn.Module, training: bool) -> Iterator[None]:
@@ -218,9 +198,9 @@ class SOKDDistiller(Distiller):
             self._captured = {}
         z_s, z_t = student.logits.float(), teacher.logits.float().detach()
         tau = self.temperature
-        parts = {"student_kd": kl_tau(z_s, z_a.detach(), tau),
-                 "branch_kd_teacher": kl_tau(z_a, z_t, tau),
-                 "branch_kd_student": kl_tau(z_a, z_s.detach(), tau)}
+        parts = {"student_kd": tempered_kl(z_s, z_a.detach(), tau).mean(),
+                 "branch_kd_teacher": tempered_kl(z_a, z_t, tau).mean(),
+                 "branch_kd_student": tempered_kl(z_a, z_s.detach(), tau).mean()}
         labels = batch.get("labels")
         if labels is not None:
             labels = labels.to(z_a.device)

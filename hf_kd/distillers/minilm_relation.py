@@ -1,4 +1,4 @@
-"""Relation distillers: the structure between positions or samples rather than the values themselves."""
+"""``minilm_relation``: MiniLMv2's self-attention relations (the structure between positions, not the values)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..architecture import Projection, attention_projections
-from ..capture import FeatureSpec, ModelView, Requirements, find_module
+from ..architecture import Projection, attention_projections, find_module, module_width
+from ..capture import FeatureSpec, ModelView, Requirements
 from ..layer_maps import LayerMapSpec
-from .base import register_distiller
 from ..normalization import token_mean
-from .representation import Knob, LayerMappedDistiller, module_width
+from ..schedules import Knob
+from .base import register_distiller
+from .representation import LayerMappedDistiller
 
 _ROLES = ("query", "key", "value")
 
@@ -34,6 +35,8 @@ class MiniLMRelationDistiller(LayerMappedDistiller):
     ``{"query": "bert.encoder.layer.{index}.attention.self.query", ...}`` where ``{index}`` is the 0-based index of
     the layer in its ``ModuleList``.
     """
+
+    family = "relation"
 
     requires = Requirements()
 
@@ -82,7 +85,7 @@ class MiniLMRelationDistiller(LayerMappedDistiller):
         missing = [r for r in self.relations if r not in templates]
         if missing:
             raise ValueError(f"minilm_relation: `{role}_modules` lacks paths for {missing}.")
-        return {r: Projection(FeatureSpec(templates[r].format(index=layer - 1))) for r in self.relations}
+        return {r: Projection(templates[r].format(index=layer - 1)) for r in self.relations}
 
     def student_features(self):
         return self._specs("student")
@@ -92,7 +95,8 @@ class MiniLMRelationDistiller(LayerMappedDistiller):
 
     def _specs(self, role: str):
         return tuple(dict.fromkeys(
-            found[r].spec for (owner, _), found in self.projections.items() if owner == role for r in self.relations
+            FeatureSpec(found[r].path) for (owner, _), found in self.projections.items() if owner == role
+            for r in self.relations
         ))
 
     def forward(self, student: ModelView, teacher: ModelView, batch: Mapping[str, Any]):
@@ -110,7 +114,7 @@ class MiniLMRelationDistiller(LayerMappedDistiller):
 
     def relation(self, view: ModelView, projection: Projection, mask: torch.Tensor | None) -> torch.Tensor:
         """``log softmax(X X^T / sqrt(d_r))`` per relation head, ``[B, heads, T, T]``, padding keys masked."""
-        x = view.features[projection.spec].float()
+        x = view.features[FeatureSpec(projection.path)].float()
         if projection.part is not None:
             x = x.chunk(3, dim=-1)[projection.part]
         batch, length, width = x.shape
@@ -122,5 +126,5 @@ class MiniLMRelationDistiller(LayerMappedDistiller):
 
 
 def _width(model: nn.Module, projection: Projection) -> int | None:
-    width = module_width(find_module(model, projection.spec.path), "output")
+    width = module_width(find_module(model, projection.path), "output")
     return width // 3 if width is not None and projection.part is not None else width

@@ -1,4 +1,4 @@
-"""Peer-based online distillers: the student learns together with ``num_peers`` peer models.
+"""``mutual`` and its subclass ``p2p``: the student learns together with ``num_peers`` peer models.
 
 - ``mutual``: DML, deep mutual learning (Zhang et al., CVPR 2018): the student and ``num_peers`` peer models teach
   each other; no teacher.
@@ -7,8 +7,7 @@
 
 Peers are submodules of the distiller: the trainer trains them in the distillers' param group and saves them in
 ``distillers.pt`` with every checkpoint (never in the exported student); ``save_peers(dir)`` exports each one with
-``save_pretrained``. Shared conventions of the online distillers (logits, logging): see
-:mod:`hf_kd.distillers._online_common`.
+``save_pretrained``. Conventions of the online distillers (logits, logging): see ``docs/distillers.md``.
 """
 
 from __future__ import annotations
@@ -21,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..capture import ModelView, Requirements, model_inputs
-from ._online_common import _class_logits, _kl_t, _labels
-from .base import Distiller, register_distiller
-from .logit import Knob
+from ..architecture import model_inputs
+from ..capture import ModelView, Requirements
+from ..schedules import Knob
+from .base import Distiller, batch_labels, register_distiller
+from .divergences import tempered_kl
 
 
 @register_distiller("mutual")
@@ -53,6 +53,8 @@ class MutualLearningDistiller(Distiller):
         seed: Seed of the fresh initialisation with ``init="scratch"`` (peer ``k`` uses ``seed + k``); ``None``:
             the global generator.
     """
+
+    family = "online"
 
     requires = Requirements(logits=True, labels=True, teacher=False)
 
@@ -107,7 +109,7 @@ class MutualLearningDistiller(Distiller):
         for peer in self.peers:
             peer.train(training)
             view = ModelView(model=peer, task="classification", logits=peer(**model_inputs(batch, peer)).logits)
-            logits.append(_class_logits(view, "peer", self.name))
+            logits.append(view.class_logits("peer", self.name))
         return logits
 
     def teacher_terms(self, z_teacher: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor | float:
@@ -115,16 +117,16 @@ class MutualLearningDistiller(Distiller):
         return 0.0
 
     def forward(self, student, teacher, batch):
-        z_s = _class_logits(student, "student", self.name)
-        labels = _labels(batch, self.name)
-        z_t = _class_logits(teacher, "teacher", self.name).detach() if self.requires.teacher else None
+        z_s = student.class_logits("student", self.name)
+        labels = batch_labels(batch, self.name)
+        z_t = teacher.class_logits("teacher", self.name).detach() if self.requires.teacher else None
         models = [z_s, *self.peer_logits(batch, student.model.training)]
         t = self.temperature
         parts: dict[str, torch.Tensor] = {}
         total: torch.Tensor | float = 0.0
         for k, z_k in enumerate(models):
             others = [z_l.detach() for l, z_l in enumerate(models) if l != k]
-            mutual = torch.stack([_kl_t(z_k, z_l, t) for z_l in others]).mean(0).mean()
+            mutual = torch.stack([tempered_kl(z_k, z_l, t) for z_l in others]).mean(0).mean()
             loss_k = mutual + self.teacher_terms(z_t, z_k)
             if k > 0:
                 loss_k = loss_k + F.cross_entropy(z_k, labels)
@@ -173,7 +175,7 @@ class PeerToPeerDistiller(MutualLearningDistiller):
         self.teacher_temperature = self.schedulable("teacher_temperature", teacher_temperature, positive=True)
 
     def teacher_terms(self, z_teacher, z):
-        return _kl_t(z, z_teacher, self.teacher_temperature).mean()
+        return tempered_kl(z, z_teacher, self.teacher_temperature).mean()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", teacher_temperature={self.teacher_temperature}"
