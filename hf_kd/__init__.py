@@ -1,84 +1,38 @@
-"""hf_kd: knowledge distillation as a drop-in for ``transformers.Trainer``."""
+"""hf_kd: knowledge distillation as a drop-in for ``transformers.Trainer``.
+
+The public API: the trainer and its arguments, the contract a distiller implements (:class:`Distiller`,
+:class:`Requirements`, :class:`ModelView`, :class:`FeatureSpec`), schedules, callbacks and the registry. Distillers
+are picked by registry name (``{"name": "kl", "temperature": 2.0}``); their classes are importable from
+:mod:`hf_kd.distillers`.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
 
 from .arguments import DistillationArguments
-from .callbacks import DistillationCallback, ScheduleCallback
-from .capture import ModelView, Requirements
-from .distillers import (
-    ATSCDistiller,
-    AttentionDistiller,
-    BDKDDistiller,
-    DualDEDistiller,
-    MutualLearningDistiller,
-    OKDDistiller,
-    PeerToPeerDistiller,
-    BlockSwapDistiller,
-    CompositeDistiller,
-    DKDDistiller,
-    DeiTDistiller,
-    Distiller,
-    FeatureDistiller,
-    FeatureMixingDistiller,
-    HiddenStatesDistiller,
-    InstanceFeatureDistiller,
-    JSDDistiller,
-    KLDistiller,
-    LogitDistiller,
-    LogitMSEDistiller,
-    MiniLMRelationDistiller,
-    ReverseKLDistiller,
-    SOKDDistiller,
-    SkewKLDistiller,
-    SkewReverseKLDistiller,
-    TVDDistiller,
-    TinyBERTDistiller,
-    build_distiller,
-    list_distillers,
-    register_distiller,
-)
+from .callbacks import DistillationCallback
+from .capture import FeatureSpec, ModelView, Requirements
+from .distillers import Distiller, build_distiller, list_distillers, register_distiller
 from .distillers.atsc import load_atsc_student
 from .progressive import ProgressiveLayerCallback, ProgressiveLayers
 from .schedules import Schedule
 from .trainer import DistillationTrainer
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("hf_kd")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "ATSCDistiller",
-    "AttentionDistiller",
-    "BDKDDistiller",
-    "DualDEDistiller",
-    "MutualLearningDistiller",
-    "OKDDistiller",
-    "PeerToPeerDistiller",
-    "BlockSwapDistiller",
-    "CompositeDistiller",
-    "DKDDistiller",
-    "DeiTDistiller",
     "DistillationArguments",
     "DistillationCallback",
     "DistillationTrainer",
     "Distiller",
-    "FeatureDistiller",
-    "FeatureMixingDistiller",
-    "HiddenStatesDistiller",
-    "InstanceFeatureDistiller",
-    "JSDDistiller",
-    "KLDistiller",
-    "LogitDistiller",
-    "LogitMSEDistiller",
-    "MiniLMRelationDistiller",
+    "FeatureSpec",
     "ModelView",
     "ProgressiveLayerCallback",
     "ProgressiveLayers",
     "Requirements",
-    "ReverseKLDistiller",
     "Schedule",
-    "SOKDDistiller",
-    "ScheduleCallback",
-    "SkewKLDistiller",
-    "SkewReverseKLDistiller",
-    "TVDDistiller",
-    "TinyBERTDistiller",
     "build_distiller",
     "list_distillers",
     "load_atsc_student",

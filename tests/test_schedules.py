@@ -9,7 +9,8 @@ import torch
 from transformers import TrainerCallback
 
 from conftest import llama, lm_data
-from hf_kd import DistillationArguments, DistillationTrainer, KLDistiller, Schedule, build_distiller
+from hf_kd import DistillationArguments, DistillationTrainer, Schedule, build_distiller
+from hf_kd.distillers import KLDistiller
 
 
 # ---- values ------------------------------------------------------------------------------------------------------
