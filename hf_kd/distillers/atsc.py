@@ -1,4 +1,5 @@
-"""ATSC: adaptive teaching with a shared classifier (arXiv 2406.08528; code ``random2314235/ATSC``; ``methods.md`` B1).
+"""ATSC: adaptive teaching with a shared classifier (https://huggingface.co/papers/2406.08528; code
+``random2314235/ATSC``).
 
 SimKD-style: the student predicts through the *teachers'* classifiers, reached through one projector per teacher
 applied to the student's pooled feature. Unlike SimKD the teachers keep adapting toward the student, under an L2
@@ -63,9 +64,9 @@ class SharedClassifier(nn.Module):
 
 @register_distiller("atsc")
 class ATSCDistiller(Distiller):
-    """ATSC, adaptive teaching with a shared classifier (Li et al., arXiv 2406.08528), single- or multi-teacher, for
-    classifiers whose head is a ``Linear`` named ``classifier`` (BERT-family ``*ForSequenceClassification``,
-    ``ViTForImageClassification``).
+    """ATSC, adaptive teaching with a shared classifier (Li et al., https://huggingface.co/papers/2406.08528), single-
+    or multi-teacher, for classifiers whose head is a ``Linear`` named ``classifier`` (BERT-family
+    ``*ForSequenceClassification``, ``ViTForImageClassification``).
 
     With ``f_s`` / ``f_t^k`` the inputs of the student's / teacher ``k``'s classifier (pooled features),
     ``W_k, b_k`` teacher ``k``'s classifier and ``K`` teachers (``teacher_model=[...]``; ATSC reads all of them),
@@ -73,7 +74,7 @@ class ATSCDistiller(Distiller):
 
         z = sum_k alpha_k (W_k P_k(f_s) + b_k)      P_k: d_s -> d_t^k, a projector per teacher (this distiller's)
 
-    with ``alpha_k = 1/K`` (``combine="average"``, the paper's multi-teacher average; methods.md marks the form
+    with ``alpha_k = 1/K`` (``combine="average"``, the paper's multi-teacher average; its exact form is
     unverified) or ``alpha = softmax(beta)``, ``beta`` learned from zeros (``combine="learned"``). The loss is::
 
         L = feature_weight * (1/K) sum_k MSE(P_k(f_s), f_t^k) + anchor_weight * sum_k sum_{W in teacher k} ||W - W0||^2

@@ -1,4 +1,4 @@
-"""BD-KD, "balancing divergences" for online KD (Amara et al., arXiv 2212.12965).
+"""BD-KD, "balancing divergences" for online KD (Amara et al., https://huggingface.co/papers/2212.12965).
 
 ``bdkd``: a per-sample balance of forward and reverse KL for the student; optionally the teacher learns too
 (``online_teacher=True``). The balance ``w_r`` comes from a named weighting (:func:`register_bdkd_weighting` adds
@@ -67,7 +67,7 @@ def balanced_weighting(student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
 
 @register_distiller("bdkd")
 class BDKDDistiller(Distiller):
-    """BD-KD, "balancing divergences" for online KD (Amara et al., arXiv 2212.12965).
+    """BD-KD, "balancing divergences" for online KD (Amara et al., https://huggingface.co/papers/2212.12965).
 
     Student::
 
@@ -82,8 +82,8 @@ class BDKDDistiller(Distiller):
     ``student`` / ``teacher`` sub-terms, with the two KLs and the mean ``w_r``.
 
     **Unverified:** the paper's exact form of ``w_f, w_r`` (only the abstract was available). The default
-    ``weighting="entropy"``, ``w_r = H(p_s) / (H(p_s) + H(p_t))`` at temperature 1, is the placeholder of
-    ``methods.md`` B7 — the less certain the student is relative to the teacher, the more reverse (mode-seeking)
+    ``weighting="entropy"``, ``w_r = H(p_s) / (H(p_s) + H(p_t))`` at temperature 1, is a placeholder (a sound
+    form, not the paper's) — the less certain the student is relative to the teacher, the more reverse (mode-seeking)
     KL. Other names: ``"forward"``, ``"reverse"``, ``"balanced"``; or pass a callable
     ``fn(student_logits, teacher_logits) -> w_r [B]`` (or register one with :func:`register_bdkd_weighting`).
     The v2 variant (mirrored balance in the teacher loss) is not implemented.

@@ -20,9 +20,9 @@ from .representation import LayerMappedDistiller
 
 @register_distiller("block_swap")
 class BlockSwapDistiller(LayerMappedDistiller):
-    """Interactive KD (IAKD; Fu et al., 2020, arXiv 2007.01476, "Interactive knowledge distillation"): in the
-    training forward, each mapped student block is replaced, with probability ``swap_prob`` (number or schedule),
-    by the frozen teacher layers it stands for, run on the inputs the student block received::
+    """Interactive KD (IAKD; Fu et al., 2020, https://huggingface.co/papers/2007.01476, "Interactive knowledge
+    distillation"): in the training forward, each mapped student block is replaced, with probability ``swap_prob``
+    (number or schedule), by the frozen teacher layers it stands for, run on the inputs the student block received::
 
         h^s = T_span(s)(h^{s-1})  with probability p,   else  S_s(h^{s-1})
 
@@ -41,8 +41,9 @@ class BlockSwapDistiller(LayerMappedDistiller):
     evaluation and the exported model are the plain student. Needs blocks of the same class and hidden size in both
     models, and teacher parameters in the student's dtype (leave ``teacher_dtype`` unset).
 
-    Swaps are drawn once per forward pass from :class:`~hf_kd.step_random.StepRandom` (``seed=None``: the trainer's seed), so a resumed
-    run swaps exactly as the uninterrupted one. The paper's value and schedule of ``p`` are unverified here.
+    Swaps are drawn once per forward pass from :class:`~hf_kd.step_random.StepRandom` (``seed=None``: the trainer's
+    seed), so a resumed run swaps exactly as the uninterrupted one. The paper's value and schedule of ``p`` are
+    unverified here.
     """
 
     requires = Requirements()

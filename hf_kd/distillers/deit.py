@@ -1,5 +1,5 @@
 """DeiT's distillation-token loss — Touvron et al., "Training data-efficient image transformers & distillation
-through attention" (ICML 2021, arXiv 2012.12877; code: ``facebookresearch/deit`` ``losses.py``).
+through attention" (ICML 2021, https://huggingface.co/papers/2012.12877; code: ``facebookresearch/deit`` ``losses.py``).
 
 The student is a ViT with a second learnable token beside the class token, each with its own linear head
 (``transformers.DeiTForImageClassificationWithTeacher``: ``cls_classifier`` and ``distillation_classifier``). The
@@ -31,7 +31,8 @@ DistillationType = Literal["hard", "soft"]
 
 @register_distiller("deit")
 class DeiTDistiller(Distiller):
-    """DeiT distillation through a distillation token: CE on the class head + a teacher term on the distillation head.
+    """DeiT distillation through a distillation token: CE on the class head + a teacher term on the distillation head
+    (Touvron et al., ICML 2021, https://huggingface.co/papers/2012.12877).
 
     The class-head cross-entropy is part of this loss, so train with ``hard_label_weight=0`` (the student's own
     ``logits`` average both heads and must not get a CE of their own). The heads' outputs are read with forward

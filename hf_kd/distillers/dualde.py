@@ -1,4 +1,5 @@
-"""DualDE (Zhu et al., WSDM 2022, arXiv 2009.05912), adapted from KG-embedding scores to any classifier.
+"""DualDE (Zhu et al., WSDM 2022, https://huggingface.co/papers/2009.05912), adapted from KG-embedding scores to any
+classifier.
 
 ``dualde``: soft/hard weighting by the teacher's confidence, and a second stage where the teacher learns from the
 student. Shared conventions of the online distillers (logits, logging, teacher-side parameters): see
@@ -21,7 +22,8 @@ from .divergences import tempered_kl
 
 @register_distiller("dualde")
 class DualDEDistiller(Distiller):
-    """DualDE (Zhu et al., WSDM 2022, arXiv 2009.05912), adapted from KG-embedding triple scores to classifier logits.
+    """DualDE (Zhu et al., WSDM 2022, https://huggingface.co/papers/2009.05912), adapted from KG-embedding triple scores
+    to classifier logits.
 
     Stage 1 (optimizer steps ``< stage2_step``, teacher frozen)::
 
@@ -43,7 +45,7 @@ class DualDEDistiller(Distiller):
     The hard cross-entropy is inside this loss, so set ``hard_label_weight=0`` unless you want extra CE on top.
     Logged sub-terms: ``soft``, ``hard``, ``w`` (mean teacher weight), ``student`` and, in stage 2, ``teacher``.
 
-    **Unverified / adapted:** ``methods.md`` B4 has the method only from its abstract. The sigmoid form of the
+    **Unverified / adapted:** the method is known here only from the paper's abstract. The sigmoid form of the
     weight, the confidences at temperature 1, and KL in place of the paper's Huber losses on triple scores and
     embedding structure are this library's adaptation to classifiers; the paper's structure term (head/tail
     embedding norms and angles) is not implemented.

@@ -24,9 +24,9 @@ Decoder = Literal["transformer", "mlp"]
 
 @register_distiller("feature_mixing")
 class FeatureMixingDistiller(HiddenStatesDistiller):
-    """Dynamic prior knowledge (DPK; Qiu et al., ICLR 2023, "Better teacher better student: dynamic prior knowledge
-    for knowledge distillation"): part of the student's features is replaced by the teacher's, and a small decoder
-    reconstructs the teacher's features from the mix.
+    """Dynamic prior knowledge (DPK; Qiu et al., ICLR 2023, https://huggingface.co/papers/2206.06067, "Better teacher
+    better student: dynamic prior knowledge for knowledge distillation"): part of the student's features is replaced by
+    the teacher's, and a small decoder reconstructs the teacher's features from the mix.
 
     For each mapped layer pair ``(s, t)``, with ``M_b`` a random set of ``round(ratio * n_b)`` of the ``n_b``
     non-padding positions of sample ``b`` (drawn anew for every sample, layer and step; padding never)::

@@ -24,7 +24,8 @@ AttentionLayer = Literal["last", "mapped"]
 @register_distiller("instance_feature")
 class InstanceFeatureDistiller(HiddenStatesDistiller):
     """Feature mimicking weighted per position by the teacher's attention (generic form of ICD, Kang et al.,
-    NeurIPS 2021, "Instance-conditional knowledge distillation for object detection").
+    NeurIPS 2021, https://huggingface.co/papers/2110.12724, "Instance-conditional knowledge distillation for object
+    detection").
 
     For each mapped layer pair ``(s, t)``::
 

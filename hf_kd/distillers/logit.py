@@ -75,7 +75,8 @@ class LogitDistiller(Distiller):
 
 @register_distiller("kl")
 class KLDistiller(LogitDistiller):
-    """Forward KL ``T^2 * KL(p_t^T || p_s^T)`` — Hinton et al., "Distilling the Knowledge in a Neural Network" (2015)."""
+    """Forward KL ``T^2 * KL(p_t^T || p_s^T)`` — Hinton et al., "Distilling the Knowledge in a Neural Network",
+    https://huggingface.co/papers/1503.02531."""
 
     def divergence(self, student, teacher, targets):
         return divergences.forward_kl(student, teacher)
@@ -83,7 +84,8 @@ class KLDistiller(LogitDistiller):
 
 @register_distiller("reverse_kl")
 class ReverseKLDistiller(LogitDistiller):
-    """Reverse KL ``T^2 * KL(p_s^T || p_t^T)`` (mode-seeking; MiniLLM, Gu et al., ICLR 2024, token-level form)."""
+    """Reverse KL ``T^2 * KL(p_s^T || p_t^T)`` (mode-seeking; MiniLLM, Gu et al., ICLR 2024,
+    https://huggingface.co/papers/2306.08543, token-level form)."""
 
     def divergence(self, student, teacher, targets):
         return divergences.reverse_kl(student, teacher)
@@ -91,7 +93,8 @@ class ReverseKLDistiller(LogitDistiller):
 
 @register_distiller("jsd")
 class JSDDistiller(LogitDistiller):
-    """Generalized JSD of GKD (Agarwal et al., ICLR 2024): ``beta * KL(p_t || M) + (1 - beta) * KL(p_s || M)``.
+    """Generalized JSD of GKD (Agarwal et al., ICLR 2024, https://huggingface.co/papers/2306.13649):
+    ``beta * KL(p_t || M) + (1 - beta) * KL(p_s || M)``.
 
     ``M = beta * p_t + (1 - beta) * p_s``; ``beta = 0`` is forward KL and ``beta = 1`` reverse KL (TRL convention).
     """
@@ -116,7 +119,8 @@ class _SkewDistiller(LogitDistiller):
 
 @register_distiller("skew_kl")
 class SkewKLDistiller(_SkewDistiller):
-    """Skew KL of DistiLLM (Ko et al., ICML 2024): ``KL(p_t || alpha * p_t + (1 - alpha) * p_s)``, alpha=0.1."""
+    """Skew KL of DistiLLM (Ko et al., ICML 2024, https://huggingface.co/papers/2402.03898):
+    ``KL(p_t || alpha * p_t + (1 - alpha) * p_s)``, alpha=0.1."""
 
     def divergence(self, student, teacher, targets):
         return divergences.skew_kl(student, teacher, self.alpha)
@@ -140,7 +144,8 @@ class TVDDistiller(LogitDistiller):
 
 @register_distiller("mse")
 class LogitMSEDistiller(LogitDistiller):
-    """Mean squared error between raw logits, ``mean_c (z_s - z_t)^2`` (no temperature; Ba & Caruana, 2014)."""
+    """Mean squared error between raw logits, ``mean_c (z_s - z_t)^2`` (no temperature; Ba & Caruana, 2014,
+    https://huggingface.co/papers/1312.6184)."""
 
     def __init__(self, weight: Knob = 1.0) -> None:
         super().__init__(weight, 1.0)
@@ -151,7 +156,8 @@ class LogitMSEDistiller(LogitDistiller):
 
 @register_distiller("dkd")
 class DKDDistiller(LogitDistiller):
-    """Decoupled KD (Zhao et al., CVPR 2022): ``min(step / warmup_steps, 1) * T^2 * (alpha*TCKD + beta*NCKD)``.
+    """Decoupled KD (Zhao et al., CVPR 2022, https://huggingface.co/papers/2203.08679):
+    ``min(step / warmup_steps, 1) * T^2 * (alpha*TCKD + beta*NCKD)``.
 
     Needs labels (the target class; for causal LMs the next token). mdistiller's CIFAR defaults: alpha=1, beta=8,
     T=4, warm-up of 20 epochs — here the warm-up is counted in optimizer steps (``warmup_steps=0``: none).
@@ -170,7 +176,9 @@ class DKDDistiller(LogitDistiller):
     ) -> None:
         super().__init__(weight, temperature)
         if alpha < 0 or beta < 0 or warmup_steps < 0:
-            raise ValueError(f"dkd: `alpha`, `beta` and `warmup_steps` must be >= 0, got {alpha}, {beta}, {warmup_steps}.")
+            raise ValueError(
+                f"dkd: `alpha`, `beta` and `warmup_steps` must be >= 0, got {alpha}, {beta}, {warmup_steps}."
+            )
         self.alpha, self.beta, self.warmup_steps = alpha, beta, warmup_steps
 
     def divergence(self, student, teacher, targets):

@@ -21,14 +21,16 @@ _ROLES = ("query", "key", "value")
 
 @register_distiller("minilm_relation")
 class MiniLMRelationDistiller(LayerMappedDistiller):
-    """MiniLMv2 self-attention relations (Wang et al., Findings of ACL 2021).
+    """MiniLMv2 self-attention relations (Wang et al., Findings of ACL 2021,
+    https://huggingface.co/papers/2012.15828).
 
     For each relation type ``r`` in ``relations`` (query, key, value) the projection outputs of all heads are
     concatenated and re-split into ``num_relation_heads`` relation heads of width ``d_r``;
     ``R = softmax(X X^T / sqrt(d_r))`` per relation head, and the loss is ``sum_r KL(R_t || R_s)`` averaged over
-    relation heads and over the non-padding query rows of the global batch (padding keys are masked). Because the heads are re-split, teacher and
-    student head counts may differ; ``num_relation_heads`` must divide every compared width (default: the teacher's
-    number of attention heads). By default the last layers are paired (``layer_map="last_k"``, ``last_k=1``).
+    relation heads and over the non-padding query rows of the global batch (padding keys are masked). Because the heads
+    are re-split, teacher and student head counts may differ; ``num_relation_heads`` must divide every compared width
+    (default: the teacher's number of attention heads). By default the last layers are paired (``layer_map="last_k"``,
+    ``last_k=1``).
 
     Q/K/V are read with forward hooks on the attention projections, found from the architecture (BERT, ViT,
     Llama-family ``q_proj``..., GPT-2's fused ``c_attn``). Override with ``student_modules`` / ``teacher_modules``:

@@ -2,7 +2,8 @@
 
 - ``mutual``: DML, deep mutual learning (Zhang et al., CVPR 2018): the student and ``num_peers`` peer models teach
   each other; no teacher.
-- ``p2p``: peer-to-peer mutual learning plus KD (Niyaz & Bathula, arXiv 2110.11023): a frozen teacher teaches the
+- ``p2p``: peer-to-peer mutual learning plus KD (Niyaz & Bathula, https://huggingface.co/papers/2110.11023): a frozen
+teacher teaches the
   student and its peers, which also teach each other.
 
 Peers are submodules of the distiller: the trainer trains them in the distillers' param group and saves them in
@@ -29,7 +30,8 @@ from .divergences import tempered_kl
 
 @register_distiller("mutual")
 class MutualLearningDistiller(Distiller):
-    """Deep mutual learning (Zhang et al., CVPR 2018): the student and ``num_peers`` peers teach each other.
+    """Deep mutual learning (Zhang et al., CVPR 2018, https://huggingface.co/papers/1706.00384): the student and
+    ``num_peers`` peers teach each other.
 
     With models ``0`` (the student) and ``1..K-1`` (the peers, submodules of this distiller)::
 
@@ -143,7 +145,7 @@ class MutualLearningDistiller(Distiller):
 
 @register_distiller("p2p")
 class PeerToPeerDistiller(MutualLearningDistiller):
-    """Peer-to-peer mutual learning with a teacher (Niyaz & Bathula, arXiv 2110.11023).
+    """Peer-to-peer mutual learning with a teacher (Niyaz & Bathula, https://huggingface.co/papers/2110.11023).
 
     A frozen teacher teaches the student and ``num_peers`` peers, which also learn from each other::
 

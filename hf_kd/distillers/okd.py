@@ -1,4 +1,5 @@
-"""OKD: online knowledge distillation with online modules in the teacher (Rao et al., arXiv 2409.12512).
+"""OKD: online knowledge distillation with online modules in the teacher (Rao et al.,
+https://huggingface.co/papers/2409.12512).
 
 Small trainable modules (here: peft adapters, LoRA by default) are injected **in place** into the frozen teacher of
 a causal LM and trained together with the student; the teacher's own weights never change. No sampling from the
@@ -45,7 +46,8 @@ Divergence = Literal["kl", "skew_kl"]
 
 @register_distiller("okd")
 class OKDDistiller(LogitDistiller):
-    """OKD (Rao et al., arXiv 2409.12512): peft adapters in the teacher learn beside the student.
+    """OKD (Rao et al., https://huggingface.co/papers/2409.12512): peft adapters in the teacher learn beside the
+    student.
 
     Args:
         weight: Factor of the summed loss ``L_S + L_phi`` (number or schedule).

@@ -121,8 +121,10 @@ class LayerMappedDistiller(Distiller):
 class HiddenStatesDistiller(LayerMappedDistiller):
     """Match hidden states layer by layer: ``mean_layers mean_tokens loss(P(h_s^l), h_t^{map(l)})``.
 
-    FitNets (Romero et al., 2015) / TinyBERT (Jiao et al., 2020) with ``loss="mse"``; Patient KD (Sun et al., 2019)
-    with ``loss="pkd", tokens="cls", layer_map="skip"``; Aguilar et al. (2020) with ``loss="cosine", tokens="cls"``.
+    FitNets (https://huggingface.co/papers/1412.6550) / TinyBERT (https://huggingface.co/papers/1909.10351) with
+    ``loss="mse"``; Patient KD (https://huggingface.co/papers/1908.09355) with
+    ``loss="pkd", tokens="cls", layer_map="skip"``; Aguilar et al. (https://huggingface.co/papers/1910.03723) with
+    ``loss="cosine", tokens="cls"``.
 
     Args:
         loss: ``mse``, ``cosine`` (1 - cos), ``smooth_l1`` or ``pkd`` (normalised MSE).
@@ -181,10 +183,11 @@ class HiddenStatesDistiller(LayerMappedDistiller):
 class AttentionDistiller(LayerMappedDistiller):
     """Match attention distributions layer by layer.
 
-    ``loss="kl"``: ``mean_{heads, query rows} KL(A_t[i, :] || A_s[i, :])`` (Aguilar et al., 2020; MiniLM, Wang et al.,
-    2020). ``loss="mse"``: ``mean_{heads, query rows} mean_{keys} (A_s - A_t)^2``, TinyBERT-style but on the
-    attention *probabilities* models return — transformers does not expose the pre-softmax scores TinyBERT used.
-    Padded queries and keys are ignored; query rows are averaged over the non-padding tokens of the global batch.
+    ``loss="kl"``: ``mean_{heads, query rows} KL(A_t[i, :] || A_s[i, :])`` (Aguilar et al., 2020,
+    https://huggingface.co/papers/1910.03723; MiniLM, https://huggingface.co/papers/2002.10957). ``loss="mse"``:
+    ``mean_{heads, query rows} mean_{keys} (A_s - A_t)^2``, TinyBERT-style but on the attention *probabilities* models
+    return — transformers does not expose the pre-softmax scores TinyBERT used. Padded queries and keys are ignored;
+    query rows are averaged over the non-padding tokens of the global batch.
 
     Attention maps come only from ``attn_implementation="eager"``; the trainer raises before training, naming the
     setting, when a model uses sdpa/flash attention (switching the user's model silently would change its saved
@@ -253,7 +256,8 @@ def _rows_in_fp32(attention: torch.Tensor) -> torch.Tensor:
 @register_distiller("feature")
 class FeatureDistiller(Distiller):
     """Match the output (or input) of any named student module with a named teacher module (torchdistill-style
-    forward hooks; nothing in the models changes).
+    forward hooks; nothing in the models changes): FitNets' hints (https://huggingface.co/papers/1412.6550) on any
+    module.
 
     ``[B, D]`` and ``[B, T, D]`` features are compared on the last dimension (token features over non-padding
     tokens); ``[B, C, H, W]`` maps over channels at every position, the larger map average-pooled to the smaller.

@@ -1,5 +1,5 @@
-"""Semi-online knowledge distillation (SOKD; Liu et al., 2021, arXiv 2111.11747, "Semi-Online Knowledge
-Distillation"; code ``swlzq/Semi-Online-KD``).
+"""Semi-online knowledge distillation (SOKD; Liu et al., 2021, https://huggingface.co/papers/2111.11747, "Semi-Online
+Knowledge Distillation"; code ``swlzq/Semi-Online-KD``).
 
 The teacher stays frozen. A trainable *auxiliary branch* sits on top of it: a copy of its last ``k`` transformer
 blocks and of its output head, fed by the teacher's (detached) hidden state entering block ``N - k + 1``. The branch
@@ -41,8 +41,8 @@ def _clone(value: Any, dtype: torch.dtype | None) -> Any:
 
 @register_distiller("sokd")
 class SOKDDistiller(Distiller):
-    """Semi-online KD (SOKD; Liu et al., 2021): a trainable auxiliary branch on the frozen teacher, taught by the
-    teacher and the student, teaches the student.
+    """Semi-online KD (SOKD; Liu et al., 2021, https://huggingface.co/papers/2111.11747): a trainable auxiliary branch
+    on the frozen teacher, taught by the teacher and the student, teaches the student.
 
     With ``z_s``, ``z_t``, ``z_A`` the student, teacher and branch logits, ``sg`` stop-gradient and
     ``KL_tau(a, b) = tau^2 * KL(softmax(b / tau) || softmax(a / tau))`` averaged over samples::
@@ -65,7 +65,7 @@ class SOKDDistiller(Distiller):
     mask, position embeddings, ...), recorded by a forward pre-hook on that teacher block that exists only during
     the teacher's forward (``teacher_forward_context``). The teacher itself stays frozen and runs without autograd.
 
-    Differences from the official code (see methods.md B2): the branch starts from the teacher's *trained* blocks,
+    Differences from the official code: the branch starts from the teacher's *trained* blocks,
     so at step 0 it reproduces the teacher's logits; the official code deep-copies an auxiliary stage of the
     vanilla checkpoint that was never trained. The teacher runs in eval mode (the official code runs it in train
     mode, so its BN statistics drift); the branch runs in train mode (dropout) while the student trains. The paper
@@ -141,9 +141,9 @@ class SOKDDistiller(Distiller):
                 f"and Llama-family *ForSequenceClassification teachers."
             )
         raise ValueError(
-            f"sokd cannot tell which modules form the output head of {name} (it knows the BERT pooler + classifier, the "
-            f"ViT final layernorm + classifier on the class token, and the Llama-family final norm + score). Use one "
-            f"of those teachers, or subclass SOKDDistiller and override `head_logits`."
+            f"sokd cannot tell which modules form the output head of {name} (it knows the BERT pooler + classifier, "
+            f"the ViT final layernorm + classifier on the class token, and the Llama-family final norm + score). Use "
+            f"one of those teachers, or subclass SOKDDistiller and override `head_logits`."
         )
 
     @contextlib.contextmanager

@@ -13,7 +13,8 @@ from .representation import AttentionDistiller, HiddenStatesDistiller
 
 @register_distiller("tinybert")
 class TinyBERTDistiller(CompositeDistiller):
-    """TinyBERT's task-specific distillation (Jiao et al., "TinyBERT", Findings of EMNLP 2020), from generic parts.
+    """TinyBERT's task-specific distillation (Jiao et al., "TinyBERT", Findings of EMNLP 2020,
+    https://huggingface.co/papers/1909.10351), from generic parts.
 
     ``L = L_embd + L_hidn + L_attn + L_pred`` with, for student layer ``m`` and teacher layer ``g(m)``:
 
