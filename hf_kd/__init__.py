@@ -1,7 +1,7 @@
 """hf_kd: knowledge distillation as a drop-in for ``transformers.Trainer``."""
 
 from .arguments import DistillationArguments
-from .callbacks import DistillationCallback, ScheduleCallback
+from .callbacks import DistillationCallback
 from .capture import ModelView, Requirements
 from .distillers import (
     ATSCDistiller,
@@ -74,7 +74,6 @@ __all__ = [
     "ReverseKLDistiller",
     "Schedule",
     "SOKDDistiller",
-    "ScheduleCallback",
     "SkewKLDistiller",
     "SkewReverseKLDistiller",
     "TVDDistiller",
