@@ -31,8 +31,8 @@ the loop's ``batches[i]``. (The fetch is outside the timed region on both sides 
 
 Timing: the Trainer step is the region between ``on_step_begin`` and ``on_step_end`` (forward, backward, clipping,
 optimizer and scheduler step, ``zero_grad`` and Trainer's per-step bookkeeping). A timing callback is put *first*
-in the callback list for ``on_step_begin`` and *last* for ``on_step_end``, so the hf_kd callbacks
-(``ScheduleCallback``, ``_StepEvents``) are inside the timed region. The loop is timed around the same work.
+in the callback list for ``on_step_begin`` and *last* for ``on_step_end``, so hf_kd's internal
+step callback (``_StepCallback``) is inside the timed region. The loop is timed around the same work.
 
 Interleaving: inside the Trainer's last ``on_step_end`` of every block of ``--block`` steps the plain loop runs
 ``--block`` steps, so the two alternate in blocks for the whole run (``--rounds`` blocks each). The first

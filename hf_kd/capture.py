@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field, fields, replace
-from typing import Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -66,6 +66,42 @@ class ModelView:
     head: nn.Linear | None = None
     features: dict[FeatureSpec, torch.Tensor] = field(default_factory=dict)
 
+    @classmethod
+    def from_outputs(
+        cls,
+        model: nn.Module,
+        task: Task,
+        outputs: Any,
+        head_input: torch.Tensor | None,
+        head: nn.Linear | None,
+        *,
+        features: dict[FeatureSpec, torch.Tensor],
+        loss: torch.Tensor | None = None,
+        copy: bool = False,
+    ) -> "ModelView":
+        """The complete view of ``outputs`` (the ``ModelOutput`` of ``model``), with its captured ``features`` and own
+        ``loss``, built in one call.
+
+        On the fused head path (``head_input`` given) there are no logits: the model formed none. A pass run under
+        ``torch.inference_mode()`` (a frozen teacher) returns inference tensors, which autograd cannot save for
+        backward: with ``copy`` the hidden states, attention maps, features and ``[B, C]`` classifier logits are
+        ordinary copies (a causal LM's ``[B, T, V]`` logits, read only without gradient, are handed over as they are).
+        """
+        logits = None if head_input is not None else getattr(outputs, "logits", None)
+        hidden_states = getattr(outputs, "hidden_states", None)
+        attentions = getattr(outputs, "attentions", None)
+        return cls(
+            model=model,
+            task=task,
+            logits=logits.clone() if copy and logits is not None and logits.dim() == 2 else logits,
+            hidden_states=_copies(hidden_states) if copy else hidden_states,
+            attentions=_copies(attentions) if copy else attentions,
+            loss=loss,
+            head_input=head_input,
+            head=head,
+            features={spec: value.clone() for spec, value in features.items()} if copy else features,
+        )
+
     @property
     def config(self):
         return getattr(self.model, "config", None)
@@ -94,6 +130,10 @@ class ModelView:
             loss=cut(self.loss), head_input=cut(self.head_input),
             features={spec: cut(value) for spec, value in self.features.items()},
         )
+
+
+def _copies(tensors: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:
+    return None if tensors is None else tuple(t.clone() for t in tensors)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,8 @@
 """Schedules for any scalar knob of a distiller (``weight``, ``temperature``, ...).
 
 A schedule maps the optimizer step to a value. It is a pure function of ``(step, max_steps)``, so a run resumed
-from a checkpoint picks up exactly where it stopped. :class:`~hf_kd.callbacks.ScheduleCallback` applies every
-distiller's schedules at the start of each optimizer step.
+from a checkpoint picks up exactly where it stopped. The trainer applies every distiller's schedules at the start of
+each optimizer step.
 
 In a distiller dict, a schedule is written in place of the number it drives::
 

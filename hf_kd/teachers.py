@@ -1,19 +1,28 @@
-"""Teacher preparation and the checks that a teacher/student pair can be distilled.
+"""Teachers: preparing them, the checks that a teacher/student pair can be distilled, and :class:`TeacherSlot`.
 
 A teacher is frozen (``eval()``, ``requires_grad=False``), cast to the requested dtype and placed through
 Accelerate with ``prepare_model(..., evaluation_mode=True)``: it is never wrapped for training, never in the
-optimizer and never part of the saved student.
+optimizer and never part of the saved student. A :class:`TeacherSlot` holds what the trainer knows of one teacher
+(computed once, when the trainer is built) and runs its forward pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
-from .architecture import logits_width, task_of
+from .architecture import Task, accepted_inputs, logits_width, output_head, task_of, unwrap
+from .capture import FeatureSpec, ModelView, capture_features, capture_head_input
+from .distillers.base import ordered_union
+
+if TYPE_CHECKING:
+    from .distillers.base import Distiller
 
 logger = logging.getLogger(__name__)
 
@@ -101,3 +110,104 @@ def check_label_order(student: nn.Module, teacher: nn.Module) -> None:
             "Only the %s's config names its classes (%s); hf_kd cannot check that both models order the classes "
             "alike. Give both the same id2label.", named, student_names or teacher_names,
         )
+
+
+def teacher_list(teacher_model: nn.Module | Sequence[nn.Module] | None) -> list[nn.Module]:
+    """``teacher_model=`` as a list: empty (no teacher), one model, or the given non-empty list of models."""
+    if teacher_model is None:
+        return []
+    if isinstance(teacher_model, nn.Module):
+        return [teacher_model]
+    teachers = list(teacher_model)
+    if not teachers or not all(isinstance(t, nn.Module) for t in teachers):
+        raise TypeError("`teacher_model` is a model or a non-empty list of models.")
+    return teachers
+
+
+def teacher_role(index: int, count: int) -> str:
+    """How messages name teacher ``index`` of ``count``: ``"teacher"`` alone, else ``"teacher <index>"``."""
+    return f"teacher {index}" if count > 1 else "teacher"
+
+
+def readers_of(distillers: Iterable[Distiller], index: int) -> tuple[Distiller, ...]:
+    """The distillers that read teacher ``index``: those that need a teacher and read all of them or this one."""
+    return tuple(d for d in distillers if d.requires.teacher and (d.multi_teacher or d.teacher_index == index))
+
+
+@dataclass(eq=False)
+class TeacherSlot:
+    """One teacher of a :class:`~hf_kd.DistillationTrainer`: its models, what its distillers read of it, and its
+    forward pass. Everything is fixed when the trainer is built (after the distillers' ``setup``), so a step only
+    runs :meth:`forward`.
+
+    Attributes:
+        index: Its position in ``teacher_model=[...]`` (what a distiller's ``teacher_index`` names).
+        role: How messages name it: ``"teacher"``, or ``"teacher <index>"`` when there are several.
+        model: The prepared teacher (an entry of ``trainer.teachers``); the forward pass calls it.
+        bare: ``model`` without wrappers: what distillers, hooks and checks see.
+        readers: The distillers that read it (:func:`readers_of`).
+        features: The submodule outputs its readers capture (the union of their ``teacher_features()``).
+        frozen: No parameter of it is trained (no distiller declares one in ``teacher_parameters()``): it runs
+            under ``torch.inference_mode()``.
+        train_mode: Some reader runs it in train mode (dropout, BN) while training (``teacher_train_mode``).
+        task: Its head (:func:`~hf_kd.capture.task_of`).
+        head: Its linear output head when logits are exactly ``head(hidden)`` (the fused causal-LM path), else None.
+        accepts: Which batch keys its ``forward`` takes (:func:`~hf_kd.capture.accepted_inputs`).
+    """
+
+    index: int
+    role: str
+    model: nn.Module
+    bare: nn.Module
+    readers: tuple[Distiller, ...]
+    features: tuple[FeatureSpec, ...]
+    frozen: bool
+    train_mode: bool
+    task: Task
+    head: nn.Linear | None
+    accepts: Callable[[str], bool]
+
+    @classmethod
+    def build(cls, model: nn.Module, index: int, count: int, readers: Sequence[Distiller],
+              trained: Iterable[nn.Parameter]) -> TeacherSlot:
+        """The slot of the prepared teacher ``model``, teacher ``index`` of ``count``, read by ``readers``;
+        ``trained``: every teacher-side parameter the distillers train."""
+        bare = unwrap(model)
+        trained_ids = {id(p) for p in trained}
+        return cls(
+            index=index,
+            role=teacher_role(index, count),
+            model=model,
+            bare=bare,
+            readers=tuple(readers),
+            features=ordered_union(d.teacher_features() for d in readers),
+            frozen=not any(id(p) in trained_ids for p in bare.parameters()),
+            train_mode=any(d.teacher_train_mode for d in readers),
+            task=task_of(bare),
+            head=output_head(bare),
+            accepts=accepted_inputs(bare),
+        )
+
+    @property
+    def runs(self) -> bool:
+        """Whether some distiller reads it; a teacher no distiller reads never runs."""
+        return bool(self.readers)
+
+    def forward(self, batch: Mapping[str, Any], flags: Mapping[str, bool], fused: bool, training: bool) -> ModelView:
+        """Run the teacher on the inputs of ``batch`` it takes, with the output ``flags`` (``output_hidden_states``,
+        ``output_attentions``) and its readers' forward contexts, capturing its features (and on the ``fused`` path
+        the input of its head instead of logits). A frozen teacher runs under ``torch.inference_mode()`` and its
+        view holds ordinary copies of the tensors distillers may save for backward."""
+        if self.train_mode:
+            self.model.train(training)
+        head = self.head if fused else None
+        inputs = {k: v for k, v in batch.items() if self.accepts(k)}
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode() if self.frozen else contextlib.nullcontext())
+            for distiller in self.readers:
+                stack.enter_context(distiller.teacher_forward_context(self.bare, training))
+            captured = stack.enter_context(capture_head_input(head)) if fused else {}
+            features = stack.enter_context(capture_features(self.bare, self.features))
+            outputs = self.model(**inputs, **flags)
+        return ModelView.from_outputs(self.bare, self.task, outputs, captured.get("input"), head,
+                                      features=features, copy=self.frozen)

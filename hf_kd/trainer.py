@@ -12,8 +12,10 @@ distillers with a per-row loss on logits (``row_loss``) share one chunked pass o
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
+import operator
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -21,22 +23,14 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import ModelOutput
 
 from .arguments import DEFAULT_DISTILLERS, DistillationArguments
-from .callbacks import ScheduleCallback
-from .architecture import accepted_inputs, learned_positions, output_head, task_of, unwrap
+from .architecture import accepted_inputs, output_head, task_of, unwrap
+from .callbacks import _StepCallback
 from .capture import ModelView, Requirements, capture_features, capture_head_input
-from .distillers.base import (
-    Distiller,
-    build_distiller,
-    ordered_union,
-    teacher_of,
-    trains_teacher,
-    weighted_losses,
-)
 from .checkpoints import (
     DISTILLER_STATE_NAME,
     TEACHER_STATE_NAME,
@@ -45,16 +39,27 @@ from .checkpoints import (
     last_complete_checkpoint,
     save_distillation_state,
 )
+from .checks import (
+    check_batch,
+    check_fused_path,
+    check_logit_widths,
+    check_outputs_available,
+    check_same_inputs,
+    check_teacher_indices,
+    position_limits,
+    warn_on_dominant_term,
+)
+from .distillers.base import Distiller, build_distiller, ordered_union, teacher_of, trains_teacher, weighted_losses
 from .ledger import LossLedger
+from .nonfinite import NonFiniteSteps
 from .normalization import StepBatch, StepCounts, batch_size, denominator, share, step_counts
 from .progressive import ProgressiveLayerCallback
 from .row_loss import RowTerm, row_losses, rows_from_views
-from .teachers import prepare_teacher, shared_logit_width
+from .teachers import TeacherSlot, prepare_teacher, readers_of, teacher_list, teacher_role
 
 logger = logging.getLogger(__name__)
 
 OBJECTIVE = "distillation_loss"  # the optimised objective in evaluation: metric `<prefix>_distillation_loss`
-
 
 
 class DistillationTrainer(Trainer):
@@ -98,152 +103,71 @@ class DistillationTrainer(Trainer):
         self._distiller_specs = list(specs)
         self.distillers = nn.ModuleList(build_distiller(spec) for spec in specs)
         self.distiller_keys = _unique_keys(self.distillers)
-        self.requirements = _union(d.requires for d in self.distillers)
-        teachers = _teacher_list(teacher_model)
+        self._named = list(zip(self.distiller_keys, self.distillers))
+        self.requirements = functools.reduce(operator.or_, (d.requires for d in self.distillers),
+                                             Requirements(teacher=False))
+        teachers = teacher_list(teacher_model)
         if model is not None and any(t is model for t in teachers):
             raise ValueError(
                 "The student (`model`) and a teacher (`teacher_model`) are the same object. The teacher is frozen in "
                 "place, so the student would not train. Pass a separate teacher: load it again with from_pretrained, "
                 "or copy.deepcopy(student) before distilling."
             )
-        self._check_teacher_indices(len(teachers))
+        check_teacher_indices(self._named, len(teachers))
         if args.hard_label_weight == 0 and all(d.weight == 0 and "weight" not in d.schedules for d in self.distillers):
             logger.warning("hard_label_weight is 0 and every distiller's weight is 0: the loss is 0 and the student "
                            "gets no gradient. Give hard_label_weight or some distiller a positive weight.")
-        callbacks = [*(kwargs.pop("callbacks", None) or []), ScheduleCallback(self.distillers), _StepEvents(self)]
+        callbacks = [*(kwargs.pop("callbacks", None) or []), _StepCallback(self)]
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
 
         student = unwrap(self.model)
         self.teachers = [prepare_teacher(t, self.accelerator, args.teacher_torch_dtype) for t in teachers]
         self.teacher = self.teachers[0] if self.teachers else None  # the first (or only) teacher
         bare_teachers = [unwrap(t) for t in self.teachers]
-        readers = [self._readers(index) for index in range(len(teachers))]
-        self._check_outputs_available(student, bare_teachers)
-        self._check_same_inputs(student, bare_teachers)
-        for teacher, reading in zip(bare_teachers, readers):
-            if any(d.requires.logits for d in reading):
-                shared_logit_width(student, teacher, self.processing_class)
+        roles = [("student", student)] + [(teacher_role(i, len(teachers)), t) for i, t in enumerate(bare_teachers)]
+        readers = [readers_of(self.distillers, index) for index in range(len(teachers))]
+        check_outputs_available(self.requirements, roles)
+        check_same_inputs(student, roles[1:])
+        check_logit_widths(student, bare_teachers, readers, self.processing_class)
         for distiller in self.distillers:
             distiller.setup(student, teacher_of(distiller, bare_teachers))
         self.distillers.to(args.device)
         self._student_features = ordered_union(d.student_features() for d in self.distillers)
-        self._teacher_features = [ordered_union(d.teacher_features() for d in reading) for reading in readers]
-        self._teachers_run = [bool(reading) for reading in readers]  # teachers some distiller reads
         if args.progressive_layers:
             self.add_callback(ProgressiveLayerCallback(self.distillers, self.distiller_keys, **args.progressive_layers))
 
-        self._row_distillers = [(k, d) for k, d in zip(self.distiller_keys, self.distillers) if hasattr(d, "row_loss")]
-        self._other_distillers = [
-            (k, d) for k, d in zip(self.distiller_keys, self.distillers) if not hasattr(d, "row_loss")
-        ]
+        self._row_distillers = [(k, d) for k, d in self._named if hasattr(d, "row_loss")]
+        self._other_distillers = [(k, d) for k, d in self._named if not hasattr(d, "row_loss")]
         self._teacher_params = list(ordered_union(d.teacher_parameters() for d in self.distillers))
         for param in self._teacher_params:
             param.requires_grad_(True)
         self._teacher_trained = bool(self._teacher_params)
-        trained = {id(p) for p in self._teacher_params}
-        self._teacher_frozen = [not any(id(p) in trained for p in t.parameters()) for t in bare_teachers]
-        self._teacher_train_mode = [any(d.teacher_train_mode for d in reading) for reading in readers]
+        self._slots = [TeacherSlot.build(t, i, len(teachers), readers[i], self._teacher_params)
+                       for i, t in enumerate(self.teachers)]
         self._student_task = task_of(student)
-        self._teacher_tasks = [task_of(t) for t in bare_teachers]
         self._fused_lm = (
             args.fused_lm_loss
-            and bool(bare_teachers)
+            and bool(self._slots)
             and self._student_task == "causal_lm"
             and output_head(student) is not None
-            and all(output_head(t) is not None for t in bare_teachers)
+            and all(slot.head is not None for slot in self._slots)
             and not self._teacher_trained
             and not any(d.requires.logits for _, d in self._other_distillers)
         )
         self._student_inputs = accepted_inputs(student)
-        self._position_limits = [(role, limit) for role, model in
-                                 [("student", student)] + [(f"teacher {i}" if len(bare_teachers) > 1 else "teacher", t)
-                                                           for i, t in enumerate(bare_teachers)]
-                                 if (limit := learned_positions(model)) is not None]
-        self._teacher_inputs = [accepted_inputs(t) for t in bare_teachers]
+        self._position_limits = position_limits(roles)
+        wanted = {"output_hidden_states": self.requirements.hidden_states,
+                  "output_attentions": self.requirements.attentions}
+        self._flags = {flag: True for flag, on in wanted.items() if on}  # what every forward pass is asked for
         self.ledger = LossLedger()
+        self._nonfinite = NonFiniteSteps(args.nonfinite_loss)
         self._step_counts: StepCounts | None = None
         self._checkpoint_folder: str | None = None
         self._fused_checked = False
-        self._skip_this_step = False
-        self._skipped_steps = 0
         self._scales_checked = False
         self._teacher_metrics: dict[str, dict[str, float]] = {}
         self._student_only = False  # predict(): the student alone
         self._evaluating_teacher = False
-
-    # ---- teachers ---------------------------------------------------------------------------------------------
-    def _readers(self, index: int) -> list[Distiller]:
-        """The distillers that read teacher ``index``."""
-        return [d for d in self.distillers if d.requires.teacher and (d.multi_teacher or d.teacher_index == index)]
-
-    def _check_teacher_indices(self, count: int) -> None:
-        if self.requirements.teacher and count == 0:
-            needing = [k for k, d in zip(self.distiller_keys, self.distillers) if d.requires.teacher]
-            raise ValueError(f"Distillers {needing} need a teacher: pass `teacher_model=` to DistillationTrainer.")
-        for key, distiller in zip(self.distiller_keys, self.distillers):
-            if not distiller.requires.teacher:
-                continue
-            if not distiller.multi_teacher and distiller.teacher_index >= count:
-                raise ValueError(
-                    f"Distiller {key!r} reads teacher {distiller.teacher_index} (its `teacher` option), but "
-                    f"`teacher_model` has {count} teacher(s); use an index below {count}."
-                )
-            if distiller.multi_teacher and hasattr(distiller, "row_loss"):
-                raise TypeError(f"Distiller {key!r}: multi-teacher distillers implement forward(), not row_loss().")
-
-    # ---- checks made before the first step -------------------------------------------------------------------
-    def _check_outputs_available(self, student: nn.Module, teachers: list[nn.Module]) -> None:
-        if not self.requirements.attentions:
-            return
-        roles = [("student", student)] + [(f"teacher {i}" if len(teachers) > 1 else "teacher", t)
-                                          for i, t in enumerate(teachers)]
-        for role, model in roles:
-            implementation = getattr(getattr(model, "config", None), "_attn_implementation", "eager")
-            if implementation != "eager":
-                raise ValueError(
-                    f"A distiller reads attention maps, but the {role} uses attn_implementation="
-                    f"{implementation!r}, which returns none. Load it with "
-                    f"from_pretrained(..., attn_implementation='eager')."
-                )
-
-    def _check_same_inputs(self, student: nn.Module, teachers: list[nn.Module]) -> None:
-        """Student and teachers must read the same kind of input (token ids, pixels, ...)."""
-        wanted = getattr(student, "main_input_name", None)
-        for index, teacher in enumerate(teachers):
-            theirs = getattr(teacher, "main_input_name", None)
-            if wanted and theirs and theirs != wanted:
-                role = "the teacher" if len(teachers) == 1 else f"teacher {index}"
-                raise ValueError(
-                    f"The student ({type(student).__name__}) reads `{wanted}` but {role} ({type(teacher).__name__}) "
-                    f"reads `{theirs}`: distillation needs both on the same inputs. Use a teacher of the student's "
-                    f"modality."
-                )
-
-    def _check_lengths(self, inputs: Mapping[str, Any]) -> None:
-        ids = inputs.get("input_ids")
-        if not isinstance(ids, torch.Tensor) or ids.dim() < 2:
-            return
-        for role, limit in self._position_limits:
-            if ids.shape[-1] > limit:
-                raise ValueError(
-                    f"A batch of {ids.shape[-1]} tokens is longer than the {role}'s max_position_embeddings={limit} "
-                    f"(learned positions). Truncate the inputs, e.g. tokenizer(..., truncation=True, "
-                    f"max_length={limit})."
-                )
-
-    def _check_batch(self, inputs: Mapping[str, Any]) -> None:
-        self._check_lengths(inputs)
-        if "labels" in inputs:
-            return
-        if self.args.hard_label_weight > 0 and not self._evaluating_teacher:
-            raise ValueError(
-                f"hard_label_weight={self.args.hard_label_weight} but the batch has no `labels`. Set "
-                "hard_label_weight=0 for pure distillation, or give the batch labels (e.g. a `label` column, or "
-                "DataCollatorForLanguageModeling(tokenizer, mlm=False) for causal LMs)."
-            )
-        if self.requirements.labels:
-            needing = [k for k, d in zip(self.distiller_keys, self.distillers) if d.requires.labels]
-            raise ValueError(f"Distillers {needing} need `labels` in every batch, and this batch has none.")
 
     # ---- the loss --------------------------------------------------------------------------------------------
     # compute_loss normalises over the optimizer step's global batch itself (hf_kd.normalization), so Trainer must
@@ -279,15 +203,18 @@ class DistillationTrainer(Trainer):
     ):
         if self._evaluating_teacher:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self._check_batch(inputs)
+        check_batch(inputs, self._position_limits, self.args.hard_label_weight, self._named)
         training = model.training and torch.is_grad_enabled()
         batch = StepBatch(inputs, self._step_counts if training else None)
         # Every term below is a mean over this micro-batch; weighting it by the micro-batch's share of the global
         # batch (times the processes, whose gradients DDP averages) makes the step's loss the global batch's loss.
         scale = share(batch) * (self.accelerator.num_processes if batch.counts is not None and self._global_counts
                                 else 1)
-        if self._fused_lm and training and not self._fused_checked:
-            self._check_fused_path(model, batch)
+        if self._fused_lm and training and not self._fused_checked:  # once, on the first training batch
+            self._fused_checked = True
+            self._fused_lm = check_fused_path(
+                [("student", unwrap(model), self._student_inputs),
+                 *((slot.role, slot.bare, slot.accepts) for slot in self._slots if slot.runs)], batch)
         fused = self._fused_lm and training
         hard_weight = self.args.hard_label_weight
         # In evaluation the student's own loss is computed whatever its weight: it is the reported eval_loss.
@@ -299,10 +226,8 @@ class DistillationTrainer(Trainer):
         )
         # Evaluation without distiller terms (predict(), or eval_distillation_losses=False): the student alone.
         student_only = not model.training and (self._student_only or not self.args.eval_distillation_losses)
-        teachers = [
-            self._teacher_forward(index, batch, fused, training) if run and not student_only else None
-            for index, run in enumerate(self._teachers_run)
-        ]
+        teachers = [slot.forward(batch, self._flags, fused, training) if slot.runs and not student_only else None
+                    for slot in self._slots]
 
         components: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.args.device)
@@ -313,7 +238,7 @@ class DistillationTrainer(Trainer):
         total = total + scale * distill_total
         components.update({name: value * scale for name, value in values.items()})
         if training:
-            self._check_finite(total, components, student, teachers)
+            self._nonfinite.check(total, components, student, self._slots, teachers, self.state.global_step)
         self._record(model, components, total, inputs, objective=not student_only)
         # Training optimises the total; evaluation reports what a plain Trainer would, the student's own loss (so
         # exp(eval_loss) is its perplexity and best-checkpoint selection compares students), the total beside it.
@@ -373,61 +298,10 @@ class DistillationTrainer(Trainer):
         other_total, other_values = weighted_losses(named, student, teachers, batch)
         return total + other_total, {**values, **other_values}
 
-    # ---- non-finite losses and the fused head path ----------------------------------------------------------
-    def _check_finite(self, total, components, student, teachers) -> None:
-        """Stop (``nonfinite_loss="raise"``) or mark the step for skipping when the loss is not finite, naming the
-        components and the likely cause. One check of a value that is reduced anyway (Trainer checks it too)."""
-        if bool(torch.isfinite(total.detach())):
-            return
-        bad = [name for name, value in components.items() if not bool(torch.isfinite(value.detach()).all())]
-        message = (
-            f"The distillation loss is not finite at step {self.state.global_step}: component(s) "
-            f"{', '.join(bad) or 'none alone, their weighted sum'}. {_nonfinite_cause(self, student, teachers)}"
-        )
-        if self.args.nonfinite_loss == "raise":
-            raise FloatingPointError(message + " Set nonfinite_loss='skip_step' to skip such steps instead.")
-        if not self._skip_this_step:
-            logger.warning("%s Skipping this optimizer step (nonfinite_loss='skip_step').", message)
-        self._skip_this_step = True
-
-    def _check_fused_path(self, model, batch) -> None:
-        """Once, on the first training batch: keep the fused head path only if every model's logits are exactly its
-        output head applied to the head's input (a ``forward()`` that masks or scales logits afterwards is caught
-        here), else fall back to the plain logits path for the run."""
-        self._fused_checked = True
-        sample = {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
-        models = [("student", unwrap(model), {k: v for k, v in sample.items() if self._student_inputs(k)})] + [
-            (f"teacher {i}" if len(self.teachers) > 1 else "teacher", unwrap(teacher),
-             {k: v for k, v in sample.items() if self._teacher_inputs[i](k)})
-            for i, teacher in enumerate(self.teachers) if self._teachers_run[i]
-        ]
-        for role, bare, kwargs in models:
-            head = output_head(bare)
-            with torch.no_grad(), capture_head_input(head, skip_logits=False) as captured:
-                logits = bare(**kwargs).logits
-            fused = F.linear(captured["input"], head.weight, head.bias)
-            if not torch.allclose(fused.float(), logits.float(), rtol=1e-3, atol=1e-3, equal_nan=True):
-                self._fused_lm = False
-                logger.warning(
-                    "The %s (%s) returns logits that are not its output head applied to the head's input (its "
-                    "forward() masks, scales or caps them); token-level losses use the plain logits path for this "
-                    "run (fused_lm_loss has no effect).", role, type(bare).__name__,
-                )
-                return
-        logger.info("Token-level losses use the fused head path (logits formed chunk by chunk).")
-
     # ---- forward passes --------------------------------------------------------------------------------------
-    def _output_flags(self) -> dict[str, bool]:
-        flags = {}
-        if self.requirements.hidden_states:
-            flags["output_hidden_states"] = True
-        if self.requirements.attentions:
-            flags["output_attentions"] = True
-        return flags
-
     def _student_forward(self, model, inputs, fused, model_loss, num_items_in_batch, scale):
         bare = unwrap(model)
-        flags = self._output_flags()
+        flags = self._flags
         head = output_head(bare) if fused else None
         hard = None
         training = model.training and torch.is_grad_enabled()
@@ -448,34 +322,9 @@ class DistillationTrainer(Trainer):
                 hard = hard * scale
             else:
                 outputs = model(**student_inputs, **flags)
-        view = _view(bare, self._student_task, outputs, captured.get("input"), head)
-        view.loss, view.features = hard, features
+        view = ModelView.from_outputs(bare, self._student_task, outputs, captured.get("input"), head,
+                                      features=features, loss=hard)
         return view, outputs
-
-    def _teacher_forward(self, index, inputs, fused, training) -> ModelView:
-        teacher = self.teachers[index]
-        bare = unwrap(teacher)
-        if self._teacher_train_mode[index]:
-            teacher.train(training)
-        head = output_head(bare) if fused else None
-        teacher_inputs = {k: v for k, v in inputs.items() if self._teacher_inputs[index](k)}
-        frozen = self._teacher_frozen[index]
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.inference_mode() if frozen else contextlib.nullcontext())
-            for distiller in self._readers(index):
-                stack.enter_context(distiller.teacher_forward_context(bare, training))
-            captured = stack.enter_context(capture_head_input(head)) if fused else {}
-            features = stack.enter_context(capture_features(bare, self._teacher_features[index]))
-            outputs = teacher(**teacher_inputs, **self._output_flags())
-        view = _view(bare, self._teacher_tasks[index], outputs, captured.get("input"), head)
-        view.features = features
-        if frozen:  # inference tensors cannot be saved for backward: hand distillers ordinary tensors
-            view.hidden_states = _autograd_safe(view.hidden_states)
-            view.attentions = _autograd_safe(view.attentions)
-            view.features = {spec: value.clone() for spec, value in features.items()}
-            if view.logits is not None and view.logits.dim() == 2:
-                view.logits = view.logits.clone()
-        return view
 
     # ---- logging ---------------------------------------------------------------------------------------------
     def _record(self, model, components, total, inputs, objective: bool = True) -> None:
@@ -494,34 +343,16 @@ class DistillationTrainer(Trainer):
             logs.update({k: v for k, v in window.items() if k != "loss"})
             if not self._scales_checked and window:
                 self._scales_checked = True
-                self._warn_on_dominant_term(window)
-            if self._skipped_steps:
-                logs["skipped_steps"] = self._skipped_steps
+                warn_on_dominant_term(window, {"hard": self.args.hard_label_weight,
+                                               **{key: d.weight for key, d in self._named}})
+            if self._nonfinite.skipped_steps:
+                logs["skipped_steps"] = self._nonfinite.skipped_steps
         super().log(logs, start_time)
-
-    def _warn_on_dominant_term(self, window: dict[str, float]) -> None:
-        """Once, at the first training log: warn when one weighted term is over 100x another (e.g. hidden-state MSE
-        on an LLM's residual stream, ~1e4, beside a KL of ~1), which silently swamps the others."""
-        weights = {"hard": self.args.hard_label_weight, **{k: d.weight for k, d in zip(self.distiller_keys,
-                                                                                      self.distillers)}}
-        terms = {name: abs(window[f"loss/{name}"]) * weight for name, weight in weights.items()
-                 if f"loss/{name}" in window and weight > 0}
-        positive = {name: value for name, value in terms.items() if value > 0}
-        if len(positive) < 2:
-            return
-        big, small = max(positive, key=positive.get), min(positive, key=positive.get)
-        if positive[big] > 100 * positive[small]:
-            logger.warning(
-                "The weighted term %r (%.3g) is %.0fx the term %r (%.3g): it dominates the loss. Lower its weight, or "
-                "use a scale-free loss (e.g. hidden_states with loss='cosine').", big, positive[big],
-                positive[big] / positive[small], small, positive[small],
-            )
 
     def _end_step(self, args, state, control) -> None:
         """Close the optimizer step in the ledger (a skipped step's values are dropped) and send
         ``on_distillation_step`` to the callbacks that define it."""
-        step = self.ledger.close_step(keep=not self._skip_this_step)
-        self._skip_this_step = False
+        step = self.ledger.close_step(keep=self._nonfinite.close_step())
         listeners = [cb for cb in self.callback_handler.callbacks if hasattr(cb, "on_distillation_step")]
         if not listeners:
             return
@@ -547,9 +378,9 @@ class DistillationTrainer(Trainer):
         if self.args.teacher_eval_metrics:  # measured once per evaluation set, merged into every result
             if metric_key_prefix not in self._teacher_metrics:
                 teacher_metrics = {}
-                for index in range(len(self.teachers)):  # eval_teacher_* (one teacher) or eval_teacher<i>_*
-                    prefix = f"{metric_key_prefix}_teacher" + (str(index) if len(self.teachers) > 1 else "")
-                    teacher_metrics.update(self.evaluate_teacher(eval_dataset, ignore_keys, prefix, index))
+                for slot in self._slots:  # eval_teacher_* (one teacher) or eval_teacher<i>_*
+                    prefix = f"{metric_key_prefix}_teacher" + (str(slot.index) if len(self._slots) > 1 else "")
+                    teacher_metrics.update(self.evaluate_teacher(eval_dataset, ignore_keys, prefix, slot.index))
                 self._teacher_metrics[metric_key_prefix] = teacher_metrics
             metrics.update(self._teacher_metrics[metric_key_prefix])
         return metrics
@@ -599,9 +430,9 @@ class DistillationTrainer(Trainer):
         """The trained teacher-side parameters by name (``<teacher index>.<name>`` when there are several)."""
         trained = {id(p) for p in self._teacher_params}
         state = {}
-        for index, teacher in enumerate(self.teachers):
-            prefix = f"{index}." if len(self.teachers) > 1 else ""
-            state.update({prefix + n: p.detach() for n, p in unwrap(teacher).named_parameters() if id(p) in trained})
+        for slot in self._slots:
+            prefix = f"{slot.index}." if len(self._slots) > 1 else ""
+            state.update({prefix + n: p.detach() for n, p in slot.bare.named_parameters() if id(p) in trained})
         return state
 
     def _needed_state_files(self) -> list[str]:
@@ -679,98 +510,6 @@ class DistillationOutput(ModelOutput):
     logits: torch.Tensor | None = None
 
 
-class _StepEvents(TrainerCallback):
-    """The share of each optimizer step that Trainer only does for the student, for distiller and teacher-side
-    parameters: averages their gradients over processes before the step, clears them after it, and sends
-    ``on_distillation_step`` to the callbacks that define it.
-    """
-
-    def __init__(self, trainer: DistillationTrainer) -> None:
-        self.trainer = trainer
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        trainer, accelerator = self.trainer, self.trainer.accelerator
-        if accelerator.num_processes > 1:
-            for param in trainer.online_parameters():
-                if param.grad is not None:
-                    param.grad = accelerator.reduce(param.grad, reduction="mean")
-        if args.nonfinite_loss == "skip_step":
-            skip = torch.tensor(float(trainer._skip_this_step), device=args.device)
-            if accelerator.num_processes > 1:  # every process skips the same steps
-                skip = accelerator.reduce(skip, reduction="sum")
-            trainer._skip_this_step = bool(skip > 0)
-            if trainer._skip_this_step:  # no gradient, no update (optimizers leave parameters without .grad alone)
-                trainer._skipped_steps += 1
-                for group in trainer.optimizer.param_groups:
-                    for param in group["params"]:
-                        param.grad = None
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        for param in self.trainer.online_parameters():
-            param.grad = None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._end_step(args, state, control)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.trainer._step_counts = None  # compute_loss outside training normalises each batch on its own
-
-
-def _view(model: nn.Module, task, outputs, head_input, head) -> ModelView:
-    logits = None if head_input is not None else getattr(outputs, "logits", None)
-    return ModelView(
-        model=model,
-        task=task,
-        logits=logits,
-        hidden_states=getattr(outputs, "hidden_states", None),
-        attentions=getattr(outputs, "attentions", None),
-        head_input=head_input,
-        head=head,
-    )
-
-
-def _nonfinite_cause(trainer: DistillationTrainer, student: ModelView, teachers) -> str:
-    """The likely cause of a non-finite loss (knobs are finite: they are checked when given), read off the outputs of
-    the step that produced it."""
-    for index, view in enumerate(teachers):
-        out = None if view is None else (view.logits if view.logits is not None else view.head_input)
-        if out is None:
-            continue
-        role = "teacher" if len(teachers) == 1 else f"teacher {index}"
-        if bool(torch.isnan(out).any() | torch.isposinf(out).any()):
-            hint = " fp16 overflow? Use teacher_dtype='bfloat16' (or float32)." if out.dtype == torch.float16 else ""
-            return f"The {role}'s outputs are not finite (NaN or +inf in {out.dtype}).{hint}"
-        if bool(torch.isneginf(out).any()):
-            return (
-                f"The {role}'s logits are -inf at some entries (a masked vocabulary), where reverse KL and logit MSE "
-                f"are infinite by definition; use kl, jsd, tvd, skew_kl or skew_reverse_kl there, which take "
-                f"0 * log 0 = 0."
-            )
-        if next(view.model.parameters()).dtype == torch.float16:
-            return (f"The {role} runs in float16, whose logits overflow above 65504: fp16 overflow? Use "
-                    f"teacher_dtype='bfloat16' (or float32).")
-    out = student.logits if student.logits is not None else student.head_input
-    if out is not None and not bool(torch.isfinite(out).all()):
-        return ("The student's outputs are not finite: training diverged (lower learning_rate, set max_grad_norm) or "
-                "its dtype overflows.")
-    return "Check the learning rate and this batch's inputs."
-
-
-def _teacher_list(teacher_model) -> list[nn.Module]:
-    if teacher_model is None:
-        return []
-    if isinstance(teacher_model, nn.Module):
-        return [teacher_model]
-    teachers = list(teacher_model)
-    if not teachers or not all(isinstance(t, nn.Module) for t in teachers):
-        raise TypeError("`teacher_model` is a model or a non-empty list of models.")
-    return teachers
-
-
-def _autograd_safe(tensors):
-    return None if tensors is None else tuple(t.clone() for t in tensors)
-
-
 def _unique_keys(distillers: Sequence[Distiller]) -> list[str]:
     """Registry names, numbered when a name repeats (``kl``, ``kl_2``); used in logs as ``loss/<key>``."""
     keys, seen = [], {}
@@ -779,10 +518,3 @@ def _unique_keys(distillers: Sequence[Distiller]) -> list[str]:
         seen[name] = seen.get(name, 0) + 1
         keys.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
     return keys
-
-
-def _union(requirements) -> Requirements:
-    result = Requirements(teacher=False)
-    for requirement in requirements:
-        result = result | requirement
-    return result

@@ -112,7 +112,7 @@ def test_teacher_that_masks_logits_in_forward_falls_back_from_the_fused_path(tmp
                                                 hard_label_weight=0.0, learning_rate=0.0),
                                   distillers=[{"name": "kl"}])
     assert trainer._fused_lm
-    with caplog.at_level(logging.WARNING, logger="hf_kd.trainer"):
+    with caplog.at_level(logging.WARNING, logger="hf_kd.checks"):
         trainer.train()
     assert not trainer._fused_lm
     assert "plain logits path" in caplog.text
@@ -189,7 +189,7 @@ def test_skip_step_leaves_the_weights_untouched_and_counts_the_step(tmp_path):
     unchanged = all(torch.equal(snapshots[1][n], snapshots[0][n]) for n in snapshots[0])
     assert unchanged, "the skipped step must not update the student"
     assert any(not torch.equal(snapshots[2][n], snapshots[1][n]) for n in snapshots[0])
-    assert trainer._skipped_steps == 1
+    assert trainer._nonfinite.skipped_steps == 1
     logged = [log for log in trainer.state.log_history if "loss" in log]
     assert logged[1]["skipped_steps"] == 1
     assert all(math.isfinite(log["loss/nan_at_step"]) for log in logged if "loss/nan_at_step" in log)
@@ -238,7 +238,7 @@ def test_kl_beside_dualde_stage_1_leaves_the_teacher_bitwise_unchanged(tmp_path)
     trainer = DistillationTrainer(model=bert(seed=1), teacher_model=teacher, train_dataset=text_classification_data(),
                                   args=args_for(str(tmp_path), max_steps=3, learning_rate=1e-1),
                                   distillers=[{"name": "kl"}, {"name": "dualde", "stage2_step": 100}])
-    assert not trainer._teacher_frozen[0]  # dualde declared teacher parameters: the teacher runs with autograd
+    assert not trainer._slots[0].frozen  # dualde declared teacher parameters: the teacher runs with autograd
     trainer.train()
     assert all(torch.equal(p, before[n]) for n, p in teacher.named_parameters())
 
@@ -300,6 +300,6 @@ def test_a_term_that_swamps_the_others_is_named_once(tmp_path, caplog):
         args=args_for(str(tmp_path), max_steps=2, learning_rate=0.0),
         distillers=[{"name": "kl"}, {"name": "hidden_states", "weight": 1e6, "projector": "linear"}],
     )
-    with caplog.at_level(logging.WARNING, logger="hf_kd.trainer"):
+    with caplog.at_level(logging.WARNING, logger="hf_kd.checks"):
         trainer.train()
     assert caplog.text.count("The weighted term 'hidden_states'") == 1 and "loss='cosine'" in caplog.text

@@ -283,7 +283,7 @@ class Distiller(nn.Module):
         return initial
 
     def set_progress(self, step: int, max_steps: int | None) -> None:
-        """Apply every schedule for optimizer step ``step`` (called by ``ScheduleCallback``)."""
+        """Apply every schedule for optimizer step ``step`` (called by the trainer as each step begins)."""
         self.global_step = step
         for attr, schedule in self.schedules.items():
             setattr(self, attr, schedule(step, max_steps))

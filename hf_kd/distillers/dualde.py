@@ -36,7 +36,7 @@ class DualDEDistiller(Distiller):
         v(x)  = sigmoid(beta * (p_s(y|x) - c))                 detached
         L_T   = mean_x [ v(x) * T^2 KL(p_s^T || p_t^T) + (1 - v(x)) * CE(y, p_t) ]   (student logits detached)
 
-    The stage is set in ``set_progress`` from the trainer's ``global_step`` (driven by ``ScheduleCallback``), so a run
+    The stage is set in ``set_progress`` from the trainer's ``global_step`` (set as each step begins), so a run
     resumed from a checkpoint switches at the same step. The teacher-side parameters are declared from the start
     (the optimizer is built once), but in stage 1 the teacher's logits are detached: they get no gradient and the
     optimizer leaves them bitwise unchanged. ``stage2_step=None``: stage 1 only (the teacher stays frozen and runs
