@@ -11,15 +11,15 @@ or DeiT's distillation token. Default: scikit-learn's 8x8 digits, on CPU in abou
 3. Student: ``--student`` or a ViT from the ``student_*`` fields (with ``--deit hard|soft``: a
    ``DeiTForImageClassificationWithTeacher``, i.e. a DeiT with a class token + head and a distillation token + head,
    whose ``logits`` are the mean of the two heads).
-4. Baseline (``--baseline``): the same student, same initialisation, seed and steps, cross-entropy only (with
-   ``deit``: a ``DeiTForImageClassification`` holding the student's initial weights, class head only).
-5. Distillation with ``distillers`` (default: ``kl`` at T=2 plus the student's cross-entropy) or, with ``deit``,
-   the ``deit`` distiller alone (it holds the class head's cross-entropy, so ``hard_label_weight`` is set to 0).
-6. Writes ``results.json`` / ``results.md`` (params, size on disk, latency, accuracy of teacher, baseline and
-   student), ``history.png`` (loss components and eval accuracy over steps), and ``student/`` (the student with its
-   image processor and model card; ``AutoModelForImageClassification.from_pretrained`` loads it).
+4. ``hf_kd.recipes.run_recipe``: the baseline (``--baseline``), the same student, same initialisation, seed and
+   steps, cross-entropy only (with ``deit``: a ``DeiTForImageClassification`` holding the student's initial
+   weights, class head only); distillation with ``distillers`` (default: ``kl`` at T=2 plus the student's
+   cross-entropy) or, with ``deit``, the ``deit`` distiller alone (it holds the class head's cross-entropy, so
+   ``hard_label_weight`` is set to 0). It writes ``results.json`` / ``results.md`` (params, size on disk, latency,
+   accuracy of teacher, baseline and student), ``history.png`` (loss components and eval accuracy over steps), and
+   ``student/`` (the student with its image processor and model card; ``AutoModelForImageClassification`` loads it).
 
-Run::
+The defaults are ``vit_image_classification.yaml``, the one place they are set. Run::
 
     python recipes/vit_image_classification.py                            # digits, kl: the main job
     python recipes/vit_image_classification.py --deit hard                # DeiT distillation token
@@ -33,10 +33,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -60,25 +58,19 @@ from transformers import (
 from hf_kd import DistillationArguments, build_distiller
 from hf_kd.recipes import (
     ModelResult,
+    PhaseTimer,
     Recipe,
     RecipeArguments,
-    cached_model,
+    Teacher,
+    class_ids,
     classification_metrics,
-    count_parameters,
-    distil,
-    evaluate_model,
     has_labels,
     label_config,
     label_names,
     load_splits,
-    measure_latency,
-    phase_arguments,
-    plot_history,
     require_columns,
-    size_on_disk,
-    train_plain,
-    write_model_card,
-    write_results,
+    run_recipe,
+    train_teacher,
 )
 
 NAME = "vit_image_classification"
@@ -89,42 +81,38 @@ DIGITS_RESCALE = 1 / (16 * DIGITS_LEVEL)
 DEIT_TYPES = ("none", "hard", "soft")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ViTArguments(RecipeArguments):
-    """The recipe's own settings (``RecipeArguments`` holds teacher/student/dataset/baseline/cache_dir...)."""
+    """The recipe's own settings (``RecipeArguments`` holds teacher/student/dataset/baseline/cache_dir...); values:
+    vit_image_classification.yaml."""
 
-    image_column: str = field(default="image", metadata={"help": "Column of the dataset's images (PIL images)."})
-    label_column: str = field(default="label", metadata={"help": "Column of the dataset's class labels."})
+    image_column: str = field(metadata={"help": "Column of the dataset's images (PIL images)."})
+    label_column: str = field(metadata={"help": "Column of the dataset's class labels."})
     image_size: int | None = field(
-        default=None,
         metadata={"help": "Side of the square images the models see (the processor resizes to it). None: the size of "
                   "--teacher's image processor, else 8 (the digits)."},
     )
     num_channels: int | None = field(
-        default=None,
         metadata={"help": "1 (images converted to grayscale) or 3 (RGB). None: --teacher's, else 1 (the digits)."},
     )
-    patch_size: int | None = field(
-        default=None, metadata={"help": "Patch side of the ViTs built from spec. None: --teacher's, else 2."}
-    )
-    teacher_layers: int = field(default=4, metadata={"help": "Layers of the teacher built from spec."})
-    teacher_hidden: int = field(default=64, metadata={"help": "Hidden size of the teacher built from spec."})
-    teacher_heads: int = field(default=4, metadata={"help": "Attention heads of the teacher built from spec."})
-    teacher_intermediate: int = field(default=128, metadata={"help": "MLP size of the teacher built from spec."})
-    student_layers: int = field(default=1, metadata={"help": "Layers of the student built from spec."})
-    student_hidden: int = field(default=32, metadata={"help": "Hidden size of the student built from spec."})
-    student_heads: int = field(default=2, metadata={"help": "Attention heads of the student built from spec."})
-    student_intermediate: int = field(default=64, metadata={"help": "MLP size of the student built from spec."})
+    patch_size: int | None = field(metadata={"help": "Patch side of the ViTs built from spec. None: --teacher's, else 2."})
+    teacher_layers: int = field(metadata={"help": "Layers of the teacher built from spec."})
+    teacher_hidden: int = field(metadata={"help": "Hidden size of the teacher built from spec."})
+    teacher_heads: int = field(metadata={"help": "Attention heads of the teacher built from spec."})
+    teacher_intermediate: int = field(metadata={"help": "MLP size of the teacher built from spec."})
+    student_layers: int = field(metadata={"help": "Layers of the student built from spec."})
+    student_hidden: int = field(metadata={"help": "Hidden size of the student built from spec."})
+    student_heads: int = field(metadata={"help": "Attention heads of the student built from spec."})
+    student_intermediate: int = field(metadata={"help": "MLP size of the student built from spec."})
     deit: str = field(
-        default="none",
         metadata={"help": "DeiT distillation token: `none` (a ViT student, `distillers` as given), `hard` or `soft` "
                   "(a DeiTForImageClassificationWithTeacher student trained with the `deit` distiller only, "
                   "hard_label_weight=0).", "choices": list(DEIT_TYPES)},
     )
-    deit_alpha: float = field(default=0.5, metadata={"help": "deit: share of the teacher term (DeiT code: 0.5)."})
-    deit_temperature: float = field(default=1.0, metadata={"help": "deit soft: temperature tau (DeiT code: 1)."})
-    teacher_epochs: float = field(default=40.0, metadata={"help": "Epochs of teacher training."})
-    teacher_finetune_learning_rate: float = field(default=2e-3, metadata={"help": "Learning rate of teacher training."})
+    deit_alpha: float = field(metadata={"help": "deit: share of the teacher term (DeiT code: 0.5)."})
+    deit_temperature: float = field(metadata={"help": "deit soft: temperature tau (DeiT code: 1)."})
+    teacher_epochs: float = field(metadata={"help": "Epochs of teacher training."})
+    teacher_finetune_learning_rate: float = field(metadata={"help": "Learning rate of teacher training."})
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
@@ -156,25 +144,19 @@ def image_processor(image_size: int, num_channels: int, rescale_factor: float = 
                                 image_std=[0.5] * num_channels)
 
 
-def preprocess(dataset: Dataset, processor: Any, args: ViTArguments, labels: list[str], num_channels: int) -> Dataset:
+def preprocess(dataset: Dataset, processor: Any, args: ViTArguments, labels: list[str], num_channels: int,
+               split: str) -> Dataset:
     """``pixel_values`` (through ``processor``) and ``labels`` (class ids in ``labels``) of every example."""
     require_columns(dataset, image_column=args.image_column, label_column=args.label_column)
-    feature = dataset.features[args.label_column]
-    ids = {name: index for index, name in enumerate(labels)}
+    ids = class_ids(dataset, args.label_column, labels, split)
     mode = {1: "L", 3: "RGB"}[num_channels]
 
     def transform(batch: dict[str, list]) -> dict[str, Any]:
         images = [image.convert(mode) for image in batch[args.image_column]]
-        raw = batch[args.label_column]
-        names = [feature.int2str(v) if isinstance(feature, ClassLabel) else str(v) for v in raw]
-        unknown = sorted(set(names) - set(ids))
-        if unknown:
-            raise ValueError(f"Labels {unknown} of `{args.label_column}` are not among the train split's {labels}.")
-        return {"pixel_values": processor(images, return_tensors="np")["pixel_values"],
-                "labels": [ids[name] for name in names]}
+        return {"pixel_values": processor(images, return_tensors="np")["pixel_values"]}
 
     processed = dataset.map(transform, batched=True, remove_columns=dataset.column_names)
-    return processed.with_format("torch")
+    return processed.add_column("labels", ids).with_format("torch")
 
 
 # ---- models -----------------------------------------------------------------------------------------------------
@@ -275,139 +257,70 @@ def build_student(args: ViTArguments, setting: Setting, seed: int, options: dict
     return student
 
 
-def distillation_arguments(args: ViTArguments, training_args: DistillationArguments, output_dir: Path,
-                           train_size: int) -> DistillationArguments:
+def distillation_arguments(args: ViTArguments, training_args: DistillationArguments) -> DistillationArguments:
     """The distillation phase's arguments: ``distillers`` as given, or the ``deit`` distiller alone."""
-    phase = phase_arguments(training_args, output_dir=output_dir / "distillation", train_size=train_size)
     if args.deit == "none":
-        return phase
+        return training_args
     spec = {"name": "deit", "distillation_type": args.deit, "alpha": args.deit_alpha,
             "temperature": args.deit_temperature}
-    return dataclasses.replace(phase, distillers=[spec], hard_label_weight=0.0)
+    return dataclasses.replace(training_args, distillers=[spec], hard_label_weight=0.0)
 
 
-def model_result(name: str, model: PreTrainedModel, path: Path, metrics: dict[str, float], batch: dict,
-                 train_seconds: float | None) -> ModelResult:
-    """One row of the results: params, size on disk, latency on ``batch``, accuracy and training time."""
-    return ModelResult(name=name, params=count_parameters(model), size_on_disk_bytes=size_on_disk(path),
-                       latency_ms=measure_latency(model, batch), metrics={"accuracy": metrics["eval_accuracy"]},
-                       train_seconds=train_seconds)
-
-
-def run(args: ViTArguments, training_args: DistillationArguments) -> dict[str, Any]:
-    """Teacher (trained or loaded), baseline, distilled student; results, plot, saved student and model card."""
+def run(args: ViTArguments, training_args: DistillationArguments) -> dict:
+    """Teacher (trained or loaded) and student from the data, then the shared ``run_recipe``."""
     if args.deit not in DEIT_TYPES:
         raise ValueError(f"deit={args.deit!r}; set it to one of {', '.join(DEIT_TYPES)}.")
-    start = time.perf_counter()
-    output_dir = Path(training_args.output_dir)
+    timer = PhaseTimer()
     raw_train, raw_eval = load_splits(args, digits_splits)
     setting = resolve_setting(args, raw_train)
-    train, evaluation = (preprocess(d, setting.processor, args, setting.labels, setting.num_channels)
-                         for d in (raw_train, raw_eval))
+    train, evaluation = (preprocess(d, setting.processor, args, setting.labels, setting.num_channels, split)
+                         for d, split in ((raw_train, "train"), (raw_eval, "eval")))
     # Models without `labels` in forward (DeiT with teacher) need label_names to keep and report the labels.
     training_args = dataclasses.replace(training_args, label_names=["labels"])
     data = dict(train_dataset=train, eval_dataset=evaluation, compute_metrics=classification_metrics,
                 processing_class=setting.processor)
-    histories: dict[str, list[dict]] = {}
-    seconds: dict[str, float] = {}
 
-    def build_teacher(folder: Path) -> None:
+    def build_teacher() -> PreTrainedModel:
         if args.teacher is None:
-            teacher = vit_from_spec(args.teacher_layers, args.teacher_hidden, args.teacher_heads,
-                                    args.teacher_intermediate, image_size=setting.image_size,
-                                    patch_size=setting.patch_size, num_channels=setting.num_channels,
-                                    labels=setting.labels, seed=training_args.seed)
-        else:
-            torch.manual_seed(training_args.seed)
-            teacher = AutoModelForImageClassification.from_pretrained(args.teacher, **label_config(setting.labels),
-                                                                  ignore_mismatched_sizes=True)
-        phase = phase_arguments(training_args, output_dir=output_dir / "teacher", epochs=args.teacher_epochs,
-                                learning_rate=args.teacher_finetune_learning_rate, train_size=len(train))
-        began = time.perf_counter()
-        trainer = train_plain(teacher, phase, **data)
-        seconds["teacher"] = time.perf_counter() - began
-        histories["teacher"] = trainer.state.log_history
-        trainer.save_model(str(folder))
+            return vit_from_spec(args.teacher_layers, args.teacher_hidden, args.teacher_heads,
+                                 args.teacher_intermediate, image_size=setting.image_size,
+                                 patch_size=setting.patch_size, num_channels=setting.num_channels,
+                                 labels=setting.labels, seed=training_args.seed)
+        torch.manual_seed(training_args.seed)
+        return AutoModelForImageClassification.from_pretrained(args.teacher, **label_config(setting.labels),
+                                                               ignore_mismatched_sizes=True)
 
-    teacher_path = Path(args.teacher) if args.teacher else None
-    if args.teacher is None or not has_labels(AutoConfig.from_pretrained(args.teacher), setting.labels):
-        teacher_path = cached_model(args.cache_dir, teacher_key(args, training_args, setting), build_teacher)
-    distil_args = distillation_arguments(args, training_args, output_dir, len(train))
+    distil_args = distillation_arguments(args, training_args)
     options = loading_options(distil_args.distillers)
-    teacher = AutoModelForImageClassification.from_pretrained(str(teacher_path), **options)
-    teacher_metrics = evaluate_model(teacher, phase_arguments(training_args, output_dir=output_dir / "teacher"),
-                                     evaluation, classification_metrics)
-    if not teacher_path.is_dir():  # a Hub teacher: save it to measure its size on disk
-        teacher_path = output_dir / "teacher_model"
-        teacher.save_pretrained(str(teacher_path))
-
+    name = args.teacher or "ViT teacher trained by the recipe"
+    with timer.phase("teacher"):
+        if args.teacher is not None and has_labels(AutoConfig.from_pretrained(args.teacher), setting.labels):
+            teacher = Teacher(AutoModelForImageClassification.from_pretrained(args.teacher, **options), args.teacher,
+                              name)
+        else:
+            teacher = train_teacher(build_teacher, lambda path: AutoModelForImageClassification.from_pretrained(
+                path, **options), name, args, training_args, teacher_key(args, training_args, setting), **data)
     student = build_student(args, setting, training_args.seed, options)
-    batch = {"pixel_values": evaluation[: min(32, len(evaluation))]["pixel_values"]}
-    results = {"teacher": model_result("teacher", teacher, teacher_path, teacher_metrics, batch,
-                                       seconds.get("teacher"))}
-    if args.baseline:
-        baseline = classifier_only(student) if args.deit != "none" else copy.deepcopy(student)
-        began = time.perf_counter()
-        trainer = train_plain(baseline, phase_arguments(training_args, output_dir=output_dir / "baseline",
-                                                        train_size=len(train)), **data)
-        seconds["baseline"] = time.perf_counter() - began
-        histories["baseline"] = trainer.state.log_history
-        trainer.save_model(str(output_dir / "baseline"))
-        results["baseline"] = model_result("baseline (no KD)", baseline, output_dir / "baseline", trainer.evaluate(),
-                                           batch, seconds["baseline"])
+    baseline = None if not args.baseline else classifier_only(student) if args.deit != "none" else copy.deepcopy(student)
 
-    began = time.perf_counter()
-    trainer = distil(student, teacher, distil_args, **data)
-    seconds["distillation"] = time.perf_counter() - began
-    histories["distillation"] = trainer.state.log_history
-    student_dir = output_dir / "student"
-    trainer.save_model(str(student_dir))
-    results["student"] = model_result("student (KD)", trainer.model, student_dir, trainer.evaluate(), batch,
-                                      seconds["distillation"])
+    def notes(results: Mapping[str, ModelResult]) -> list[str]:
+        size = f"{setting.image_size}x{setting.image_size}x{setting.num_channels}"
+        return [f"Distillers: `{distil_args.distillers}`, hard_label_weight={distil_args.hard_label_weight}; "
+                f"deit={args.deit}.",
+                f"Data: {args.dataset or 'scikit-learn digits (1,437 / 360 stratified split)'}; {len(train)} train / "
+                f"{len(evaluation)} eval images of {size}.",
+                f"Teacher: {teacher.path}. Latency: median of one forward of {min(32, len(evaluation))} images.",
+                f"Compression: {results['teacher'].params / results['student'].params:.1f}x fewer parameters."]
 
-    notes = [f"Distillers: `{distil_args.distillers}`, hard_label_weight={distil_args.hard_label_weight}; "
-             f"deit={args.deit}.",
-             f"Data: {args.dataset or 'scikit-learn digits (1,437 / 360 stratified split)'}; {len(train)} train / "
-             f"{len(evaluation)} eval images of {setting.image_size}x{setting.image_size}x{setting.num_channels}.",
-             f"Teacher: {teacher_path}. Latency: median of one forward of {len(batch['pixel_values'])} images.",
-             f"Compression: {results['teacher'].params / results['student'].params:.1f}x fewer parameters."]
-    json_path, md_path = write_results(output_dir, results, notes)
-    plot_path = plot_history(histories, output_dir / "history.png", "accuracy")
-    card = write_model_card(student_dir, recipe=NAME, teacher=args.teacher or "ViT teacher trained by the recipe",
-                            dataset=args.dataset or "scikit-learn digits", distillers=distil_args.distillers,
-                            results=results)
-    wall = time.perf_counter() - start
-    phases = ", ".join(f"{phase} {value:.0f} s" for phase, value in seconds.items())
-    print(md_path.read_text() + f"\nStudent saved to {student_dir}; training {phases}; wall time {wall:.0f} s.")
-    return {"results": results, "student_path": str(student_dir), "teacher_path": str(teacher_path),
-            "results_json": str(json_path), "results_md": str(md_path), "plot": str(plot_path),
-            "model_card": str(card), "phase_seconds": seconds,
-            "wall_seconds": wall}
+    return run_recipe(
+        NAME, training_args, teacher=teacher, student=student, baseline=baseline, **data, distillation_args=distil_args,
+        metrics=("accuracy",), latency_batch={"pixel_values": evaluation[:32]["pixel_values"]},
+        labels={"baseline": "baseline (no KD)", "student": "student (KD)"},
+        dataset=args.dataset or "scikit-learn digits", notes=notes, plot_metric="accuracy", timer=timer,
+    )
 
 
-RECIPE = Recipe(
-    name=NAME,
-    arguments=ViTArguments,
-    run=run,
-    training_defaults={
-        "output_dir": f"outputs/{NAME}",
-        "distillers": [{"name": "kl", "temperature": 2.0}],
-        "hard_label_weight": 1.0,
-        "num_train_epochs": 40,
-        "learning_rate": 2e-3,
-        "per_device_train_batch_size": 32,
-        "per_device_eval_batch_size": 256,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 0.05,
-        "weight_decay": 0.01,
-        "logging_steps": 50,
-        "eval_strategy": "steps",
-        "eval_steps": 300,
-        "save_strategy": "no",
-        "report_to": [],
-        "seed": 0,
-    },
-)
+RECIPE = Recipe.for_script(__file__, ViTArguments, run)
 
 if __name__ == "__main__":
     # The default models are tiny: a second thread barely helps, and stalls every step when another process shares

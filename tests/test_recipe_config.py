@@ -53,8 +53,8 @@ RECIPE = Recipe(
     name="toy",
     arguments=ToyArguments,
     run=run,
-    training_defaults={"output_dir": "OUTPUT", "learning_rate": 1e-3, "report_to": [],
-                       "distillers": [{"name": "kl", "temperature": 2.0}]},
+    defaults={"output_dir": "OUTPUT", "learning_rate": 1e-3, "report_to": [],
+              "distillers": [{"name": "kl", "temperature": 2.0}]},
 )
 '''
 
@@ -109,7 +109,7 @@ def test_unknown_keys_are_named_with_suggestions(toy):
 def test_recipe_rejects_clashing_fields_and_unknown_training_defaults(toy):
     recipe, _ = toy
     with pytest.raises(ValueError, match=r"\['hiden'\] are not DistillationArguments fields"):
-        Recipe(name="bad", arguments=recipe.arguments, run=recipe.run, training_defaults={"hiden": 1})
+        Recipe(name="bad", arguments=recipe.arguments, run=recipe.run, defaults={"hiden": 1})
 
 
 def test_yaml_round_trip(toy):

