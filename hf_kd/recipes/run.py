@@ -6,7 +6,7 @@ A recipe script prepares the pieces (data, teacher, student, how to measure a mo
     baseline/        the student trained without distillation (when a baseline is given)
     student/         the distilled student, its processing class and model card (README.md)
     results.json     {role: name, params, size_on_disk_bytes, latency_ms, metrics, train_seconds, extra fields}
-    results.md       the same as a table, then the notes and the wall seconds per phase
+    results.md       the same as a table, then the notes, the compression and the wall seconds per phase
     history.png      training loss components and the plotted eval metric over steps, per phase
 """
 
@@ -139,6 +139,7 @@ def run_recipe(
 
     seconds = {**timer.seconds, "total": timer.elapsed()}
     lines = [*(notes(results) if callable(notes) else notes),
+             f"Compression: {results['teacher'].params / results['student'].params:.1f}x fewer parameters.",
              "Wall seconds per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + "."]
     json_path, md_path = write_results(output_dir, results, lines)
     plot = plot_history(histories, output_dir / "history.png", plot_metric)
