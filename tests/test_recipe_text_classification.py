@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel, BertTokenizer
 
 from hf_kd.cli import main as cli_main
-from hf_kd.recipes import load_config, load_recipe
+from hf_kd.recipes import RunOutput, load_config, load_recipe
 
 CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "text_classification.yaml"
 RECIPE = load_recipe(CONFIG)
@@ -117,6 +117,7 @@ def test_embedded_assets_and_teacher_cache(tmp_path, capsys):
 def test_tiny_teacher_local_csv(tiny, tmp_path, capsys):
     result = RECIPE.main(tiny_argv(tiny, tmp_path))
     data = check_run(result)
+    assert set(result) == set(RunOutput.__annotations__)  # the shared run's one result shape
     assert data["teacher"]["name"] == "teacher" and data["teacher"]["train_seconds"] > 0  # fine-tuned here
     assert result["student"].config.id2label == {0: "money", 1: "music", 2: "sport"}
     assert (result["student"].config.hidden_size, result["student"].config.num_hidden_layers) == (16, 2)
