@@ -99,6 +99,7 @@ class TextClassificationArguments(RecipeArguments):
     student_intermediate_size: int = field(metadata={"help": "MLP width of the random-init student."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.student_init not in STUDENT_INITS:
             raise ValueError(f"`student_init` is {self.student_init!r}; set it to one of {', '.join(STUDENT_INITS)}.")
 

@@ -152,3 +152,11 @@ def test_yaml_spells_out_the_script_defaults():
     config = load_config(CONFIG)
     assert RECIPE.parse_dict(config) == RECIPE.parse_argv([])
     assert set(config) == set(RECIPE.to_dict(*RECIPE.parse_argv([])))  # every setting is in the YAML
+
+
+def test_shared_checks_run_too(tmp_path):
+    """The recipe's own check (student_init) does not replace RecipeArguments' (paths, eval_fraction)."""
+    with pytest.raises(FileNotFoundError, match="`dataset`='./no_such.csv' looks like a local path"):
+        RECIPE.parse_dict({"dataset": "./no_such.csv"})
+    with pytest.raises(ValueError, match="`eval_fraction` must lie in"):
+        RECIPE.parse_argv(["--eval_fraction", "1.5"])
