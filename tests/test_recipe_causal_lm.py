@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hf_kd.cli import main as cli_main
-from hf_kd.recipes import load_config, load_recipe
+from hf_kd.recipes import RunOutput, load_config, load_recipe
 
 CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "causal_lm.yaml"
 RECIPE = load_recipe(CONFIG)
@@ -96,6 +96,7 @@ def test_tiny_run_from_a_local_file(tiny, tmp_path):
     args, training_args = RECIPE.parse_dict(tiny_config(tiny, tmp_path))
     result = MODULE.run(args, training_args)
     results = check_run(result, tmp_path / "out", block_size=16)
+    assert set(result) == set(RunOutput.__annotations__)  # the shared run's one result shape
     assert result["teacher_path"] == str(tiny["teacher"])
     assert results["student"]["params"] == sum(p.numel() for p in result["student"].parameters())
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from hf_kd.cli import main as cli_main
 from hf_kd.recipes import (
     ModelResult,
     Recipe,
+    RecipeArguments,
     cached_model,
     count_parameters,
     dump_config,
@@ -53,8 +56,8 @@ RECIPE = Recipe(
     name="toy",
     arguments=ToyArguments,
     run=run,
-    training_defaults={"output_dir": "OUTPUT", "learning_rate": 1e-3, "report_to": [],
-                       "distillers": [{"name": "kl", "temperature": 2.0}]},
+    defaults={"output_dir": "OUTPUT", "learning_rate": 1e-3, "report_to": [],
+              "distillers": [{"name": "kl", "temperature": 2.0}]},
 )
 '''
 
@@ -109,7 +112,7 @@ def test_unknown_keys_are_named_with_suggestions(toy):
 def test_recipe_rejects_clashing_fields_and_unknown_training_defaults(toy):
     recipe, _ = toy
     with pytest.raises(ValueError, match=r"\['hiden'\] are not DistillationArguments fields"):
-        Recipe(name="bad", arguments=recipe.arguments, run=recipe.run, training_defaults={"hiden": 1})
+        Recipe(name="bad", arguments=recipe.arguments, run=recipe.run, defaults={"hiden": 1})
 
 
 def test_yaml_round_trip(toy):
@@ -134,6 +137,39 @@ def test_every_shipped_recipe_config_round_trips(name):
     dumped = dump_config(recipe.to_dict(*parsed))
     assert recipe.parse_dict(yaml.safe_load(dumped)) == parsed
     assert recipe.parse_argv([]) == parsed
+
+
+@pytest.mark.parametrize("name", ["text_classification", "causal_lm", "vit_image_classification"])
+def test_shipped_recipe_defaults_live_only_in_its_yaml(name):
+    """A shipped recipe's settings are written once, in its YAML: the fields its dataclass adds (or redeclares) carry
+    types and help and no defaults, ``Recipe.for_script`` reads the YAML, so the script's flags, ``hf-kd run`` and
+    Python start from the same values, and ``--help`` shows them beside the help texts."""
+    path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml"
+    recipe, config = load_recipe(path), load_config(path)
+    assert recipe.name == name and list(recipe.defaults) == list(config)
+    assert recipe.parse_argv([]) == recipe.parse_dict({}) == recipe.parse_dict(config)
+    shared = {f.name: f.default for f in dataclasses.fields(RecipeArguments)}
+    own = [f for f in dataclasses.fields(recipe.arguments) if f.name not in shared or f.default != shared[f.name]]
+    assert own and all(f.default is f.default_factory is dataclasses.MISSING for f in own)
+    assert {f.name for f in dataclasses.fields(recipe.arguments)} <= set(config)  # every setting spelled out
+    usage = " ".join(recipe.parser().format_help().split())
+    for f in own:
+        assert f"{' '.join(f.metadata['help'].split())} (default: {config[f.name]})" in usage
+
+
+@dataclass(kw_only=True)
+class WidthArguments(RecipeArguments):
+    width: int = field(metadata={"help": "Width of the model."})
+
+
+def test_recipe_needs_a_value_for_every_setting_without_a_default(toy):
+    recipe, _ = toy
+    with pytest.raises(ValueError, match=r"settings \['width'\] have no value; set them in the recipe's YAML"):
+        Recipe(name="bad", arguments=WidthArguments, run=recipe.run, defaults={"output_dir": "x"})
+    good = Recipe(name="good", arguments=WidthArguments, run=recipe.run, defaults={"width": "3", "output_dir": "x"})
+    assert good.defaults == {"width": 3, "output_dir": "x"}  # converted to the fields' types
+    assert good.parse_argv([]) == good.parse_dict({}) and good.parse_argv([])[0].width == 3
+    assert good.parse_argv(["--width", "5"])[0].width == 5
 
 
 def test_argv_agrees_with_dict(toy):

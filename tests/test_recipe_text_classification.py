@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel, BertTokenizer
 
 from hf_kd.cli import main as cli_main
-from hf_kd.recipes import load_config, load_recipe
+from hf_kd.recipes import RunOutput, load_config, load_recipe
 
 CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "text_classification.yaml"
 RECIPE = load_recipe(CONFIG)
@@ -117,6 +117,7 @@ def test_embedded_assets_and_teacher_cache(tmp_path, capsys):
 def test_tiny_teacher_local_csv(tiny, tmp_path, capsys):
     result = RECIPE.main(tiny_argv(tiny, tmp_path))
     data = check_run(result)
+    assert set(result) == set(RunOutput.__annotations__)  # the shared run's one result shape
     assert data["teacher"]["name"] == "teacher" and data["teacher"]["train_seconds"] > 0  # fine-tuned here
     assert result["student"].config.id2label == {0: "money", 1: "music", 2: "sport"}
     assert (result["student"].config.hidden_size, result["student"].config.num_hidden_layers) == (16, 2)
@@ -151,3 +152,11 @@ def test_yaml_spells_out_the_script_defaults():
     config = load_config(CONFIG)
     assert RECIPE.parse_dict(config) == RECIPE.parse_argv([])
     assert set(config) == set(RECIPE.to_dict(*RECIPE.parse_argv([])))  # every setting is in the YAML
+
+
+def test_shared_checks_run_too(tmp_path):
+    """The recipe's own check (student_init) does not replace RecipeArguments' (paths, eval_fraction)."""
+    with pytest.raises(FileNotFoundError, match="`dataset`='./no_such.csv' looks like a local path"):
+        RECIPE.parse_dict({"dataset": "./no_such.csv"})
+    with pytest.raises(ValueError, match="`eval_fraction` must lie in"):
+        RECIPE.parse_argv(["--eval_fraction", "1.5"])

@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from hf_kd.cli import main as cli_main
-from hf_kd.recipes import load_config, load_recipe
+from hf_kd.recipes import RunOutput, load_config, load_recipe
 
 CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "vit_image_classification.yaml"
 ROLES = ("teacher", "baseline", "student")
@@ -100,6 +100,7 @@ def test_imagefolder_with_deit_hard(tmp_path):
                         eval_fraction=0.25, output_dir=str(output_dir), cache_dir=str(tmp_path / "cache"))
     check_results(output_dir)
     assert result["results"]["student"].name == "student (KD)"
+    assert set(result) == set(RunOutput.__annotations__)  # the shared run's one result shape
     config = json.loads((output_dir / "student" / "config.json").read_text())
     assert config["architectures"] == ["DeiTForImageClassificationWithTeacher"]
     assert sorted(config["id2label"].values()) == ["bright", "dark"]

@@ -1,7 +1,9 @@
-"""What the classification recipes share: class names, the config keywords that set them, and metrics."""
+"""What the classification recipes share: the task's classes (names, ids, the config keywords that set them) and
+metrics."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -9,23 +11,43 @@ from datasets import ClassLabel, Dataset
 from transformers import EvalPrediction
 
 
-def label_names(dataset: Dataset, column: str) -> list[str]:
-    """The class names of ``column``: a ``ClassLabel``'s names, else its sorted distinct values as strings."""
-    feature = dataset.features[column]
-    if isinstance(feature, ClassLabel):
-        return list(feature.names)
-    return [str(value) for value in sorted(set(dataset[column]))]
+@dataclass(frozen=True)
+class Classes:
+    """A classification task's classes in id order, as the train split has them: the keywords that give a model
+    these classes, whether a model already has them, and the class ids of a split's labels."""
 
+    names: list[str]
 
-def label_config(names: list[str]) -> dict[str, Any]:
-    """The config / ``from_pretrained`` keywords that give a classifier the classes ``names``."""
-    return {"num_labels": len(names), "id2label": dict(enumerate(names)),
-            "label2id": {name: i for i, name in enumerate(names)}}
+    @classmethod
+    def of(cls, dataset: Dataset, column: str) -> Classes:
+        """The classes of ``column``: a ``ClassLabel``'s names, else its sorted distinct values as strings."""
+        feature = dataset.features[column]
+        if isinstance(feature, ClassLabel):
+            return cls(list(feature.names))
+        return cls([str(value) for value in sorted(set(dataset[column]))])
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """The config / ``from_pretrained`` keywords that give a classifier these classes."""
+        return {"num_labels": len(self.names), "id2label": dict(enumerate(self.names)),
+                "label2id": {name: i for i, name in enumerate(self.names)}}
 
-def has_labels(config: Any, names: list[str]) -> bool:
-    """Whether a model with ``config`` already classifies into exactly ``names``, in that order."""
-    return [config.id2label.get(i) for i in range(config.num_labels)] == names
+    def match(self, config: Any) -> bool:
+        """Whether a model with ``config`` already classifies into exactly these classes, in this order."""
+        return [config.id2label.get(i) for i in range(config.num_labels)] == self.names
+
+    def ids(self, dataset: Dataset, column: str, split: str) -> list[int]:
+        """The class id of every example's ``column``: a ``ClassLabel``'s ids as they are, other values by their
+        string; an error names the values that are not among these classes."""
+        ids = {name: i for i, name in enumerate(self.names)}
+        raw = dataset[column]
+        values = raw if isinstance(dataset.features[column], ClassLabel) else [ids.get(str(v), -1) for v in raw]
+        unknown = sorted({str(v) for v, i in zip(raw, values) if not 0 <= i < len(self.names)})
+        if unknown:
+            raise ValueError(f"The {split} split has labels {unknown[:5]} (`label_column`={column!r}) that are not "
+                             f"among the train classes {self.names}; pick another `eval_split` (GLUE test labels are "
+                             "hidden, -1) or fix the data.")
+        return list(values)
 
 
 def classification_metrics(prediction: EvalPrediction) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """Recipe configuration: the shared ``RecipeArguments``, the ``Recipe`` object and YAML configs with overrides.
 
-One recipe run starts three ways, all reading the same dataclass fields::
+One recipe run starts three ways, all reading the same dataclass fields with the same defaults (a shipped recipe's
+YAML config, see :meth:`Recipe.for_script`)::
 
     python recipes/<name>.py --max_steps 5                 # Recipe.main (HfArgumentParser)
     hf-kd run recipes/<name>.yaml max_steps=5              # load_config + load_recipe + Recipe.parse_dict
@@ -139,45 +140,71 @@ def _plain(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A runnable recipe: its own arguments, its run function and its defaults for ``DistillationArguments``.
+    """A runnable recipe: its own arguments, its run function and the default value of every setting.
 
     Args:
         name: The recipe's name (``recipes/<name>.py``), shown in ``--help`` and model cards.
-        arguments: A :class:`RecipeArguments` subclass with the recipe's extra fields.
+        arguments: A :class:`RecipeArguments` subclass with the recipe's extra fields; a shipped recipe's carry
+            types and help texts only, their values come from ``defaults``.
         run: ``run(args, training_args) -> dict``: the whole recipe (training, evaluation, reports).
-        training_defaults: The recipe's defaults for ``DistillationArguments`` fields (``output_dir``,
-            ``learning_rate``, ``distillers``, ``report_to``, ...), applied under the command line / config.
+        defaults: The recipe's settings, recipe fields and ``DistillationArguments`` fields (``output_dir``,
+            ``learning_rate``, ``distillers``, ...) alike, converted to the fields' types and applied under the
+            command line / config. A shipped recipe's are its YAML config (:meth:`for_script`), so the script's
+            flags, ``hf-kd run`` and Python start from the same values.
     """
 
     name: str
     arguments: type
     run: Callable[[Any, DistillationArguments], dict]
-    training_defaults: Mapping[str, Any] = field(default_factory=dict)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.arguments, type) and issubclass(self.arguments, RecipeArguments)):
-            raise TypeError(f"Recipe {self.name!r}: `arguments` must be a RecipeArguments subclass, got {self.arguments!r}.")
-        training = set(_field_names(DistillationArguments))
-        clashes = sorted(training & set(_field_names(self.arguments)))
+            raise TypeError(f"Recipe {self.name!r}: `arguments` must be a RecipeArguments subclass, got "
+                            f"{self.arguments!r}.")
+        recipe, training = set(_field_names(self.arguments)), set(_field_names(DistillationArguments))
+        clashes = sorted(training & recipe)
         if clashes:
             raise ValueError(
                 f"Recipe {self.name!r}: fields {clashes} of {self.arguments.__name__} clash with DistillationArguments "
                 "fields of the same name; rename them in the recipe's arguments."
             )
-        unknown = sorted(set(self.training_defaults) - training)
+        unknown = sorted(set(self.defaults) - training - recipe)
         if unknown:
             raise ValueError(
-                f"Recipe {self.name!r}: `training_defaults` keys {unknown} are not DistillationArguments fields; "
-                "recipe-specific settings belong in the recipe's arguments dataclass."
+                f"Recipe {self.name!r}: `defaults` keys {unknown} are not DistillationArguments fields nor fields of "
+                f"{self.arguments.__name__}; add the setting to the recipe's arguments dataclass or remove it."
             )
+        missing = sorted(f.name for f in dataclasses.fields(self.arguments) if f.init and f.name not in self.defaults
+                         and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        if missing:
+            raise ValueError(f"Recipe {self.name!r}: settings {missing} have no value; set them in the recipe's "
+                             "YAML config (its `defaults`).")
+        defaults = {**coerce(self.arguments, {k: v for k, v in self.defaults.items() if k in recipe}),
+                    **coerce(DistillationArguments, {k: v for k, v in self.defaults.items() if k in training})}
+        object.__setattr__(self, "defaults", {key: defaults[key] for key in self.defaults})
+
+    @classmethod
+    def for_script(cls, script: str | Path, arguments: type, run: Callable[[Any, DistillationArguments], dict]
+                   ) -> Recipe:
+        """The recipe of ``script`` (pass ``__file__``): named after the file, with the YAML config beside it
+        (``<name>.yaml``) as its ``defaults``, the one place a shipped recipe's settings are written."""
+        script = Path(script)
+        return cls(name=script.stem, arguments=arguments, run=run, defaults=load_config(script.with_suffix(".yaml")))
+
+    @property
+    def training_defaults(self) -> dict[str, Any]:
+        """The ``DistillationArguments`` part of ``defaults``."""
+        training = set(_field_names(DistillationArguments))
+        return {key: value for key, value in self.defaults.items() if key in training}
 
     def parser(self) -> HfArgumentParser:
-        """The command-line parser of the recipe and ``DistillationArguments``, with ``training_defaults`` applied."""
+        """The command-line parser of the recipe and ``DistillationArguments``, with ``defaults`` applied."""
         parser = HfArgumentParser((self.arguments, DistillationArguments), prog=self.name,
                                   description=sys.modules[self.run.__module__].__doc__)
-        parser.set_defaults(**self.training_defaults)
+        parser.set_defaults(**self.defaults)
         for action in parser._actions:
-            if action.dest in self.training_defaults:
+            if action.dest in self.defaults:
                 action.required = False
         return parser
 
@@ -187,7 +214,7 @@ class Recipe:
         return args, training_args
 
     def parse_dict(self, config: Mapping[str, Any]) -> tuple[Any, DistillationArguments]:
-        """Build the recipe and training arguments from ``training_defaults`` overlaid by ``config``."""
+        """Build the recipe and training arguments from ``defaults`` overlaid by ``config``."""
         recipe_keys, training_keys = _field_names(self.arguments), _field_names(DistillationArguments)
         unknown = [key for key in config if key not in recipe_keys and key not in training_keys]
         if unknown:
@@ -200,7 +227,7 @@ class Recipe:
                 f"{', '.join(recipe_keys)}; every DistillationArguments / TrainingArguments field is valid too "
                 f"(`python recipes/{self.name}.py --help` lists them all)."
             )
-        merged = {**self.training_defaults, **config}
+        merged = {**self.defaults, **config}
         args = self.arguments(**coerce(self.arguments, {k: v for k, v in merged.items() if k in recipe_keys}))
         training_args = DistillationArguments(
             **coerce(DistillationArguments, {k: v for k, v in merged.items() if k in training_keys})
@@ -210,14 +237,15 @@ class Recipe:
     def to_dict(self, args: Any, training_args: DistillationArguments) -> dict[str, Any]:
         """The config that :meth:`parse_dict` turns back into equal dataclasses, as YAML-safe plain values.
 
-        All recipe fields, plus the training fields that the recipe sets in ``training_defaults`` or that differ
-        from their value in a ``DistillationArguments`` built from ``training_defaults`` alone.
+        All recipe fields, plus the training fields that ``defaults`` sets or that differ from their value in a
+        ``DistillationArguments`` built from ``defaults`` alone.
         """
         config = {name: _plain(getattr(args, name)) for name in _field_names(self.arguments)}
-        reference = DistillationArguments(**self.training_defaults)
+        training_defaults = self.training_defaults
+        reference = DistillationArguments(**training_defaults)
         for name in _field_names(DistillationArguments):
             value = getattr(training_args, name)
-            if name in self.training_defaults or value != getattr(reference, name):
+            if name in training_defaults or value != getattr(reference, name):
                 config[name] = _plain(value)
         return config
 

