@@ -32,20 +32,10 @@ import torch
 from transformers import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-from vit_image_classification import (  # noqa: E402
-    RECIPE,
-    ViTArguments,
-    accuracy,
-    digits_splits,
-    direct_accuracy,
-    image_processor,
-    label_names,
-    preprocess,
-    vit_from_spec,
-)
+from vit_image_classification import RECIPE, build_model, digits_splits, preprocess, resolve_setting  # noqa: E402
 
 from hf_kd import DistillationArguments, DistillationTrainer  # noqa: E402
-from hf_kd.recipes import phase_arguments  # noqa: E402
+from hf_kd.recipes import classification_metrics, phase_arguments  # noqa: E402
 
 METHODS = ("ce", "kl", "atsc", "sokd")
 
@@ -67,36 +57,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def plain_accuracy(model: torch.nn.Module, examples) -> float:
     """Accuracy of ``model`` called directly (no trainer, no distiller hooks) on ``examples``."""
-    return direct_accuracy(model, examples, batch_size=len(examples))["eval_accuracy"]
-
-
-def model_from_spec(spec: ViTArguments, role: str, seed: int) -> torch.nn.Module:
-    """The recipe's default ``role`` ("teacher" or "student") ViT on the 8x8 grayscale digits."""
-    sizes = [getattr(spec, f"{role}_{name}") for name in ("layers", "hidden", "heads", "intermediate")]
-    return vit_from_spec(*sizes, image_size=8, patch_size=2, num_channels=1, labels=[str(d) for d in range(10)],
-                         seed=seed)
+    model.eval()
+    batch = examples[:]
+    with torch.no_grad():
+        logits = model(pixel_values=batch["pixel_values"]).logits
+    return float((logits.argmax(-1) == batch["labels"]).float().mean())
 
 
 def training_args(cli: argparse.Namespace, seed: int, epochs: float, train_size: int,
                   **extra) -> DistillationArguments:
     """The recipe's default hyperparameters (no periodic eval) for one phase of ``epochs`` (at most ``--max_steps``
     steps). Plain ``Trainer`` takes them too (``DistillationArguments`` extends ``TrainingArguments``)."""
-    steps = math.ceil(epochs * math.ceil(train_size / RECIPE.training_defaults["per_device_train_batch_size"]))
+    steps = math.ceil(epochs * math.ceil(train_size / RECIPE.defaults["per_device_train_batch_size"]))
     _, defaults = RECIPE.parse_dict({"output_dir": cli.output_dir, "seed": seed, "eval_strategy": "no",
                                      "max_steps": min(steps, cli.max_steps or steps), **extra})
     return phase_arguments(defaults, output_dir=cli.output_dir, epochs=epochs, train_size=train_size)
 
 
-def run_seed(cli: argparse.Namespace, seed: int, train, test, processor) -> dict:
-    spec = ViTArguments()
-    common = dict(train_dataset=train, eval_dataset=test, processing_class=processor, compute_metrics=accuracy)
+def run_seed(cli: argparse.Namespace, seed: int, train, test, spec, setting) -> dict:
+    common = dict(train_dataset=train, eval_dataset=test, processing_class=setting.processor,
+                  compute_metrics=classification_metrics)
     out: dict = {"seed": seed}
 
     def timed(name: str, trainer: Trainer) -> Trainer:
         out[f"{name}_train_seconds"] = trainer.train().metrics["train_runtime"]
         return trainer
 
-    teacher = model_from_spec(spec, "teacher", seed)
+    teacher = build_model(spec, setting, "teacher", seed)
     timed("teacher", Trainer(teacher, training_args(cli, seed, cli.teacher_epochs, len(train)),
                              **common))
     out["teacher"] = plain_accuracy(teacher, test)
@@ -104,12 +91,12 @@ def run_seed(cli: argparse.Namespace, seed: int, train, test, processor) -> dict
     out["student_steps"] = student_args().max_steps
 
     if "ce" in cli.methods:
-        student = model_from_spec(spec, "student", seed)
+        student = build_model(spec, setting, "student", seed)
         timed("ce", Trainer(student, student_args(), **common))
         out["ce"] = plain_accuracy(student, test)
 
     def distil(name: str, distiller: dict, **extra) -> DistillationTrainer:
-        student = model_from_spec(spec, "student", seed)  # the recipe's initialisation, identical for every method
+        student = build_model(spec, setting, "student", seed)  # the recipe's initialisation, identical for every method
         trainer = DistillationTrainer(model=student, teacher_model=copy.deepcopy(teacher),
                                       args=student_args(hard_label_weight=1.0, distillers=[distiller], **extra),
                                       **common)
@@ -157,13 +144,13 @@ def print_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     cli = parse_args(argv)
     start = time.perf_counter()
-    processor = image_processor(8, 1)
-    spec = ViTArguments()
+    spec, _ = RECIPE.parse_dict({})
     raw_train, raw_test = digits_splits()
-    train, test = (preprocess(d, processor, spec, label_names(raw_train, "label"), 1) for d in (raw_train, raw_test))
+    setting = resolve_setting(spec, raw_train)
+    train, test = (preprocess(data, setting, spec, split) for data, split in ((raw_train, "train"), (raw_test, "test")))
     rows = []
     for seed in cli.seeds:
-        rows.append(run_seed(cli, seed, train, test, processor))
+        rows.append(run_seed(cli, seed, train, test, spec, setting))
         print(json.dumps(rows[-1]), flush=True)
     print_table(rows)
     wall = time.perf_counter() - start
