@@ -139,7 +139,7 @@ def child(a):
     baseline = _status_kb("VmRSS")
     can_reset = _reset_peak()
     peaks, times = [], []
-    for i in range(1 if a.memory else 1 + a.reps):
+    for _i in range(1 if a.memory else 1 + a.reps):
         for t in inputs[:2]:
             t.grad = None
         start = time.perf_counter()
@@ -169,14 +169,16 @@ def check(a):
         errors = [(loss - ref[0]).abs().item(), (g_hidden - ref[1]).abs().max().item(),
                   (g_weight - ref[2]).abs().max().item()]
         ok = all(e < 1e-5 for e in errors)
-        print(f"check {name:<13} loss {loss.item():.6f}  max|d loss| {errors[0]:.1e}  max|d grad hidden| {errors[1]:.1e}"
+        print(f"check {name:<13} loss {loss.item():.6f}  max|d loss| {errors[0]:.1e}  "
+              f"max|d grad hidden| {errors[1]:.1e}"
               f"  max|d grad W| {errors[2]:.1e}  {'OK' if ok else 'MISMATCH'}")
         if not ok:
             raise SystemExit("variants disagree")
 
 
 def run_child(a, variant, memory):
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--variant", variant] + (["--memory"] if memory else [])
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--variant", variant]
+    cmd += ["--memory"] if memory else []
     env = dict(os.environ)
     if memory:
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
@@ -198,7 +200,8 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=576, help="student hidden size (SmolLM2-135M: 576)")
     p.add_argument("--teacher-hidden", type=int, default=576)
     p.add_argument("--chunk-size", type=int, default=None,
-                   help="rows per chunk; default: the trainer's, sized from the vocabulary (hf_kd.row_loss.rows_per_chunk)")
+                   help="rows per chunk; default: the trainer's, sized from the vocabulary "
+                   "(hf_kd.row_loss.rows_per_chunk)")
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--pad-fraction", type=float, default=0.125, help="label -100 tail in every other row")
     p.add_argument("--threads", type=int, default=1)
@@ -219,7 +222,8 @@ def main(argv=None):
         check(a)
     rows = a.batch * (a.seq - 1)
     gib = a.batch * a.seq * a.vocab * 4 / 2**30
-    print(f"B={a.batch} T={a.seq} V={a.vocab} H={a.hidden} (teacher H={a.teacher_hidden}), chunk {rows_per_chunk(a.vocab, a.chunk_size)} rows, "
+    print(f"B={a.batch} T={a.seq} V={a.vocab} H={a.hidden} (teacher H={a.teacher_hidden}), "
+          f"chunk {rows_per_chunk(a.vocab, a.chunk_size)} rows, "
           f"T={a.temperature}; one fp32 [B, T, V] tensor = {gib:.3f} GiB; ~{rows} predicted tokens")
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     collected = {v: [] for v in variants}
@@ -247,7 +251,8 @@ def main(argv=None):
         rel_t = seconds / summary["plain"][1] if "plain" in summary else float("nan")
         timing = f"{seconds:>12.2f} s{rel_t:>9.3f}" if seconds == seconds else f"{'-':>14}{'-':>9}"
         print(f"{v:<14}{peak:>16.3f} GiB{rel_mem:>9.3f}{timing}")
-    print(f"(peak method: {memory[variants[0]][0]['peak_method']}, MALLOC_MMAP_THRESHOLD_=131072; targets for hf_kd_head: memory <= 0.25x, "
+    print(f"(peak method: {memory[variants[0]][0]['peak_method']}, MALLOC_MMAP_THRESHOLD_=131072; "
+          "targets for hf_kd_head: memory <= 0.25x, "
           f"time <= 1.0x plain)")
     return summary
 

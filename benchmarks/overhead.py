@@ -32,7 +32,7 @@ the loop's ``batches[i]``. (The fetch is outside the timed region on both sides 
 Timing: the Trainer step is the region between ``on_step_begin`` and ``on_step_end`` (forward, backward, clipping,
 optimizer and scheduler step, ``zero_grad`` and Trainer's per-step bookkeeping). A timing callback is put *first*
 in the callback list for ``on_step_begin`` and *last* for ``on_step_end``, so hf_kd's internal
-step callback (``_StepCallback``) is inside the timed region. The loop is timed around the same work.
+step callback (``StepCallback``) is inside the timed region. The loop is timed around the same work.
 
 Interleaving: inside the Trainer's last ``on_step_end`` of every block of ``--block`` steps the plain loop runs
 ``--block`` steps, so the two alternate in blocks for the whole run (``--rounds`` blocks each). The first
@@ -568,7 +568,8 @@ def report(r):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="cls,lm,repr", help="comma list of: cls, lm, repr")
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for both sides (1: robust when other processes load the CPU)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads for both sides (1: robust when other processes load the CPU)")
     p.add_argument("--rounds", type=int, default=6, help="blocks per side (per trainer variant)")
     p.add_argument("--block", type=int, default=3, help="steps per block")
     p.add_argument("--warmup", type=int, default=3, help="steps dropped at the start of each side")
@@ -611,7 +612,8 @@ def main(argv=None):
         f"torch {torch.__version__}, transformers {__import__('transformers').__version__}, hf_kd {hf_kd.__version__}, "
         f"threads {torch.get_num_threads()}, cpu count {os.cpu_count()}"
     )
-    print(f"rounds={a.rounds} block={a.block} warmup={a.warmup} T={a.temperature} hard={a.hard_weight} kd={a.kd_weight}")
+    print(f"rounds={a.rounds} block={a.block} warmup={a.warmup} T={a.temperature} hard={a.hard_weight} "
+          f"kd={a.kd_weight}")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for which in [m.strip() for m in a.models.split(",") if m.strip()]:

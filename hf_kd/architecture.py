@@ -14,8 +14,9 @@ import contextvars
 import copy
 import inspect
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn

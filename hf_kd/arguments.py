@@ -32,7 +32,8 @@ class DistillationArguments(TrainingArguments):
 
     hard_label_weight: float = field(
         default=1.0,
-        metadata={"help": "Weight of the student's own loss (e.g. cross-entropy on `labels`); 0 for pure distillation."},
+        metadata={"help": "Weight of the student's own loss (e.g. cross-entropy on `labels`); 0 for pure "
+                  "distillation."},
     )
     distillers: list[dict[str, Any]] | str | None = field(
         default=None,
@@ -104,7 +105,8 @@ class DistillationArguments(TrainingArguments):
                 self.distillers = json.loads(self.distillers)
             except json.JSONDecodeError as error:
                 raise ValueError(
-                    f"`distillers` must be a JSON list of dicts, e.g. '[{{\"name\": \"kl\"}}]'; got {self.distillers!r}."
+                    f"`distillers` must be a JSON list of dicts, e.g. '[{{\"name\": \"kl\"}}]'; got "
+                    f"{self.distillers!r}."
                 ) from error
         if isinstance(self.progressive_layers, str):
             try:

@@ -4,7 +4,7 @@
 components of every optimizer step. The trainer dispatches it only to callbacks that define it, and reads the
 component values off the device only when at least one callback does.
 
-:class:`_StepCallback` is internal: the trainer installs it to do its share of each optimizer step (the distillers'
+:class:`StepCallback` is internal: the trainer installs it to do its share of each optimizer step (the distillers'
 schedules and ``on_step_end``, gradients of distiller and teacher-side parameters, skipped steps).
 """
 
@@ -35,7 +35,7 @@ class DistillationCallback(TrainerCallback):
         """
 
 
-class _StepCallback(TrainerCallback):
+class StepCallback(TrainerCallback):
     """Internal (installed by :class:`~hf_kd.DistillationTrainer`, not an API): the trainer's share of each optimizer
     step, where Trainer only does the student's.
 

@@ -12,8 +12,9 @@ model up to the input of its output head (``get_output_embeddings()``), and the 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ class Requirements:
     labels: bool = False  # the distiller needs ground-truth labels in the batch
     teacher: bool = True  # the distiller needs a teacher model
 
-    def __or__(self, other: "Requirements") -> "Requirements":
+    def __or__(self, other: Requirements) -> Requirements:
         return Requirements(**{f.name: getattr(self, f.name) or getattr(other, f.name) for f in fields(self)})
 
 
@@ -78,7 +79,7 @@ class ModelView:
         features: dict[FeatureSpec, torch.Tensor],
         loss: torch.Tensor | None = None,
         copy: bool = False,
-    ) -> "ModelView":
+    ) -> ModelView:
         """The complete view of ``outputs`` (the ``ModelOutput`` of ``model``), with its captured ``features`` and own
         ``loss``, built in one call.
 
@@ -118,7 +119,7 @@ class ModelView:
             )
         return logits.float()
 
-    def detached(self) -> "ModelView":
+    def detached(self) -> ModelView:
         """The same outputs without autograd history (what a distiller that trains nothing of this model reads)."""
         def cut(value):
             if isinstance(value, torch.Tensor):

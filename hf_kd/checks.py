@@ -9,7 +9,8 @@ Each check raises a ``ValueError`` / ``TypeError``, or warns, saying how to fix 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .recipes.config import dump_config, load_config, load_recipe
 
@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("run", "Run the recipe of CONFIG with the overrides applied."),
                             ("show", "Print the fully resolved config of a run as YAML, without running it.")):
         command = commands.add_parser(name, help=help_text, description=help_text)
-        command.add_argument("config", type=Path, help="A recipe's YAML config, e.g. recipes/vit_image_classification.yaml.")
+        command.add_argument("config", type=Path,
+                             help="A recipe's YAML config, e.g. recipes/vit_image_classification.yaml.")
         command.add_argument("overrides", nargs="*", metavar="key=value",
                              help="Settings over the config's, e.g. max_steps=5 seed=1 "
                              "\"distillers=[{name: kl, temperature: 2}]\".")

@@ -17,10 +17,14 @@ Strategies for a student of ``M`` layers and a teacher of ``N``:
 
 from __future__ import annotations
 
-from typing import Literal, Mapping, Union
+from collections.abc import Mapping
+from typing import Literal
 
-LayerMapSpec = Union[Literal["uniform", "skip", "last", "last_k"], Mapping[int, int], Mapping[str, int]]
-STRATEGIES = ("uniform", "skip", "last", "last_k")
+from .choices import choices_of
+
+Strategy = Literal["uniform", "skip", "last", "last_k"]
+LayerMapSpec = Strategy | Mapping[int, int] | Mapping[str, int]
+STRATEGIES = choices_of(Strategy)
 
 
 def resolve_layer_map(
@@ -38,10 +42,14 @@ def resolve_layer_map(
         mapping = {s: n - m + s for s in range(1, m)}
     elif spec == "last_k":
         if not 1 <= last_k <= min(m, n):
-            raise ValueError(f"`last_k` must lie in 1..{min(m, n)} (student depth {m}, teacher depth {n}), got {last_k}.")
+            raise ValueError(
+                f"`last_k` must lie in 1..{min(m, n)} (student depth {m}, teacher depth {n}), got {last_k}."
+            )
         mapping = {m - last_k + i: n - last_k + i for i in range(1, last_k + 1)}
     else:
-        raise ValueError(f"Unknown `layer_map` {spec!r}: use one of {', '.join(STRATEGIES)} or a dict {{student: teacher}}.")
+        raise ValueError(
+            f"Unknown `layer_map` {spec!r}: use one of {', '.join(STRATEGIES)} or a dict {{student: teacher}}."
+        )
     if include_embeddings:
         mapping = {0: 0, **mapping}
     for s, t in mapping.items():

@@ -8,7 +8,7 @@ averages ``loss`` gives comparable numbers. Evaluation values are averaged over 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

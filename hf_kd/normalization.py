@@ -22,8 +22,9 @@ on its own returns what the trainer logs for a step of that one batch.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 

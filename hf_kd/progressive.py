@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from transformers import TrainerCallback
 
@@ -61,7 +62,8 @@ class ProgressiveLayers:
     def __post_init__(self) -> None:
         # One name alone is a list of one (list("kl") would be ["k", "l"]).
         self.layer_distillers, self.final_distillers = (
-            [names] if isinstance(names, str) else list(names) for names in (self.layer_distillers, self.final_distillers)
+            [names] if isinstance(names, str) else list(names)
+            for names in (self.layer_distillers, self.final_distillers)
         )
         if not self.layer_distillers:
             raise ValueError("progressive layers: `layer_distillers` is empty; name the distillers to schedule.")
@@ -75,7 +77,7 @@ class ProgressiveLayers:
             raise ValueError(f"progressive layers: {both} are both layer-scheduled and final; keep each in one list.")
 
     @classmethod
-    def from_dict(cls, spec: Mapping[str, Any]) -> "ProgressiveLayers":
+    def from_dict(cls, spec: Mapping[str, Any]) -> ProgressiveLayers:
         return from_dict(cls, spec, "progressive layers")
 
     def active_layers(self, layers: Sequence[int], step: int, steps_per_layer: int) -> set[int]:

@@ -15,8 +15,9 @@ The result is ``sum_k w_k * sum_rows f_k / normalizer`` (differentiable) togethe
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -127,7 +128,7 @@ def _row_pass(terms, sources, rows, targets, vocab_size, chunk_size, normalizer,
             continue
         needed = [z for z, want in zip(logits, wanted) if want]
         chunk_grads = iter(torch.autograd.grad(weighted, needed))
-        for (values, weight, _), (x, _), source_grads, want in zip(sources, chunks, grads, wanted):
+        for (_values, weight, _), (x, _), source_grads, want in zip(sources, chunks, grads, wanted):
             if want:
                 _accumulate(next(chunk_grads), x, weight, chunk, vocab_size, *source_grads)
     return sums / normalizer
@@ -225,7 +226,7 @@ class RowBatch:
     vocab_size: int
 
 
-def rows_from_views(student: "ModelView", teacher: "ModelView | None", batch) -> RowBatch:
+def rows_from_views(student: ModelView, teacher: ModelView | None, batch) -> RowBatch:
     """Rows of a classifier batch (one per sample) or a causal-LM batch (one per predicted token)."""
     source_s = _source(student)
     source_t = _source(teacher) if teacher is not None else None
@@ -240,7 +241,7 @@ def rows_from_views(student: "ModelView", teacher: "ModelView | None", batch) ->
     return RowBatch(source_s, source_t, rows, targets, min(widths))
 
 
-def _source(view: "ModelView") -> LogitSource:
+def _source(view: ModelView) -> LogitSource:
     if view.logits is not None:
         return LogitSource(view.logits)
     if view.head_input is None or view.head is None:
@@ -248,5 +249,5 @@ def _source(view: "ModelView") -> LogitSource:
     return LogitSource(view.head_input, view.head.weight, view.head.bias)
 
 
-def _width(view: "ModelView") -> int:
+def _width(view: ModelView) -> int:
     return view.logits.shape[-1] if view.logits is not None else view.head.out_features

@@ -12,8 +12,9 @@ In a distiller dict, a schedule is written in place of the number it drives::
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from .choices import choices_of
 from .configs import from_dict
@@ -51,12 +52,12 @@ class Schedule:
         self.milestones = tuple(sorted(int(m) for m in self.milestones))
 
     @classmethod
-    def jump(cls, before: float, after: float, step: int) -> "Schedule":
+    def jump(cls, before: float, after: float, step: int) -> Schedule:
         """``before`` until optimizer step ``step``, ``after`` from it on (a zero-length ramp)."""
         return cls("linear", start=before, end=after, start_step=step, end_step=step)
 
     @classmethod
-    def from_dict(cls, spec: Mapping[str, Any]) -> "Schedule":
+    def from_dict(cls, spec: Mapping[str, Any]) -> Schedule:
         if "schedule" not in spec:  # without it the dataclass default would silently make a constant
             raise ValueError(
                 f"A schedule dict needs its kind, `schedule`: one of {', '.join(_KINDS)} (e.g. {{'schedule': "

@@ -1,6 +1,6 @@
 """``DistillationTrainer``: ``transformers.Trainer`` with a teacher and a list of distillers.
 
-One training step (see ``design.md``)::
+One training step (see ``docs/design.md``)::
 
     loss = hard_label_weight * student_loss + sum_i weight_i(step) * distiller_i(student_view, teacher_view, batch)
 
@@ -17,8 +17,9 @@ import inspect
 import logging
 import operator
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +28,9 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import ModelOutput
 
-from .arguments import DEFAULT_DISTILLERS, DistillationArguments
 from .architecture import accepted_inputs, output_head, task_of, unwrap
-from .callbacks import _StepCallback
+from .arguments import DEFAULT_DISTILLERS, DistillationArguments
+from .callbacks import StepCallback
 from .capture import ModelView, Requirements, capture_features, capture_head_input
 from .checkpoints import (
     DISTILLER_STATE_NAME,
@@ -117,7 +118,7 @@ class DistillationTrainer(Trainer):
         if args.hard_label_weight == 0 and all(d.weight == 0 and "weight" not in d.schedules for d in self.distillers):
             logger.warning("hard_label_weight is 0 and every distiller's weight is 0: the loss is 0 and the student "
                            "gets no gradient. Give hard_label_weight or some distiller a positive weight.")
-        callbacks = [*(kwargs.pop("callbacks", None) or []), _StepCallback(self)]
+        callbacks = [*(kwargs.pop("callbacks", None) or []), StepCallback(self)]
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
 
         student = unwrap(self.model)

@@ -25,7 +25,8 @@ The defaults are ``causal_lm.yaml``, the one place they are set. Run it with::
     hf-kd run recipes/causal_lm.yaml max_steps=2            # the same run from the YAML config, a smoke test
     python recipes/causal_lm.py --student_init truncate --student_layers 6
     python recipes/causal_lm.py --teacher HuggingFaceTB/SmolLM2-360M --dataset wikitext --task wikitext-2-raw-v1
-    accelerate launch recipes/causal_lm.py --max_steps 500  # several GPUs (CPUs: torchrun --nproc_per_node 2 ... --use_cpu --ddp_backend gloo)
+    accelerate launch recipes/causal_lm.py --max_steps 500  # several GPUs
+    torchrun --nproc_per_node 2 recipes/causal_lm.py --use_cpu --ddp_backend gloo  # two CPU processes
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ import importlib.metadata
 import itertools
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from datasets import Dataset

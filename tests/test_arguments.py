@@ -5,7 +5,8 @@ from transformers import HfArgumentParser
 
 from hf_kd import DistillationArguments
 
-SPEC = [{"name": "kl", "temperature": 2.0}, {"name": "jsd", "beta": 0.2, "weight": {"schedule": "linear", "start": 0.0, "end": 1.0}}]
+SPEC = [{"name": "kl", "temperature": 2.0},
+        {"name": "jsd", "beta": 0.2, "weight": {"schedule": "linear", "start": 0.0, "end": 1.0}}]
 
 
 def test_command_line_dict_and_python_agree(tmp_path):

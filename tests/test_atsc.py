@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
-from conftest import bert, text_classification_data, vit, image_data
+from conftest import bert, image_data, text_classification_data, vit
 from hf_kd import DistillationArguments, DistillationTrainer
 from hf_kd.distillers.atsc import ATSCDistiller
 from hf_kd.trainer import DISTILLER_STATE_NAME, OBJECTIVE, TEACHER_STATE_NAME

@@ -28,7 +28,8 @@ def free_port() -> int:
 def two_process_results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp")
     path = str(folder / "results.pt")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), os.path.join(HERE, "distributed_run.py"), path]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

@@ -35,7 +35,8 @@ def test_unknown_distiller_name_lists_valid_names(tmp_path):
         assert name in str(info.value)
     # through the trainer, at construction
     with pytest.raises(ValueError, match="Unknown distiller 'kld'"):
-        DistillationTrainer(model=llama(), teacher_model=llama(seed=1), args=make_args(tmp_path, distillers=[{"name": "kld"}]))
+        DistillationTrainer(model=llama(), teacher_model=llama(seed=1),
+                            args=make_args(tmp_path, distillers=[{"name": "kld"}]))
 
 
 def test_spec_without_name():
@@ -46,14 +47,16 @@ def test_spec_without_name():
 
 
 def test_unknown_option_of_a_distiller():
-    with pytest.raises(ValueError, match=r"Distiller 'kl' has no option\(s\) \['beta'\]. Its options are: temperature, weight"):
+    with pytest.raises(ValueError,
+                       match=r"Distiller 'kl' has no option\(s\) \['beta'\]. Its options are: temperature, weight"):
         build_distiller({"name": "kl", "beta": 0.5})
     with pytest.raises(ValueError, match=r"Distiller 'dkd' has no option\(s\) \['gamma', 'warmup'\]"):
         build_distiller({"name": "dkd", "warmup": 5, "gamma": 1.0})
 
 
 def test_unknown_option_of_a_subclass_that_narrows_its_signature():
-    with pytest.raises(ValueError, match=r"Distiller 'mse' has no option\(s\) \['temperature'\]. Its options are: weight"):
+    with pytest.raises(ValueError,
+                       match=r"Distiller 'mse' has no option\(s\) \['temperature'\]. Its options are: weight"):
         build_distiller({"name": "mse", "temperature": 2.0})
 
 
@@ -245,7 +248,8 @@ def test_hard_label_weight_without_labels_fails_before_any_step(tmp_path):
         model=student, teacher_model=llama(seed=1), args=make_args(tmp_path, hard_label_weight=1.0, learning_rate=1e-2),
         distillers=[{"name": "kl"}], train_dataset=lm_data(with_labels=False),
     )
-    with pytest.raises(ValueError, match=r"hard_label_weight=1.0 but the batch has no `labels`. Set hard_label_weight=0"):
+    with pytest.raises(ValueError,
+                       match=r"hard_label_weight=1.0 but the batch has no `labels`. Set hard_label_weight=0"):
         trainer.train()
     assert trainer.state.global_step == 0
     after = student.state_dict()
@@ -279,7 +283,8 @@ def test_attention_distiller_needs_eager_attention(tmp_path, student_impl, teach
     with pytest.raises(ValueError, match=rf"reads attention maps, but the {role} uses attn_implementation='{bad}'.*"
                                          r"attn_implementation='eager'"):
         DistillationTrainer(
-            model=llama(attn_implementation=student_impl), teacher_model=llama(seed=1, attn_implementation=teacher_impl),
+            model=llama(attn_implementation=student_impl),
+            teacher_model=llama(seed=1, attn_implementation=teacher_impl),
             args=make_args(tmp_path), distillers=[AttentionDistiller()],
         )
 

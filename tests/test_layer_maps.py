@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import bert, llama
-from hf_kd.capture import FeatureSpec, capture_features
 from hf_kd.architecture import num_layers
+from hf_kd.capture import FeatureSpec, capture_features
 from hf_kd.layer_maps import resolve_layer_map
 from hf_kd.projectors import build_projector
 

@@ -9,10 +9,10 @@ import torch
 from conftest import bert, text_classification_data
 from hf_kd import DistillationArguments, DistillationTrainer, build_distiller
 from hf_kd.capture import ModelView
-from hf_kd.distillers.logit import KLDistiller
 from hf_kd.distillers.composite import CompositeDistiller
-from hf_kd.distillers.tinybert import TinyBERTDistiller
+from hf_kd.distillers.logit import KLDistiller
 from hf_kd.distillers.representation import AttentionDistiller, HiddenStatesDistiller
+from hf_kd.distillers.tinybert import TinyBERTDistiller
 
 EAGER = {"attn_implementation": "eager"}
 COMPONENTS = ("embedding", "hidden", "attention", "prediction")

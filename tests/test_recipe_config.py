@@ -72,7 +72,8 @@ def toy(tmp_path: Path) -> tuple[Recipe, Path]:
 
 
 def test_parse_overrides_reads_yaml_values():
-    overrides = parse_overrides(["max_steps=5", "learning_rate=3e-4", "weight_decay=.5", "baseline=false", "report_to=[]",
+    overrides = parse_overrides(["max_steps=5", "learning_rate=3e-4", "weight_decay=.5", "baseline=false",
+                                 "report_to=[]",
                                  "distillers=[{name: kl, temperature: 2}]", "progressive_layers={mode: progressive}",
                                  "task=sst2"])
     assert overrides == {"max_steps": 5, "learning_rate": 3e-4, "weight_decay": 0.5, "baseline": False, "report_to": [],
@@ -92,7 +93,8 @@ def test_load_recipe_and_parse_dict(toy):
     assert recipe.name == "toy"
     config = load_config(config_path, ["distillers=[{name: mse}]", "teacher=some/teacher"])
     args, training_args = recipe.parse_dict(config)
-    assert (args.hidden_size, args.teacher, args.baseline, args.cache_dir) == (16, "some/teacher", True, "~/.cache/hf_kd")
+    assert (args.hidden_size, args.teacher, args.baseline, args.cache_dir) == (
+        16, "some/teacher", True, "~/.cache/hf_kd")
     assert isinstance(training_args, DistillationArguments)
     assert (training_args.max_steps, training_args.learning_rate, training_args.warmup_steps) == (3, 1e-3, 0.05)
     assert training_args.distillers == [{"name": "mse"}]

@@ -103,7 +103,8 @@ def test_from_dict_unknown_option():
 
 
 def test_unknown_kind_and_missing_end():
-    with pytest.raises(ValueError, match="Unknown schedule 'exponential'; choose one of constant, linear, cosine, step"):
+    with pytest.raises(ValueError,
+                       match="Unknown schedule 'exponential'; choose one of constant, linear, cosine, step"):
         Schedule.from_dict({"schedule": "exponential"})
     with pytest.raises(ValueError, match="A 'cosine' schedule needs `end`"):
         Schedule("cosine", start=1.0)
@@ -156,12 +157,16 @@ def test_schedule_instance_in_constructor():
 @pytest.mark.parametrize(
     "spec,match",
     [
-        ({"name": "kl", "weight": {"schedule": "linear", "start": 1.0, "end": -0.5}}, r"`weight` must be >= 0, got -0.5"),
+        ({"name": "kl", "weight": {"schedule": "linear", "start": 1.0, "end": -0.5}},
+         r"`weight` must be >= 0, got -0.5"),
         ({"name": "kl", "weight": {"schedule": "constant", "start": -1.0}}, r"`weight` must be >= 0, got -1.0"),
-        ({"name": "kl", "temperature": {"schedule": "linear", "start": 2.0, "end": 0.0}}, r"`temperature` must be > 0, got 0.0"),
-        ({"name": "kl", "temperature": {"schedule": "cosine", "start": -1.0, "end": 1.0}}, r"`temperature` must be > 0, got -1.0"),
+        ({"name": "kl", "temperature": {"schedule": "linear", "start": 2.0, "end": 0.0}},
+         r"`temperature` must be > 0, got 0.0"),
+        ({"name": "kl", "temperature": {"schedule": "cosine", "start": -1.0, "end": 1.0}},
+         r"`temperature` must be > 0, got -1.0"),
         # a step schedule with a negative gamma reaches -0.5 after the first milestone
-        ({"name": "dkd", "weight": {"schedule": "step", "start": 1.0, "gamma": -0.5, "milestones": [5]}}, r"`weight` must be >= 0, got -0.5"),
+        ({"name": "dkd", "weight": {"schedule": "step", "start": 1.0, "gamma": -0.5, "milestones": [5]}},
+         r"`weight` must be >= 0, got -0.5"),
     ],
 )
 def test_negative_schedule_values_rejected_at_construction(spec, match):

@@ -181,7 +181,8 @@ def test_skip_step_leaves_the_weights_untouched_and_counts_the_step(tmp_path):
         def on_step_end(self, args, state, control, **kwargs):
             snapshots.append({n: p.detach().clone() for n, p in student.named_parameters()})
 
-    trainer = DistillationTrainer(model=student, teacher_model=bert(seed=2), train_dataset=text_classification_data(n=16),
+    trainer = DistillationTrainer(model=student, teacher_model=bert(seed=2),
+                                  train_dataset=text_classification_data(n=16),
                                   args=args_for(str(tmp_path), max_steps=3, nonfinite_loss="skip_step",
                                                 save_strategy="steps", save_steps=3),
                                   distillers=[NaNAtStep(step=1)], callbacks=[Record()])

@@ -7,8 +7,8 @@ import torch
 
 from conftest import bert, text_classification_data
 from hf_kd import DistillationArguments, DistillationTrainer
-from hf_kd.distillers import FeatureDistiller, KLDistiller
 from hf_kd.capture import FeatureSpec
+from hf_kd.distillers import FeatureDistiller, KLDistiller
 from hf_kd.teachers import TeacherSlot
 
 pytestmark = pytest.mark.usefixtures("one_thread")

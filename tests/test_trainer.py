@@ -113,7 +113,8 @@ def test_fused_lm_path_equals_plain_logits_path(output_dir, factory):
         out = student(**batch)
         t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     kl = explicit_lm_kl(out.logits, t_logits, batch["labels"], temperature=2.0)
-    assert torch.allclose(plain_loss, 0.5 * out.loss + kl + 0.2 * _explicit_lm_jsd(out.logits, t_logits, batch), atol=1e-5)
+    jsd = _explicit_lm_jsd(out.logits, t_logits, batch)
+    assert torch.allclose(plain_loss, 0.5 * out.loss + kl + 0.2 * jsd, atol=1e-5)
 
 
 def _explicit_lm_jsd(s_logits, t_logits, batch, beta=0.3):
@@ -209,12 +210,12 @@ def test_logged_components_average_over_window_and_reach_callbacks(output_dir):
         assert {"loss/hard", "loss/kl", "loss/tvd"} <= log.keys()
         # the components combine into the logged loss exactly as the loss is built
         assert log["loss"] == pytest.approx(0.5 * log["loss/hard"] + 2.0 * log["loss/kl"], rel=1e-5)
-    for step, losses in recorder.steps:
+    for _step, losses in recorder.steps:
         assert losses["loss"] == pytest.approx(0.5 * losses["loss/hard"] + 2.0 * losses["loss/kl"], rel=1e-5)
     # the window average of the per-step values is what got logged
     first_window = [losses for step, losses in recorder.steps if step <= 2]
-    assert logs[0]["loss/kl"] == pytest.approx(sum(l["loss/kl"] for l in first_window) / 2, rel=1e-5)
-    assert logs[0]["loss"] == pytest.approx(sum(l["loss"] for l in first_window) / 2, rel=1e-5)
+    assert logs[0]["loss/kl"] == pytest.approx(sum(step["loss/kl"] for step in first_window) / 2, rel=1e-5)
+    assert logs[0]["loss"] == pytest.approx(sum(step["loss"] for step in first_window) / 2, rel=1e-5)
 
 
 def test_weight_schedule_is_applied_per_step(output_dir):

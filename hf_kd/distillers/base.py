@@ -42,7 +42,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from typing import Any, ClassVar, ContextManager, Iterable, Mapping, Sequence, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -50,7 +51,7 @@ from torch import nn
 from ..capture import FeatureSpec, ModelView, Requirements
 from ..schedules import Schedule
 
-_REGISTRY: dict[str, type["Distiller"]] = {}
+_REGISTRY: dict[str, type[Distiller]] = {}
 # The taxonomy shared by the README, docs/distillers.md and ``Distiller.family``.
 FAMILIES = ("logit", "representation", "relation", "online", "composite")
 T = TypeVar("T")
@@ -90,7 +91,7 @@ def list_distillers() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_distiller(spec: "Distiller | Mapping[str, Any]") -> "Distiller":
+def build_distiller(spec: Distiller | Mapping[str, Any]) -> Distiller:
     """A distiller from an instance (returned as is) or a dict ``{"name": ..., **kwargs}``."""
     if isinstance(spec, Distiller):
         return spec
@@ -127,7 +128,7 @@ def build_distiller(spec: "Distiller | Mapping[str, Any]") -> "Distiller":
     return distiller
 
 
-def teacher_of(distiller: "Distiller", teachers: Sequence[T]) -> "T | list[T] | None":
+def teacher_of(distiller: Distiller, teachers: Sequence[T]) -> T | list[T] | None:
     """What ``distiller`` reads of ``teachers`` (models or views): all of them (``multi_teacher``), else the one at
     ``teacher_index`` (``None`` when there are no teachers)."""
     if distiller.multi_teacher:
@@ -140,7 +141,7 @@ def ordered_union(groups: Iterable[Iterable]) -> tuple:
     return tuple(dict.fromkeys(item for group in groups for item in group))
 
 
-def trains_teacher(distiller: "Distiller") -> bool:
+def trains_teacher(distiller: Distiller) -> bool:
     """Whether ``distiller`` declares teacher-side parameters (and so may read teacher tensors with autograd)."""
     return next(iter(distiller.teacher_parameters()), None) is not None
 
@@ -177,7 +178,7 @@ def batch_labels(batch: Mapping[str, Any], method: str) -> torch.Tensor:
     return labels
 
 
-def teacher_views_for(distiller: "Distiller", teachers: Sequence[ModelView | None]):
+def teacher_views_for(distiller: Distiller, teachers: Sequence[ModelView | None]):
     """The teacher view(s) ``distiller`` reads, detached unless it trains teacher-side parameters."""
     views = teacher_of(distiller, teachers)
     if trains_teacher(distiller):
@@ -188,7 +189,7 @@ def teacher_views_for(distiller: "Distiller", teachers: Sequence[ModelView | Non
 
 
 def weighted_losses(
-    named: Iterable[tuple[str, "Distiller"]],
+    named: Iterable[tuple[str, Distiller]],
     student: ModelView,
     teachers: Sequence[ModelView | None],
     batch: Mapping[str, Any],
@@ -304,13 +305,13 @@ class Distiller(nn.Module):
         """Teacher submodule outputs/inputs to capture with forward hooks (known after ``setup``)."""
         return ()
 
-    def student_forward_context(self, student: nn.Module, training: bool) -> ContextManager:
+    def student_forward_context(self, student: nn.Module, training: bool) -> contextlib.AbstractContextManager:
         """A context the student's forward pass runs in, for methods that alter it during training (e.g. swapping in
         teacher blocks). Whatever it installs must be gone when it exits, so evaluation and export see the plain
         student."""
         return contextlib.nullcontext()
 
-    def teacher_forward_context(self, teacher: nn.Module, training: bool) -> ContextManager:
+    def teacher_forward_context(self, teacher: nn.Module, training: bool) -> contextlib.AbstractContextManager:
         """A context the teacher's forward pass runs in (e.g. hooks recording what a teacher block received);
         whatever it installs must be gone when it exits."""
         return contextlib.nullcontext()

@@ -8,7 +8,7 @@ one). Shared conventions of the online distillers (logits, logging, teacher-side
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping
 from functools import partial
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn

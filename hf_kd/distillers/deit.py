@@ -13,7 +13,8 @@ At inference the model's ``logits`` are the mean of the two heads' logits (as in
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F

@@ -11,7 +11,8 @@ the ``T^2`` factor; reductions are applied by the distillers.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

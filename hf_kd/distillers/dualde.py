@@ -8,7 +8,7 @@ student. Shared conventions of the online distillers (logits, logging, teacher-s
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -12,7 +12,8 @@ Use with a ``DistillationTrainer``, or call one on two ``ModelView``s yourself.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

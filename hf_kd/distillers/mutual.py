@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -127,7 +128,7 @@ class MutualLearningDistiller(Distiller):
         parts: dict[str, torch.Tensor] = {}
         total: torch.Tensor | float = 0.0
         for k, z_k in enumerate(models):
-            others = [z_l.detach() for l, z_l in enumerate(models) if l != k]
+            others = [z_j.detach() for j, z_j in enumerate(models) if j != k]
             mutual = torch.stack([tempered_kl(z_k, z_l, t) for z_l in others]).mean(0).mean()
             loss_k = mutual + self.teacher_terms(z_t, z_k)
             if k > 0:

@@ -27,7 +27,8 @@ adapters can be exported with ``save_teacher_adapters(dir)`` (peft format, loada
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F

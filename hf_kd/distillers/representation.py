@@ -10,7 +10,8 @@ Token-level terms are means over the non-padding tokens of the whole global batc
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F

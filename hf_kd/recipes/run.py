@@ -12,8 +12,9 @@ A recipe script prepares the pieces (data, teacher, student, how to measure a mo
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypedDict
+from typing import Any, TypedDict
 
 from torch import nn
 from transformers import Trainer
