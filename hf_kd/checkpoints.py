@@ -125,5 +125,39 @@ def check_resumable(folder: str, needed: Sequence[str], current: list[dict[str, 
             )
 
 
+def needed_state_files(distillers: torch.nn.Module, teacher_trained: bool) -> list[str]:
+    """The distillation state files a checkpoint of this run must hold to be resumed."""
+    return ([DISTILLER_STATE_NAME] if distillers.state_dict() else []) + ([TEACHER_STATE_NAME] if teacher_trained
+                                                                          else [])
+
+
+def load_distillation_state(
+    folder: str, distillers: torch.nn.Module, trained_teacher: Mapping[str, torch.Tensor], device: Any
+) -> None:
+    """Restore the distillers' state and the trained teacher-side parameters (``trained_teacher``: the live
+    tensors by name, empty when nothing of the teacher trains) from checkpoint ``folder``."""
+    path = os.path.join(folder, DISTILLER_STATE_NAME)
+    if os.path.isfile(path):
+        saved = torch.load(path, map_location=device, weights_only=True)
+        try:
+            distillers.load_state_dict(saved)
+        except RuntimeError as error:
+            raise ValueError(
+                f"{path} does not fit the distillers' current options (their state changed shape or names): "
+                f"{error}. Resume with the options the checkpoint was trained with."
+            ) from None
+    path = os.path.join(folder, TEACHER_STATE_NAME)
+    if os.path.isfile(path) and trained_teacher:
+        saved = torch.load(path, map_location=device, weights_only=True)
+        if saved.keys() != trained_teacher.keys():
+            raise ValueError(
+                f"{path} holds teacher parameters {sorted(saved)}, but the distillers now train "
+                f"{sorted(trained_teacher)}; resume with the same distillers."
+            )
+        with torch.no_grad():
+            for name, value in saved.items():
+                trained_teacher[name].copy_(value)
+
+
 def _listing(distillers: list[dict[str, str]]) -> str:
     return "[" + ", ".join(f"{d['key']} ({d['name']})" for d in distillers) + "]"

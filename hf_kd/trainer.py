@@ -38,6 +38,8 @@ from .checkpoints import (
     check_resumable,
     describe,
     last_complete_checkpoint,
+    load_distillation_state,
+    needed_state_files,
     save_distillation_state,
 )
 from .checks import (
@@ -50,7 +52,15 @@ from .checks import (
     position_limits,
     warn_on_dominant_term,
 )
-from .distillers.base import Distiller, build_distiller, ordered_union, teacher_of, trains_teacher, weighted_losses
+from .distillers.base import (
+    Distiller,
+    build_distiller,
+    distiller_keys,
+    ordered_union,
+    teacher_of,
+    trains_teacher,
+    weighted_losses,
+)
 from .ledger import LossLedger
 from .nonfinite import NonFiniteSteps
 from .normalization import StepBatch, StepCounts, batch_size, denominator, share, step_counts
@@ -103,7 +113,7 @@ class DistillationTrainer(Trainer):
                            "--distillers '[{\"name\": ...}]'; hf_kd.list_distillers() lists the names.", specs)
         self._distiller_specs = list(specs)
         self.distillers = nn.ModuleList(build_distiller(spec) for spec in specs)
-        self.distiller_keys = _unique_keys(self.distillers)
+        self.distiller_keys = distiller_keys(self.distillers)
         self._named = list(zip(self.distiller_keys, self.distillers))
         self.requirements = functools.reduce(operator.or_, (d.requires for d in self.distillers),
                                              Requirements(teacher=False))
@@ -437,9 +447,7 @@ class DistillationTrainer(Trainer):
         return state
 
     def _needed_state_files(self) -> list[str]:
-        """The distillation state files a checkpoint of this run must hold to be resumed."""
-        needed = [DISTILLER_STATE_NAME] if self.distillers.state_dict() else []
-        return needed + ([TEACHER_STATE_NAME] if self._teacher_trained else [])
+        return needed_state_files(self.distillers, self._teacher_trained)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         if resume_from_checkpoint is True:  # Trainer would take the newest folder, even one whose save was cut off
@@ -474,32 +482,9 @@ class DistillationTrainer(Trainer):
         # checked and loaded first, so that other distillers or options are named before torch's optimizer errors.
         if checkpoint:
             check_resumable(checkpoint, self._needed_state_files(), describe(self.distiller_keys, self.distillers))
-            self._load_distillation_state(checkpoint)
+            trained = self._trained_teacher_state() if self._teacher_trained else {}
+            load_distillation_state(checkpoint, self.distillers, trained, self.args.device)
         super()._load_optimizer_and_scheduler(checkpoint)
-
-    def _load_distillation_state(self, checkpoint: str) -> None:
-        path = os.path.join(checkpoint, DISTILLER_STATE_NAME)
-        if os.path.isfile(path):
-            saved = torch.load(path, map_location=self.args.device, weights_only=True)
-            try:
-                self.distillers.load_state_dict(saved)
-            except RuntimeError as error:
-                raise ValueError(
-                    f"{path} does not fit the distillers' current options (their state changed shape or names): "
-                    f"{error}. Resume with the options the checkpoint was trained with."
-                ) from None
-        path = os.path.join(checkpoint, TEACHER_STATE_NAME)
-        if os.path.isfile(path) and self._teacher_trained:
-            saved = torch.load(path, map_location=self.args.device, weights_only=True)
-            current = self._trained_teacher_state()
-            if saved.keys() != current.keys():
-                raise ValueError(
-                    f"{path} holds teacher parameters {sorted(saved)}, but the distillers now train "
-                    f"{sorted(current)}; resume with the same distillers."
-                )
-            with torch.no_grad():
-                for name, value in saved.items():
-                    current[name].copy_(value)
 
 
 @dataclass
@@ -509,13 +494,3 @@ class DistillationOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-
-
-def _unique_keys(distillers: Sequence[Distiller]) -> list[str]:
-    """Registry names, numbered when a name repeats (``kl``, ``kl_2``); used in logs as ``loss/<key>``."""
-    keys, seen = [], {}
-    for distiller in distillers:
-        name = distiller.name or type(distiller).__name__
-        seen[name] = seen.get(name, 0) + 1
-        keys.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
-    return keys

@@ -128,6 +128,16 @@ def build_distiller(spec: Distiller | Mapping[str, Any]) -> Distiller:
     return distiller
 
 
+def distiller_keys(distillers: Sequence[Distiller]) -> list[str]:
+    """Registry names, numbered when a name repeats (``kl``, ``kl_2``); used in logs as ``loss/<key>``."""
+    keys, seen = [], {}
+    for distiller in distillers:
+        name = distiller.name or type(distiller).__name__
+        seen[name] = seen.get(name, 0) + 1
+        keys.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return keys
+
+
 def teacher_of(distiller: Distiller, teachers: Sequence[T]) -> T | list[T] | None:
     """What ``distiller`` reads of ``teachers`` (models or views): all of them (``multi_teacher``), else the one at
     ``teacher_index`` (``None`` when there are no teachers)."""
