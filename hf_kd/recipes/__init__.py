@@ -10,7 +10,7 @@ from .card import write_model_card
 from .classification import Classes, classification_metrics
 from .config import Recipe, RecipeArguments, dump_config, load_config, load_recipe, parse_overrides
 from .data import bbc_news_articles, load_splits, package_dir, require_columns
-from .phases import attention_options, cached_model, distil, evaluate_model, phase_arguments, train_plain
+from .phases import attention_options, cached_model, evaluate_model, phase_arguments, train_model
 from .report import (
     ModelResult,
     count_parameters,
@@ -38,7 +38,6 @@ __all__ = [
     "cached_model",
     "classification_metrics",
     "count_parameters",
-    "distil",
     "dump_config",
     "evaluate_model",
     "load_config",
@@ -54,7 +53,7 @@ __all__ = [
     "run_recipe",
     "saved_size",
     "size_on_disk",
-    "train_plain",
+    "train_model",
     "train_teacher",
     "write_model_card",
     "write_results",

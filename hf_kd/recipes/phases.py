@@ -86,44 +86,23 @@ def cached_model(cache_dir: str | Path, key: str, build: Callable[[Path], None])
     return path
 
 
-def _trainer_inputs(train_dataset: Any, eval_dataset: Any, compute_metrics: Callable | None, data_collator: Any,
-                    processing_class: Any) -> dict[str, Any]:
-    return dict(train_dataset=train_dataset, eval_dataset=eval_dataset, compute_metrics=compute_metrics,
-                data_collator=data_collator, processing_class=processing_class)
-
-
-def train_plain(
+def train_model(
     model: nn.Module,
     args: DistillationArguments,
     *,
+    teacher: nn.Module | None = None,
     train_dataset: Any,
     eval_dataset: Any,
     compute_metrics: Callable | None,
     data_collator: Any = None,
     processing_class: Any = None,
 ) -> Trainer:
-    """Train ``model`` with plain ``transformers.Trainer`` (no teacher); returns the trained trainer."""
-    trainer = Trainer(model=model, args=args, **_trainer_inputs(train_dataset, eval_dataset, compute_metrics,
-                                                                data_collator, processing_class))
-    trainer.train()
-    return trainer
-
-
-def distil(
-    student: nn.Module,
-    teacher: nn.Module,
-    args: DistillationArguments,
-    *,
-    train_dataset: Any,
-    eval_dataset: Any,
-    compute_metrics: Callable | None,
-    data_collator: Any = None,
-    processing_class: Any = None,
-) -> DistillationTrainer:
-    """Distil ``teacher`` into ``student`` with ``args.distillers``; returns the trained trainer."""
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
-                                  **_trainer_inputs(train_dataset, eval_dataset, compute_metrics, data_collator,
-                                                    processing_class))
+    """Train ``model``: with plain ``transformers.Trainer`` when ``teacher`` is None (the baseline, a teacher's own
+    fine-tuning), else distilling ``teacher`` into it with ``args.distillers``; returns the trained trainer."""
+    inputs = dict(args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, compute_metrics=compute_metrics,
+                  data_collator=data_collator, processing_class=processing_class)
+    trainer = (Trainer(model=model, **inputs) if teacher is None
+               else DistillationTrainer(model=model, teacher_model=teacher, **inputs))
     trainer.train()
     return trainer
 
@@ -137,6 +116,6 @@ def evaluate_model(
     processing_class: Any = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` without training it (e.g. a cached teacher); the ``eval_*`` metrics."""
-    trainer = Trainer(model=model, args=args, **_trainer_inputs(None, eval_dataset, compute_metrics, data_collator,
-                                                                processing_class))
+    trainer = Trainer(model=model, args=args, eval_dataset=eval_dataset, compute_metrics=compute_metrics,
+                      data_collator=data_collator, processing_class=processing_class)
     return trainer.evaluate()

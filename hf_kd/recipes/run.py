@@ -21,7 +21,7 @@ from transformers import Trainer
 
 from ..arguments import DistillationArguments
 from .card import write_model_card
-from .phases import distil, evaluate_model, phase_arguments, train_plain
+from .phases import evaluate_model, phase_arguments, train_model
 from .report import ModelResult, count_parameters, measure_latency, plot_history, saved_size, write_results
 from .teacher import Teacher
 from .timer import PhaseTimer
@@ -122,8 +122,7 @@ def run_recipe(
         args = phase_arguments(args, output_dir=folder, train_size=len(train_dataset))
         data = dict(train_dataset=train_dataset, eval_dataset=eval_dataset, **inputs)
         with timer.phase(phase):
-            trainer = (train_plain(model, args, **data) if distil_from is None
-                       else distil(model, distil_from, args, **data))
+            trainer = train_model(model, args, teacher=distil_from, **data)
         trainer.save_model(str(folder))
         histories[phase] = _with_metrics(trainer.state.log_history, metrics)
         scores = evaluate(trainer.model, role) if plain_evaluation else trainer.evaluate()

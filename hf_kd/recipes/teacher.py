@@ -13,7 +13,7 @@ from torch import nn
 
 from ..arguments import DistillationArguments
 from .config import RecipeArguments
-from .phases import cached_model, phase_arguments, train_plain
+from .phases import cached_model, phase_arguments, train_model
 
 TRAINING_RECORD = "hf_kd_finetune.json"  # beside a cached teacher: {"train_seconds": ...}
 
@@ -65,7 +65,7 @@ def train_teacher(
                                 train_size=len(train_dataset))
         if eval_dataset is None:
             phase = dataclasses.replace(phase, eval_strategy="no")
-        trainer = train_plain(build(), phase, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        trainer = train_model(build(), phase, train_dataset=train_dataset, eval_dataset=eval_dataset,
                               compute_metrics=compute_metrics, processing_class=processing_class)
         trainer.save_model(str(folder))
         history.extend(trainer.state.log_history)
