@@ -11,6 +11,8 @@ from datasets import Dataset
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    DeiTConfig,
+    DeiTForImageClassificationWithTeacher,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -19,11 +21,14 @@ from transformers import (
     ViTForImageClassification,
 )
 
+from hf_kd import DistillationArguments
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
 VOCAB = 97
+EAGER = {"attn_implementation": "eager"}  # the attention implementation that returns attention maps
 
 
 def bert(
@@ -36,6 +41,11 @@ def bert(
         intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels, **kwargs,
     )
     return BertForSequenceClassification(config)
+
+
+def bert_pair() -> tuple[BertForSequenceClassification, BertForSequenceClassification]:
+    """A 2-layer student and a deeper (4), wider (48) teacher, both with eager attention (attention maps)."""
+    return bert(layers=2, hidden=32, seed=1, **EAGER), bert(layers=4, hidden=48, seed=2, **EAGER)
 
 
 def llama(vocab: int = VOCAB, layers: int = 2, hidden: int = 32, seed: int = 0, **kwargs) -> LlamaForCausalLM:
@@ -57,13 +67,39 @@ def gpt2(vocab: int = VOCAB, layers: int = 2, hidden: int = 32, seed: int = 0, *
     return GPT2LMHeadModel(config)
 
 
-def vit(num_labels: int = 4, layers: int = 2, hidden: int = 32, seed: int = 0, **kwargs) -> ViTForImageClassification:
+def vit(
+    num_labels: int = 4, layers: int = 2, hidden: int = 32, seed: int = 0, patch_size: int = 2, **kwargs
+) -> ViTForImageClassification:
     torch.manual_seed(seed)
     config = ViTConfig(
-        image_size=8, patch_size=2, num_channels=1, hidden_size=hidden, num_hidden_layers=layers,
+        image_size=8, patch_size=patch_size, num_channels=1, hidden_size=hidden, num_hidden_layers=layers,
         num_attention_heads=2, intermediate_size=2 * hidden, num_labels=num_labels, **kwargs,
     )
     return ViTForImageClassification(config)
+
+
+def deit(
+    num_labels: int = 4, layers: int = 1, hidden: int = 16, seed: int = 0
+) -> DeiTForImageClassificationWithTeacher:
+    """A DeiT with a class token + head and a distillation token + head, on the 8x8 one-channel images."""
+    torch.manual_seed(seed)
+    config = DeiTConfig(
+        image_size=8, patch_size=4, num_channels=1, hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=2, intermediate_size=2 * hidden, num_labels=num_labels,
+    )
+    return DeiTForImageClassificationWithTeacher(config)
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` as the trainer prepares a teacher: eval mode, no gradients."""
+    return model.eval().requires_grad_(False)
+
+
+def training_args(output_dir, **overrides) -> DistillationArguments:
+    """Arguments of a test run: CPU, no reports, no checkpoints, no progress bars, batches of 4; ``overrides`` win."""
+    defaults = dict(output_dir=str(output_dir), report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
+                    per_device_train_batch_size=4)
+    return DistillationArguments(**{**defaults, **overrides})
 
 
 def text_classification_data(n: int = 16, length: int = 12, num_labels: int = 3, seed: int = 0) -> Dataset:

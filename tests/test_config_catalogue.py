@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import bert, llama, lm_data, text_classification_data
+from conftest import bert, llama, lm_data, text_classification_data, training_args, vit
 from hf_kd import DistillationArguments, DistillationTrainer, build_distiller
 from hf_kd.progressive import ProgressiveLayers
 
@@ -59,9 +59,7 @@ def test_one_layer_distiller_name_is_a_list_of_one():
 
 
 def args_for(tmp_path, **overrides):
-    return DistillationArguments(**{"output_dir": str(tmp_path), "report_to": [], "use_cpu": True,
-                                    "disable_tqdm": True, "save_strategy": "no", "max_steps": 1,
-                                    "per_device_train_batch_size": 4, "logging_steps": 1, **overrides})
+    return training_args(tmp_path, **{"max_steps": 1, "logging_steps": 1, **overrides})
 
 
 def test_student_and_teacher_the_same_object_is_refused(tmp_path):
@@ -91,14 +89,8 @@ def test_batch_whose_labels_are_all_masked_contributes_and_logs_zero(tmp_path):
 
 # ---- caught before training instead of deep inside --------------------------------------------------------------
 def vit_pair(student_patch: int, teacher_patch: int):
-    from transformers import ViTConfig, ViTForImageClassification
-
-    def make(patch, seed):
-        torch.manual_seed(seed)
-        return ViTForImageClassification(ViTConfig(image_size=8, patch_size=patch, num_channels=1, hidden_size=16,
-                                                   num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                                                   num_labels=4))
-    return make(student_patch, 0), make(teacher_patch, 1)
+    return (vit(layers=1, hidden=16, patch_size=student_patch, seed=0),
+            vit(layers=1, hidden=16, patch_size=teacher_patch, seed=1))
 
 
 def test_student_and_teacher_of_different_modalities_are_refused(tmp_path):

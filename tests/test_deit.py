@@ -9,12 +9,11 @@ import torch
 from datasets import Dataset
 from transformers import (
     AutoModelForImageClassification,
-    DeiTConfig,
     DeiTForImageClassificationWithTeacher,
-    ViTConfig,
     ViTForImageClassification,
 )
 
+from conftest import deit, vit
 from hf_kd import DistillationArguments, DistillationTrainer, build_distiller
 from hf_kd.capture import ModelView
 
@@ -25,17 +24,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
 
 
 def deit_student(seed: int = 0) -> DeiTForImageClassificationWithTeacher:
-    torch.manual_seed(seed)
-    return DeiTForImageClassificationWithTeacher(DeiTConfig(
-        image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, num_labels=CLASSES))
+    return deit(num_labels=CLASSES, seed=seed)
 
 
 def vit_teacher(seed: int = 1) -> ViTForImageClassification:
-    torch.manual_seed(seed)
-    return ViTForImageClassification(ViTConfig(
-        image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, num_labels=CLASSES))
+    return vit(num_labels=CLASSES, layers=2, hidden=16, patch_size=4, seed=seed)
 
 
 def views(distiller, cls_logits, distillation_logits, teacher_logits):
@@ -152,6 +145,6 @@ def test_deit_beside_kl_evaluates_through_the_trainer(tmp_path):
         expected = student.eval()(pixel_values=pixel_data()[:]["pixel_values"]).logits
     torch.testing.assert_close(torch.as_tensor(predictions), expected, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="num_labels"):
-        DistillationTrainer(model=deit_student(), teacher_model=ViTForImageClassification(ViTConfig(
-            image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-            intermediate_size=32, num_labels=CLASSES + 1)), args=trainer.args, distillers=[{"name": "deit"}])
+        DistillationTrainer(model=deit_student(), teacher_model=vit(num_labels=CLASSES + 1, layers=1, hidden=16,
+                                                                    patch_size=4),
+                            args=trainer.args, distillers=[{"name": "deit"}])

@@ -9,9 +9,8 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from conftest import bert, llama, lm_data, text_classification_data
+from conftest import bert, llama, lm_data, text_classification_data, training_args
 from hf_kd import (
-    DistillationArguments,
     DistillationTrainer,
     Distiller,
     Requirements,
@@ -22,9 +21,7 @@ from hf_kd.teachers import shared_logit_width
 
 
 def make_args(tmp_path, **kwargs):
-    defaults = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2, per_device_train_batch_size=4,
-                    save_strategy="no")
-    return DistillationArguments(**{**defaults, **kwargs})
+    return training_args(tmp_path, **{"max_steps": 2, **kwargs})
 
 
 # ---- distiller specs ---------------------------------------------------------------------------------------------

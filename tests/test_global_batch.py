@@ -9,16 +9,14 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, ViTConfig, ViTForImageClassification
 
-from conftest import bert, image_data, llama, lm_data, text_classification_data
+from conftest import EAGER, bert, deit, image_data, llama, lm_data, text_classification_data, vit
 from hf_kd import DistillationArguments, DistillationTrainer, list_distillers
 from hf_kd.distillers.base import _REGISTRY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 BUILTIN = sorted(name for name in list_distillers() if _REGISTRY[name].__module__.startswith("hf_kd."))
-EAGER = {"attn_implementation": "eager"}
 
 
 @dataclass
@@ -63,15 +61,7 @@ def models_and_data(case: Case):
         return bert(seed=1, **EAGER), bert(**teacher), text_classification_data(n=8)
     if case.family == "lm":
         return llama(seed=1), llama(layers=3, hidden=48, seed=2, **case.teacher), lm_data(n=8)
-    torch.manual_seed(1)
-    student = DeiTForImageClassificationWithTeacher(DeiTConfig(
-        image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, num_labels=4))
-    torch.manual_seed(2)
-    teacher = ViTForImageClassification(ViTConfig(
-        image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, num_labels=4))
-    return student, teacher, image_data(n=8)
+    return deit(seed=1), vit(layers=2, hidden=16, patch_size=4, seed=2), image_data(n=8)
 
 
 def one_step(name: str, micro_batch: int, output_dir: str, trainer_out: list | None = None):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import bert, text_classification_data
+from conftest import bert_pair, text_classification_data
 from hf_kd import DistillationArguments, DistillationTrainer, build_distiller
 from hf_kd.capture import ModelView
 from hf_kd.distillers.composite import CompositeDistiller
@@ -14,12 +14,7 @@ from hf_kd.distillers.logit import KLDistiller
 from hf_kd.distillers.representation import AttentionDistiller, HiddenStatesDistiller
 from hf_kd.distillers.tinybert import TinyBERTDistiller
 
-EAGER = {"attn_implementation": "eager"}
 COMPONENTS = ("embedding", "hidden", "attention", "prediction")
-
-
-def models():
-    return bert(layers=2, hidden=32, seed=1, **EAGER), bert(layers=4, hidden=48, seed=2, **EAGER)
 
 
 def views(student, teacher):
@@ -40,7 +35,7 @@ def generic(distiller, student, teacher, projector_state=None):
 
 
 def test_tinybert_components_equal_the_generic_distillers():
-    student, teacher = models()
+    student, teacher = bert_pair()
     tiny = build_distiller({"name": "tinybert", "temperature": 2.0, "intermediate_steps": 3})
     assert isinstance(tiny, TinyBERTDistiller) and list(tiny.components) == list(COMPONENTS)
     assert (tiny.requires.logits, tiny.requires.hidden_states, tiny.requires.attentions) == (True, True, True)
@@ -74,7 +69,7 @@ def test_tinybert_components_equal_the_generic_distillers():
 
 
 def test_gradients_reach_both_projectors_in_stage_1_only():
-    student, teacher = models()
+    student, teacher = bert_pair()
     tiny = build_distiller({"name": "tinybert", "intermediate_steps": 1})
     tiny.setup(student, teacher)
     projectors = [tiny.components[c].projectors["shared"].weight for c in ("embedding", "hidden")]
@@ -102,7 +97,7 @@ def test_single_stage_and_option_errors():
 
 
 def test_composite_by_name_sums_weighted_children_and_logs_their_parts():
-    student, teacher = models()
+    student, teacher = bert_pair()
     composite = build_distiller({"name": "composite", "components": {
         "soft": {"name": "kl"}, "deep": {"name": "hidden_states", "weight": 2.0, "layer_map": {2: 4}}}})
     composite.setup(student, teacher)
@@ -113,7 +108,7 @@ def test_composite_by_name_sums_weighted_children_and_logs_their_parts():
 
 
 def test_two_stages_in_training(tmp_path):
-    student, teacher = models()
+    student, teacher = bert_pair()
     args = DistillationArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True,
                                  save_strategy="no", logging_steps=1, max_steps=4, per_device_train_batch_size=4,
                                  hard_label_weight=0.0, learning_rate=1e-3)

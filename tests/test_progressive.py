@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import bert, text_classification_data
+from conftest import bert_pair, text_classification_data
 from hf_kd import DistillationArguments, DistillationTrainer, build_distiller
 from hf_kd.progressive import ProgressiveLayerCallback, ProgressiveLayers
 
-EAGER = {"attn_implementation": "eager"}
 DISTILLERS = [{"name": "attention", "loss": "kl"}, {"name": "hidden_states", "loss": "cosine", "tokens": "cls"},
               {"name": "kl", "temperature": 2.0}]
 
 
-def models():
-    return bert(layers=2, hidden=32, seed=1, **EAGER), bert(layers=4, hidden=48, seed=2, **EAGER)
-
-
 def set_up(*specs):
-    student, teacher = models()
+    student, teacher = bert_pair()
     distillers = [build_distiller(spec) for spec in specs]
     for distiller in distillers:
         distiller.setup(student, teacher)
@@ -72,7 +67,7 @@ def test_final_distiller_with_a_weight_schedule_and_callback_built_before_setup(
 # ---- in training ------------------------------------------------------------------------------------------------
 def train(tmp_path, schedule, max_steps=6, resume=None, via_arguments=False, **overrides):
     """Train with the schedule given as `DistillationArguments.progressive_layers` or as an added callback."""
-    student, teacher = models()
+    student, teacher = bert_pair()
     options = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
                    logging_steps=1, max_steps=max_steps, per_device_train_batch_size=8, hard_label_weight=0.0,
                    progressive_layers=schedule if via_arguments else None)

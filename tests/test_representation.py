@@ -9,12 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import bert, llama, text_classification_data, vit
+from conftest import EAGER, bert, bert_pair, llama, text_classification_data, vit
 from hf_kd import DistillationArguments, DistillationTrainer, build_distiller
 from hf_kd.capture import FeatureSpec, ModelView
 from hf_kd.trainer import DISTILLER_STATE_NAME
-
-EAGER = {"attn_implementation": "eager"}
 
 
 def view(hidden=None, attentions=None, features=None, task="classification"):
@@ -137,7 +135,7 @@ def test_feature_distiller_sizes_projector_from_modules_and_pools_maps():
 
 # ---- in training ------------------------------------------------------------------------------------------------
 def test_projectors_train_are_checkpointed_and_never_exported(tmp_path):
-    student, teacher = bert(seed=1, **EAGER), bert(layers=4, hidden=48, seed=2, **EAGER)
+    student, teacher = bert_pair()
     args = DistillationArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True,
                                  max_steps=2, save_steps=2, per_device_train_batch_size=4, learning_rate=1e-2)
     trainer = DistillationTrainer(

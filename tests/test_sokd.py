@@ -9,15 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import bert, image_data, llama, text_classification_data, vit
+from conftest import bert, frozen, image_data, llama, text_classification_data, vit
 from hf_kd import DistillationArguments, DistillationTrainer, build_distiller
 from hf_kd.capture import ModelView
 from hf_kd.distillers.divergences import tempered_kl
 from hf_kd.distillers.sokd import SOKDDistiller
-
-
-def frozen(model):
-    return model.eval().requires_grad_(False)  # what the trainer does to a teacher
 
 
 def sokd(student, teacher, **options):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM, TrainerCallback
 
-from conftest import bert, llama, lm_data, text_classification_data
+from conftest import bert, llama, lm_data, text_classification_data, training_args
 from hf_kd import DistillationArguments, DistillationTrainer, Distiller, Requirements, build_distiller
 from hf_kd.capture import ModelView
 from hf_kd.distillers import divergences
@@ -24,9 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def args_for(output_dir, **overrides) -> DistillationArguments:
-    defaults = dict(output_dir=output_dir, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
-                    per_device_train_batch_size=4, logging_steps=1, seed=0, max_steps=2)
-    return DistillationArguments(**{**defaults, **overrides})
+    return training_args(output_dir, **{"logging_steps": 1, "seed": 0, "max_steps": 2, **overrides})
 
 
 # ---- dkd -------------------------------------------------------------------------------------------------------

@@ -8,11 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import bert, gpt2, image_data, llama, text_classification_data, vit
+from conftest import EAGER, bert, frozen, gpt2, image_data, llama, text_classification_data, vit
 from hf_kd import DistillationArguments, DistillationTrainer, build_distiller
 from hf_kd.capture import ModelView
-
-EAGER = {"attn_implementation": "eager"}
 
 
 def view(hidden=None, attentions=None, training=True):
@@ -24,10 +22,6 @@ def distiller(spec, student, teacher):
     d = build_distiller(spec)
     d.setup(student, teacher)
     return d
-
-
-def frozen(model):
-    return model.eval().requires_grad_(False)  # what the trainer does to a teacher
 
 
 # Student and teacher layer-1 features [B=1, T=3, D=2]; token 3 is padding. Per-token MSE: 0.5, 2.0 (81 for padding).

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 
-from conftest import bert, gpt2, image_data, llama, lm_data, text_classification_data, vit
+from conftest import bert, gpt2, image_data, llama, lm_data, text_classification_data, training_args, vit
 from hf_kd import (
     DistillationArguments,
     DistillationCallback,
@@ -23,11 +23,7 @@ from hf_kd.trainer import DISTILLER_STATE_NAME
 
 
 def make_args(output_dir, **overrides) -> DistillationArguments:
-    defaults = dict(
-        output_dir=output_dir, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
-        per_device_train_batch_size=4, per_device_eval_batch_size=4, logging_steps=1, seed=0,
-    )
-    return DistillationArguments(**{**defaults, **overrides})
+    return training_args(output_dir, **{"per_device_eval_batch_size": 4, "logging_steps": 1, "seed": 0, **overrides})
 
 
 def collate(features):
