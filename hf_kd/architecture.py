@@ -40,7 +40,7 @@ _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scali
 _PROJECTIONS = {"query": ("query", "q_proj", "q_lin"), "key": ("key", "k_proj", "k_lin"),
                 "value": ("value", "v_proj", "v_lin")}
 _FUSED = ("c_attn", "qkv", "Wqkv")
-_ROLES = ("query", "key", "value")
+PROJECTION_ROLES = ("query", "key", "value")
 
 
 # ---- what the model is and what it takes ----------------------------------------------------------------------
@@ -241,7 +241,7 @@ def attention_projections(model: nn.Module, layer: int) -> dict[str, Projection]
                 f"Cannot find the query/key/value projections of layer {layer} in {type(model).__name__}; pass "
                 f"`student_modules`/`teacher_modules` paths explicitly."
             )
-        found = {role: Projection(prefix + fused, part) for part, role in enumerate(_ROLES)}
+        found = {role: Projection(prefix + fused, part) for part, role in enumerate(PROJECTION_ROLES)}
     return found
 
 

@@ -9,15 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architecture import Projection, attention_projections, find_module, module_width
+from ..architecture import PROJECTION_ROLES, Projection, attention_projections, find_module, module_width
 from ..capture import FeatureSpec, ModelView, Requirements
 from ..layer_maps import LayerMapSpec
 from ..normalization import token_mean
 from ..schedules import Knob
 from .base import register_distiller
 from .representation import LayerMappedDistiller
-
-_ROLES = ("query", "key", "value")
 
 
 @register_distiller("minilm_relation")
@@ -48,15 +46,17 @@ class MiniLMRelationDistiller(LayerMappedDistiller):
         weight: Knob = 1.0,
         layer_map: LayerMapSpec = "last_k",
         last_k: int = 1,
-        relations: Sequence[str] = _ROLES,
+        relations: Sequence[str] = PROJECTION_ROLES,
         num_relation_heads: int | None = None,
         student_modules: Mapping[str, str] | None = None,
         teacher_modules: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(weight, layer_map, last_k)
-        unknown = sorted(set(relations) - set(_ROLES))
+        unknown = sorted(set(relations) - set(PROJECTION_ROLES))
         if unknown or not relations:
-            raise ValueError(f"minilm_relation: `relations` must be a non-empty subset of {_ROLES}, got {relations}.")
+            raise ValueError(
+                f"minilm_relation: `relations` must be a non-empty subset of {PROJECTION_ROLES}, got {relations}."
+            )
         self.relations = tuple(relations)
         self.num_relation_heads = num_relation_heads
         self.module_templates = {"student": student_modules, "teacher": teacher_modules}
