@@ -28,6 +28,7 @@ from .logit import (
 from .minilm_relation import MiniLMRelationDistiller
 from .mutual import MutualLearningDistiller, PeerToPeerDistiller
 from .okd import OKDDistiller
+from .relation import PKTDistiller, RelationDistiller, RKDDistiller, SPDistiller
 from .representation import AttentionDistiller, FeatureDistiller, HiddenStatesDistiller, LayerMappedDistiller
 from .sokd import SOKDDistiller
 from .tinybert import TinyBERTDistiller
@@ -54,9 +55,13 @@ __all__ = [
     "MiniLMRelationDistiller",
     "MutualLearningDistiller",
     "OKDDistiller",
+    "PKTDistiller",
     "PeerToPeerDistiller",
+    "RKDDistiller",
+    "RelationDistiller",
     "ReverseKLDistiller",
     "SOKDDistiller",
+    "SPDistiller",
     "SkewKLDistiller",
     "SkewReverseKLDistiller",
     "TVDDistiller",
