@@ -271,3 +271,130 @@ def test_every_relation_distiller_trains_and_exports_only_the_student(name, pair
     exported, plain = (load_file(str(tmp_path / folder / "model.safetensors")) for folder in ("export", "plain"))
     assert exported.keys() == plain.keys()
     assert all(torch.equal(exported[key], value) for key, value in plain.items())
+
+
+# ---- anchor_relation, fsp, topology -----------------------------------------------------------------------------
+def softmax(values: list[float]) -> list[float]:
+    top = max(values)
+    exps = [math.exp(v - top) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def kl(p: list[float], q: list[float]) -> float:
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(a @ b) / (a.norm() * b.norm()).item()
+
+
+def test_anchor_relation_over_the_batch_by_hand():
+    s, t = embeddings(0), embeddings(1, width=6)
+    tau = 0.5
+    loss = build_distiller({"name": "anchor_relation", "temperature": tau}).relation_loss(s, t)
+    n = len(s)
+    expected = sum(kl(softmax([cosine(t[i], t[j]) / tau for j in range(n) if j != i]),
+                      softmax([cosine(s[i], s[j]) / tau for j in range(n) if j != i])) for i in range(n)) / n
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_anchor_relation_over_the_teacher_classes_by_hand():
+    student, teacher, (s_view, t_view), batch = bert_views()
+    distiller = build_distiller({"name": "anchor_relation", "anchors": "classifier", "embedding": "cls",
+                                 "temperature": 0.5})
+    distiller.setup(student, teacher)
+    rows = teacher.classifier.weight.detach().double()
+    e_s = distiller.projector(s_view.hidden_states[-1][:, 0]).detach().double()
+    e_t = t_view.hidden_states[-1][:, 0].detach().double()
+    expected = sum(kl(softmax([cosine(e_t[i], r) / 0.5 for r in rows]),
+                      softmax([cosine(e_s[i], r) / 0.5 for r in rows])) for i in range(len(e_s))) / len(e_s)
+    assert distiller(s_view, t_view, batch).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_anchor_relation_refuses_an_embedding_the_classifier_does_not_read(tmp_path):
+    with pytest.raises(ValueError, match="the embedding must be what the classifier reads"):
+        DistillationTrainer(model=bert(seed=1), teacher_model=bert(layers=3, hidden=48, seed=2),
+                            args=training_args(tmp_path, max_steps=1),
+                            distillers=[{"name": "anchor_relation", "anchors": "classifier", "embedding": "logits"}])
+
+
+def test_learned_anchors_train_with_the_student_and_stay_out_of_the_export(tmp_path):
+    trainer = DistillationTrainer(model=bert(seed=1), teacher_model=bert(layers=3, hidden=48, seed=2),
+                                  train_dataset=text_classification_data(n=8),
+                                  args=training_args(tmp_path, max_steps=2, learning_rate=1e-2),
+                                  distillers=[{"name": "anchor_relation", "anchors": "learned", "num_anchors": 5}])
+    before = trainer.distillers[0].learned.detach().clone()
+    trainer.train()
+    assert before.shape == (5, 48) and not torch.equal(before, trainer.distillers[0].learned.detach())
+
+
+def test_fsp_matrix_is_the_mean_outer_product_over_valid_positions():
+    a, b = embeddings(0, rows=6).view(2, 3, 4), embeddings(1, rows=6, width=2).view(2, 3, 2)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    from hf_kd.distillers.fsp import fsp_matrix
+
+    got = fsp_matrix(a, b, mask)
+    for sample, n in ((0, 2), (1, 3)):
+        expected = sum(torch.outer(a[sample, i], b[sample, i]) for i in range(n)) / n
+        torch.testing.assert_close(got[sample], expected)
+
+
+def test_fsp_is_zero_when_the_student_is_the_teacher():
+    student, _, (s_view, _), batch = bert_views()
+    distiller = build_distiller({"name": "fsp", "layers": {1: 1, 2: 2}})
+    distiller.setup(student, student)  # same widths: no projector
+    loss, parts = distiller(s_view, s_view, batch)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6) and parts["fsp"].item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fsp_by_hand_on_two_layers():
+    student, teacher, (s_view, t_view), batch = bert_views()
+    distiller = build_distiller({"name": "fsp", "layers": {1: 1, 2: 3}, "normalize": False, "projector": "linear"})
+    distiller.setup(student, teacher)
+    mask = batch["attention_mask"].double()
+    h_s = [distiller.projectors[str(s)](s_view.hidden_states[s]).detach().double() for s in (1, 2)]
+    h_t = [t_view.hidden_states[t].detach().double() for t in (1, 3)]
+    fsp, cos, tokens = 0.0, 0.0, mask.sum().item()
+    for b in range(len(mask)):
+        valid = mask[b].nonzero().flatten()
+        g_s = sum(torch.outer(h_s[0][b, i], h_s[1][b, i]) for i in valid) / len(valid)
+        g_t = sum(torch.outer(h_t[0][b, i], h_t[1][b, i]) for i in valid) / len(valid)
+        fsp += (g_s - g_t).pow(2).mean().item() / len(mask)
+        cos += sum(1 - cosine(h_s[k][b, i], h_t[k][b, i]) for k in (0, 1) for i in valid) / (2 * tokens)
+    _, parts = distiller(s_view, t_view, batch)
+    assert parts["fsp"].item() == pytest.approx(fsp, rel=1e-4)
+    assert parts["cosine"].item() == pytest.approx(cos, rel=1e-4)
+
+
+def test_topology_loss_by_hand():
+    from hf_kd.distillers.topology import topology_loss
+
+    s, t = embeddings(0), embeddings(1, width=6)
+    groups = torch.tensor([0, 1, 0, 1, 1])
+    entity, group = topology_loss(s, t, groups, 3)
+    pairs = [(i, j) for i in range(5) for j in range(5) if groups[i] == groups[j]]
+    assert entity.item() == pytest.approx(
+        sum((cosine(s[i], s[j]) - cosine(t[i], t[j])) ** 2 for i, j in pairs) / len(pairs), rel=1e-9)
+    prototypes = [(s[groups == k].mean(0), t[groups == k].mean(0)) for k in (0, 1)]
+    assert group.item() == pytest.approx(sum((cosine(p_s, s[i]) - cosine(p_t, t[i])) ** 2 for p_s, p_t in prototypes
+                                             for i in range(5)) / 10, rel=1e-9)
+    full, _ = topology_loss(s, t, None, 1)
+    assert full.item() == pytest.approx(sum((cosine(s[i], s[j]) - cosine(t[i], t[j])) ** 2 for i in range(5)
+                                            for j in range(5)) / 25, rel=1e-9)
+    assert topology_loss(t, t, groups, 3)[0].item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_topology_trains_its_assignment_and_experts_and_draws_the_same_on_a_rerun(tmp_path):
+    def run():
+        trainer = DistillationTrainer(model=bert(seed=1), teacher_model=bert(layers=3, hidden=48, seed=2),
+                                      train_dataset=text_classification_data(n=8),
+                                      args=training_args(tmp_path, max_steps=2, logging_steps=1, learning_rate=1e-2),
+                                      distillers=[{"name": "topology", "num_groups": 2, "seed": 3}])
+        before = {n: p.detach().clone() for n, p in trainer.distillers.named_parameters()}
+        trainer.train()
+        moved = {n for n, p in trainer.distillers.named_parameters() if not torch.equal(before[n], p)}
+        return moved, trainer.state.log_history[1]["loss/topology/assignment"]
+
+    (moved, logged), (_, again) = run(), run()
+    assert any(n.startswith("0.assignment") for n in moved) and any(n.startswith("0.experts") for n in moved)
+    assert logged == again

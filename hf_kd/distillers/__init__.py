@@ -5,6 +5,7 @@ A method lives in the file of its registry name (``sokd`` in ``sokd.py``); plain
 ``mutual.py``). ``Distiller.family`` places each in the taxonomy of ``docs/distillers.md``.
 """
 
+from .anchor_relation import AnchorRelationDistiller
 from .atsc import ATSCDistiller
 from .base import Distiller, build_distiller, list_distillers, register_distiller
 from .bdkd import BDKDDistiller, register_bdkd_weighting
@@ -13,6 +14,7 @@ from .composite import CompositeDistiller
 from .deit import DeiTDistiller
 from .dualde import DualDEDistiller
 from .feature_mixing import FeatureMixingDistiller
+from .fsp import FSPDistiller
 from .instance_feature import InstanceFeatureDistiller
 from .logit import (
     DKDDistiller,
@@ -32,9 +34,11 @@ from .relation import PKTDistiller, RelationDistiller, RKDDistiller, SPDistiller
 from .representation import AttentionDistiller, FeatureDistiller, HiddenStatesDistiller, LayerMappedDistiller
 from .sokd import SOKDDistiller
 from .tinybert import TinyBERTDistiller
+from .topology import TopologyDistiller
 
 __all__ = [
     "ATSCDistiller",
+    "AnchorRelationDistiller",
     "AttentionDistiller",
     "BDKDDistiller",
     "BlockSwapDistiller",
@@ -44,6 +48,7 @@ __all__ = [
     "Distiller",
     "DualDEDistiller",
     "FeatureDistiller",
+    "FSPDistiller",
     "FeatureMixingDistiller",
     "HiddenStatesDistiller",
     "InstanceFeatureDistiller",
@@ -66,6 +71,7 @@ __all__ = [
     "SkewReverseKLDistiller",
     "TVDDistiller",
     "TinyBERTDistiller",
+    "TopologyDistiller",
     "build_distiller",
     "list_distillers",
     "register_bdkd_weighting",
