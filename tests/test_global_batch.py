@@ -41,6 +41,7 @@ CASES: dict[str, Case] = {
     "rkd": Case("text", {"embedding": "mean"}),
     "sp": Case("text"),
     "pkt": Case("text", {"layers": {1: 2, 2: 4}, "intermediate_weight": 10.0}),
+    "crd": Case("text", {"nce_k": 4}),
     "tinybert": Case("text", {"temperature": 2.0}),
     "composite": Case("text", {"components": {"kl": {"name": "kl"}, "hidden": {"name": "hidden_states"},
                                               "attention": {"name": "attention", "loss": "mse"}}}),
