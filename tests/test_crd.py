@@ -220,3 +220,15 @@ def test_the_export_holds_only_the_student(tmp_path):
     assert exported.keys() == plain.keys()
     assert all(torch.equal(exported[key], value) for key, value in plain.items())
     assert not any("bank" in key or "embed_" in key for key in exported)
+
+
+def test_crd_inside_a_composite_gets_the_index_and_the_dataset_size(tmp_path):
+    composite = {"name": "composite", "components": {"crd": {"name": "crd", "nce_k": 4, "feat_dim": 8},
+                                                     "kl": {"name": "kl"}}}
+    trainer = DistillationTrainer(model=bert(seed=1), teacher_model=bert(layers=3, hidden=48, seed=2),
+                                  train_dataset=text_classification_data(n=8), distillers=[composite],
+                                  args=training_args(tmp_path, seed=0, logging_steps=1, max_steps=1))
+    crd = trainer.distillers[0].components["crd"]
+    assert trainer.distillers[0].needs_sample_index and crd.bank_student.shape == (8, 8)
+    trainer.train()
+    assert crd.z_teacher_bank.item() > 0 and trainer.state.log_history[0]["loss/composite/crd"] > 0

@@ -115,8 +115,7 @@ class CRDDistiller(RelationDistiller):
         super().setup(student, teacher)
         if self.dataset_size is None or self.dataset_size < 2:
             raise ValueError(f"crd contrasts each training sample with others of the train dataset: it needs a "
-                             f"`train_dataset` of at least 2 samples (got size {self.dataset_size}); inside a "
-                             f"`composite` it is not given one.")
+                             f"`train_dataset` of at least 2 samples (got size {self.dataset_size}).")
         widths = {role: self.width(model, role) for role, model in (("student", student), ("teacher", teacher))}
         self.embed_student = build_projector(widths["student"], self.feat_dim, "linear")
         self.embed_teacher = build_projector(widths["teacher"], self.feat_dim, "linear")
