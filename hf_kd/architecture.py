@@ -30,8 +30,12 @@ from transformers.models.auto.modeling_auto import (
 Task = Literal["causal_lm", "classification", "other"]
 HeadKind = Literal["pooler", "cls_norm", "last_token"]
 
-# Batch keys that are not model inputs: the trainer's labels and its token count.
-NOT_MODEL_INPUTS = ("labels", "num_items_in_batch")
+# The column holding each sample's position in the train dataset, added for distillers that ask for it
+# (``Distiller.needs_sample_index``; see hf_kd.sample_index).
+SAMPLE_INDEX = "hf_kd_index"
+
+# Batch keys that are not model inputs: the trainer's labels, its token count and its sample index.
+NOT_MODEL_INPUTS = ("labels", "num_items_in_batch", SAMPLE_INDEX)
 
 # Config attributes that post-process logits after the output head; the fused head path cannot reproduce them.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")

@@ -28,7 +28,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import ModelOutput
 
-from .architecture import accepted_inputs, output_head, task_of, unwrap
+from .architecture import SAMPLE_INDEX, accepted_inputs, output_head, task_of, unwrap
 from .arguments import DEFAULT_DISTILLERS, DistillationArguments
 from .callbacks import StepCallback
 from .capture import ModelView, Requirements, capture_features, capture_head_input
@@ -66,6 +66,7 @@ from .nonfinite import NonFiniteSteps
 from .normalization import StepBatch, StepCounts, batch_size, denominator, share, step_counts
 from .progressive import ProgressiveLayerCallback
 from .row_loss import RowTerm, row_losses, rows_from_views
+from .sample_index import with_sample_index
 from .teachers import TeacherSlot, prepare_teacher, readers_of, teacher_list, teacher_role
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,12 @@ class DistillationTrainer(Trainer):
         if args.hard_label_weight == 0 and all(d.weight == 0 and "weight" not in d.schedules for d in self.distillers):
             logger.warning("hard_label_weight is 0 and every distiller's weight is 0: the loss is 0 and the student "
                            "gets no gradient. Give hard_label_weight or some distiller a positive weight.")
+        self._index_readers = [key for key, d in self._named if d.needs_sample_index]
+        if self._index_readers:
+            kwargs["train_dataset"] = with_sample_index(kwargs.get("train_dataset"), self._index_readers)
+            for distiller in self.distillers:
+                if distiller.needs_sample_index:
+                    distiller.dataset_size = len(kwargs["train_dataset"])
         callbacks = [*(kwargs.pop("callbacks", None) or []), StepCallback(self)]
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
 
@@ -188,10 +195,11 @@ class DistillationTrainer(Trainer):
     def _set_signature_columns_if_needed(self) -> None:
         """Keep the dataset columns any teacher takes too (``remove_unused_columns`` would otherwise drop e.g. a BERT
         teacher's ``token_type_ids`` because a DistilBERT student does not take them); each model then gets only
-        what its ``forward`` accepts."""
+        what its ``forward`` accepts; and the sample index when a distiller reads it (:mod:`hf_kd.sample_index`)."""
         super()._set_signature_columns_if_needed()
         teacher_columns = [name for t in self.teachers for name in inspect.signature(unwrap(t).forward).parameters]
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *teacher_columns]))
+        index = [SAMPLE_INDEX] if self._index_readers else []
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *teacher_columns, *index]))
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Trainer's prefetch of one optimizer step's micro-batches, plus their :class:`StepCounts` (summed over

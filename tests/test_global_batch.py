@@ -44,6 +44,7 @@ CASES: dict[str, Case] = {
     "anchor_relation": Case("text", {"anchors": "learned", "embedding": "mean"}),  # fixed anchors: per sample
     "fsp": Case("text", {"layers": {1: 2, 2: 4}}),
     "topology": Case("text", {"seed": 0}),
+    "crd": Case("text", {"nce_k": 4}),
     "tinybert": Case("text", {"temperature": 2.0}),
     "composite": Case("text", {"components": {"kl": {"name": "kl"}, "hidden": {"name": "hidden_states"},
                                               "attention": {"name": "attention", "loss": "mse"}}}),

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
 
 RELATIONS = sorted(name for name, cls in _REGISTRY.items() if cls.__module__.startswith("hf_kd.") and
                    cls.family == "relation")
-BATCH_RELATIONS = ["pkt", "rkd", "sp"]  # the ones defined on an embedding per sample
+BATCH_RELATIONS = ["pkt", "rkd", "sp"]  # the ones defined on an embedding per sample (and on the batch alone)
+EMBEDDING_RELATIONS = [*BATCH_RELATIONS, "anchor_relation", "crd", "topology"]  # one embedding per sample each
 
 
 def embeddings(seed: int, rows: int = 5, width: int = 4) -> torch.Tensor:
@@ -260,7 +261,7 @@ def test_every_relation_distiller_trains_and_exports_only_the_student(name, pair
     from safetensors.torch import load_file
 
     student, teacher, data = PAIRS[pair]()
-    spec = {"name": name, **({"embedding": "last_token"} if pair == "llama" and name in BATCH_RELATIONS else {})}
+    spec = {"name": name, **({"embedding": "last_token"} if pair == "llama" and name in EMBEDDING_RELATIONS else {})}
     trainer = DistillationTrainer(model=student, teacher_model=teacher, train_dataset=data, distillers=[spec],
                                   args=training_args(tmp_path / "run", max_steps=2, logging_steps=1))
     trainer.train()

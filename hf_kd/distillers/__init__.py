@@ -11,6 +11,7 @@ from .base import Distiller, build_distiller, list_distillers, register_distille
 from .bdkd import BDKDDistiller, register_bdkd_weighting
 from .block_swap import BlockSwapDistiller
 from .composite import CompositeDistiller
+from .crd import CRDDistiller
 from .deit import DeiTDistiller
 from .dualde import DualDEDistiller
 from .feature_mixing import FeatureMixingDistiller
@@ -42,6 +43,7 @@ __all__ = [
     "AttentionDistiller",
     "BDKDDistiller",
     "BlockSwapDistiller",
+    "CRDDistiller",
     "CompositeDistiller",
     "DKDDistiller",
     "DeiTDistiller",

@@ -28,6 +28,10 @@ them, ``teacher_index`` (default 0; the spec key ``"teacher"``: ``{"name": "kl",
 ``setup`` / ``forward`` receive that teacher / its view. A distiller with ``multi_teacher = True`` (e.g. ATSC) reads
 all of them: ``setup`` receives the list of teachers and ``forward`` the list of their views, in the given order.
 
+A distiller that keeps state per training sample sets ``needs_sample_index = True``: the trainer then adds an
+index column to the train dataset, hands it to the distillers as ``batch[SAMPLE_INDEX]`` in training batches (never
+to the models) and sets ``dataset_size`` before ``setup`` (:mod:`hf_kd.sample_index`).
+
 Optional hooks: ``student_features()`` / ``teacher_features()`` name submodules whose outputs are captured with
 forward hooks; ``student_forward_context()`` / ``teacher_forward_context()`` wrap the two forward passes;
 ``teacher_parameters()`` declares teacher-side parameters an online method trains. Only a distiller that declares
@@ -244,6 +248,10 @@ class Distiller(nn.Module):
     teacher_train_mode: ClassVar[bool] = False  # run the teacher in train mode (dropout, BN) while training
     multi_teacher: ClassVar[bool] = False  # setup/forward receive every teacher (lists) instead of one
     batch_level: ClassVar[bool] = False  # the loss is defined on the batch as a whole (see hf_kd.normalization)
+    # Each training batch carries its samples' train-dataset positions as batch[SAMPLE_INDEX] (hf_kd.sample_index),
+    # and ``dataset_size`` (the train dataset's length) is set before ``setup``.
+    needs_sample_index: ClassVar[bool] = False
+    dataset_size: int | None = None
     teacher_index: int = 0  # which teacher of `teacher_model=[...]` a single-teacher distiller reads
 
     def __init__(self, weight: float | Schedule | Mapping[str, Any] = 1.0) -> None:

@@ -25,7 +25,8 @@ class CompositeDistiller(Distiller):
     Logged sub-terms: ``<key>/<child>`` (the unweighted ``L_c``) and the children's own sub-terms as
     ``<key>/<child>/<part>``. Every optional hook of the contract (``base.CONTRACT_HOOKS``: setup, schedules,
     ``on_step_end``, ``on_save``, hooked features, teacher parameters, forward contexts) is served by delegating to
-    the children in one loop, and ``requires`` / ``teacher_train_mode`` / ``batch_level`` are the children's union.
+    the children in one loop, and ``requires`` / ``teacher_train_mode`` / ``batch_level`` / ``needs_sample_index`` are
+    the children's union (``dataset_size`` is handed to every child).
     A logit child (``row_loss``) is called through its own ``forward``, which runs its chunked row pass by itself
     (normalised like the trainer's shared pass, so the value is the same). Children read the composite's teacher
     (its ``teacher`` option); multi-teacher children and children with a ``teacher`` of their own are refused.
@@ -57,6 +58,17 @@ class CompositeDistiller(Distiller):
         self.requires = functools.reduce(operator.or_, (c.requires for c in children))
         self.teacher_train_mode = any(c.teacher_train_mode for c in children)
         self.batch_level = any(c.batch_level for c in children)
+        self.needs_sample_index = any(c.needs_sample_index for c in children)
+
+    @property
+    def dataset_size(self) -> int | None:
+        """The train dataset's size, set by the trainer before ``setup`` and handed to every child."""
+        return next((c.dataset_size for c in self.components.values() if c.dataset_size is not None), None)
+
+    @dataset_size.setter
+    def dataset_size(self, size: int | None) -> None:
+        for child in self.components.values():
+            child.dataset_size = size
 
     def set_progress(self, step: int, max_steps: int | None) -> None:
         super().set_progress(step, max_steps)
