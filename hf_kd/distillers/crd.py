@@ -19,6 +19,12 @@ from .base import register_distiller
 from .relation import RelationDistiller
 
 
+def critic_scores(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, tau: float):
+    """``anchor . x / tau`` of ``[B, D]`` anchors with their ``[B, D]`` positives (``[B]``) and ``[B, N, D]`` negatives
+    (``[B, N]``), all L2-normalised."""
+    return (anchor * positive).sum(-1) / tau, torch.einsum("bd,bnd->bn", anchor, negatives) / tau
+
+
 def nce_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, z: torch.Tensor, tau: float,
              dataset_size: int) -> torch.Tensor:
     """CRD's NCE loss of ``[B, D]`` anchors against their ``[B, D]`` positives and ``[B, N, D]`` negatives (all
@@ -27,22 +33,23 @@ def nce_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tens
         h(x) = exp(anchor . x / tau) / Z,    c = N / M
         L = -log(h_pos / (h_pos + c)) - sum_neg log(c / (h_neg + c))
 
-    ``M`` is ``dataset_size``; ``Z`` the critic's normalisation constant (a scalar tensor). Computed in log space,
-    ``-log(h / (h + c)) = softplus(log c - log h)`` and ``-log(c / (h + c)) = softplus(log h - log c)``.
-    """
+    ``M`` is ``dataset_size``; ``Z`` the critic's normalisation constant (a scalar tensor)."""
+    return nce_loss_of_scores(*critic_scores(anchor, positive, negatives, tau), z, dataset_size)
+
+
+def nce_loss_of_scores(positive: torch.Tensor, negatives: torch.Tensor, z: torch.Tensor,
+                       dataset_size: int) -> torch.Tensor:
+    """:func:`nce_loss` from the critic's scores (:func:`critic_scores`), in log space:
+    ``-log(h / (h + c)) = softplus(log c - log h)`` and ``-log(c / (h + c)) = softplus(log h - log c)``."""
     log_z, log_c = z.log(), math.log(negatives.shape[1] / dataset_size)
-    log_pos = (anchor * positive).sum(-1) / tau - log_z
-    log_neg = torch.einsum("bd,bnd->bn", anchor, negatives) / tau - log_z
+    log_pos, log_neg = positive - log_z, negatives - log_z
     return (F.softplus(log_c - log_pos) + F.softplus(log_neg - log_c).sum(-1)).mean()
 
 
-def normalisation_constant(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, tau: float,
-                           dataset_size: int) -> torch.Tensor:
-    """RepDistiller's estimate of ``Z``: ``M`` times the mean of ``exp(anchor . x / tau)`` over the positives and
-    negatives of a batch."""
-    scores = torch.cat([(anchor * positive).sum(-1, keepdim=True),
-                        torch.einsum("bd,bnd->bn", anchor, negatives)], dim=1) / tau
-    return scores.exp().mean() * dataset_size
+def normalisation_constant(positive: torch.Tensor, negatives: torch.Tensor, dataset_size: int) -> torch.Tensor:
+    """RepDistiller's estimate of ``Z`` from a batch's critic scores: ``M`` times the mean of ``exp(score)`` over the
+    positives and negatives."""
+    return torch.cat([positive.unsqueeze(1), negatives], dim=1).exp().mean() * dataset_size
 
 
 @register_distiller("crd")
@@ -147,12 +154,11 @@ class CRDDistiller(RelationDistiller):
         negatives = self.negatives(index, self.random.generator(self.global_step))
         parts = {}
         for bank, anchor, positive in (("teacher", g_s, g_t), ("student", g_t, g_s)):
-            rows = getattr(self, f"bank_{bank}")[negatives]
+            scores = critic_scores(anchor, positive, getattr(self, f"bank_{bank}")[negatives], self.nce_t)
             z = getattr(self, f"z_{bank}_bank")
             with torch.no_grad():  # fixed at the first training micro-batch (no host sync)
-                estimate = normalisation_constant(anchor, positive, rows, self.nce_t, self.dataset_size)
-                z.copy_(torch.where(z > 0, z, estimate))
-            parts[f"{bank}_bank"] = nce_loss(anchor, positive, rows, z, self.nce_t, self.dataset_size)
+                z.copy_(torch.where(z > 0, z, normalisation_constant(*scores, self.dataset_size)))
+            parts[f"{bank}_bank"] = nce_loss_of_scores(*scores, z, self.dataset_size)
         with torch.no_grad():
             for role, g in (("student", g_s), ("teacher", g_t)):
                 bank = getattr(self, f"bank_{role}")
