@@ -147,3 +147,39 @@ def test_export_holds_only_the_student_and_reloads_with_identical_logits(name, t
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, student(**inputs).logits, rtol=0, atol=0)
+
+
+def resumable_run(name: str, output_dir: str, resume: str | None = None) -> DistillationTrainer:
+    case = CASES[name]
+    student, teacher, data = models_and_data(case)
+    args = DistillationArguments(
+        output_dir=output_dir, report_to=[], use_cpu=True, disable_tqdm=True, seed=0, max_steps=2, logging_steps=1,
+        per_device_train_batch_size=4, save_strategy="steps", save_steps=1, learning_rate=1e-3,
+        hard_label_weight=case.hard_label_weight, **case.args,
+    )
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
+                                  distillers=[{"name": name, **case.options}])
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+# transformers 5.24 saves DeiT's weights under their legacy names and does not map them back when Trainer resumes
+# from the checkpoint (a plain Trainer resumes the same DeiT student with missing keys); strict: this starts failing
+# the day transformers fixes it.
+DEIT_RESUME = pytest.mark.xfail(strict=True, reason="transformers does not reload a DeiT checkpoint's renamed keys")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=DEIT_RESUME) if n == "deit" else n for n in BUILTIN])
+def test_a_run_resumed_from_a_checkpoint_continues_exactly(name, tmp_path):
+    """Two steps straight through, and the same run resumed from its step-1 checkpoint: the same student, the same
+    distiller state (projectors, banks, peers, branches) and the same trained teacher-side parameters."""
+    straight = resumable_run(name, str(tmp_path / "straight"))
+    resumed = resumable_run(name, str(tmp_path / "resumed"))  # writes checkpoint-1, then is resumed from it
+    resumed = resumable_run(name, str(tmp_path / "resumed"), resume=str(tmp_path / "resumed" / "checkpoint-1"))
+    for group in ("model", "distillers"):
+        expected, got = (getattr(t, group).state_dict() for t in (straight, resumed))
+        assert expected.keys() == got.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=f"{group} {key}")
+    for key, value in straight._trained_teacher_state().items():
+        torch.testing.assert_close(resumed._trained_teacher_state()[key], value, rtol=1e-5, atol=1e-6, msg=key)
