@@ -1,12 +1,13 @@
-"""Each relation distiller added to logit KD on the ViT digits recipe: accuracy (mean over seeds) against ``kl`` alone
-and against no KD, and the step-time ratio against ``kl`` alone.
+"""Each relation distiller added to logit KD on a recipe (the ViT digits or the BBC News text one): accuracy (mean
+over seeds) against ``kl`` alone and against no KD, and the step-time ratio against ``kl`` alone.
 
 Per seed the recipe's defaults run once with ``kl`` (T=2, plus cross-entropy) and its baseline (cross-entropy only,
-"no KD"), then once per relation distiller with ``[kl, <relation>]`` (the relation at its default options and
-weight 1). The teacher is trained once and cached by the recipe. Step time is the distillation phase's train
-seconds per optimizer step. Run::
+"no KD"), then once per relation distiller with ``[kl, <relation>]`` (the relation at its default options and its
+default weight, or at each of ``--weights``). The teacher is trained once per seed and cached by the recipe. Step time
+is the distillation phase's train seconds per optimizer step. Run::
 
     python benchmarks/relation_recipes.py --seeds 0 1 2
+    python benchmarks/relation_recipes.py --recipe text --seeds 0 1 2
     python benchmarks/relation_recipes.py --seeds 0 --max_steps 20 --relations rkd sp     # smoke test
 """
 
@@ -22,32 +23,44 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-from vit_image_classification import RECIPE  # noqa: E402
+import text_classification  # noqa: E402
+import vit_image_classification  # noqa: E402
 
 from hf_kd.distillers.base import _REGISTRY  # noqa: E402
 
 RELATIONS = sorted(n for n, c in _REGISTRY.items() if c.family == "relation" and c.__module__.startswith("hf_kd."))
 KL = {"name": "kl", "temperature": 2.0}
+RECIPES = {"vit": (vit_image_classification.RECIPE, "ViT digits, test accuracy (%) on the 360 held-out images"),
+           "text": (text_classification.RECIPE, "BBC News, test accuracy (%) on the 425 held-out articles")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="vit")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--relations", nargs="+", default=RELATIONS, choices=RELATIONS)
     parser.add_argument("--max_steps", type=int, default=-1,
                         help="At most this many steps per phase (-1: the recipe's).")
+    parser.add_argument("--weights", type=float, nargs="+", default=[None],
+                        help="Run each relation at each of these weights (default: its own default weight).")
     parser.add_argument("--output_dir", default="outputs/relation_recipes")
     parser.add_argument("--json", default=None, help="Also write every run's figures to this JSON file.")
     return parser.parse_args(argv)
 
 
+def label(distillers: list[dict]) -> str:
+    """``kl+rkd``, or ``kl+rkd@0.3`` where a weight is given."""
+    return "+".join(d["name"] + (f"@{d['weight']:g}" if "weight" in d else "") for d in distillers)
+
+
 def run(cli: argparse.Namespace, seed: int, distillers: list[dict], baseline: bool) -> dict:
-    name = "+".join(d["name"] for d in distillers)
-    args, training_args = RECIPE.parse_dict({
+    name = label(distillers)
+    recipe = RECIPES[cli.recipe][0]
+    args, training_args = recipe.parse_dict({
         "seed": seed, "distillers": distillers, "baseline": baseline, "max_steps": cli.max_steps,
         "output_dir": f"{cli.output_dir}/{name}-seed{seed}", "eval_strategy": "no", "logging_steps": 100,
     })
-    out = RECIPE.run(args, training_args)
+    out = recipe.run(args, training_args)
     student = out["results"]["student"]
     steps = max(log.get("step", 0) for log in out["histories"]["distillation"])
     row = {"seed": seed, "distillers": name, "accuracy": student.metrics["accuracy"],
@@ -57,8 +70,10 @@ def run(cli: argparse.Namespace, seed: int, distillers: list[dict], baseline: bo
     return row
 
 
-def table(rows: list[dict], relations: list[str]) -> str:
-    by = {name: [r for r in rows if r["distillers"] == name] for name in ["kl", *(f"kl+{x}" for x in relations)]}
+def table(rows: list[dict]) -> str:
+    by: dict[str, list[dict]] = {}
+    for row in rows:
+        by.setdefault(row["distillers"], []).append(row)
     kl_ms = statistics.mean(r["step_ms"] for r in by["kl"])
     no_kd = statistics.mean(r["no_kd_accuracy"] for r in by["kl"])
     per_seed = ", ".join(f"{100 * r['no_kd_accuracy']:.1f}" for r in by["kl"])
@@ -80,9 +95,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(run(cli, seed, [KL], baseline=True))
         print(json.dumps(rows[-1]), flush=True)
         for relation in cli.relations:
-            rows.append(run(cli, seed, [KL, {"name": relation}], baseline=False))
-            print(json.dumps(rows[-1]), flush=True)
-    print("\nViT digits, test accuracy (%) on the 360 held-out images:\n" + table(rows, cli.relations))
+            for weight in cli.weights:
+                relation_spec = {"name": relation, **({} if weight is None else {"weight": weight})}
+                rows.append(run(cli, seed, [KL, relation_spec], baseline=False))
+                print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{RECIPES[cli.recipe][1]}:\n" + table(rows))
     print(f"Wall time {time.perf_counter() - start:.0f} s.")
     if cli.json:
         Path(cli.json).write_text(json.dumps({"args": vars(cli), "rows": rows}, indent=1))
