@@ -27,6 +27,7 @@ import text_classification  # noqa: E402
 import vit_image_classification  # noqa: E402
 
 from hf_kd.distillers.base import _REGISTRY  # noqa: E402
+from hf_kd.recipes import parse_overrides  # noqa: E402
 
 RELATIONS = sorted(n for n, c in _REGISTRY.items() if c.family == "relation" and c.__module__.startswith("hf_kd."))
 KL = {"name": "kl", "temperature": 2.0}
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="At most this many steps per phase (-1: the recipe's).")
     parser.add_argument("--weights", type=float, nargs="+", default=[None],
                         help="Run each relation at each of these weights (default: its own default weight).")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="Other recipe settings for every run, e.g. teacher=<path> max_length=64.")
     parser.add_argument("--output_dir", default="outputs/relation_recipes")
     parser.add_argument("--json", default=None, help="Also write every run's figures to this JSON file.")
     return parser.parse_args(argv)
@@ -57,8 +60,9 @@ def run(cli: argparse.Namespace, seed: int, distillers: list[dict], baseline: bo
     name = label(distillers)
     recipe = RECIPES[cli.recipe][0]
     args, training_args = recipe.parse_dict({
-        "seed": seed, "distillers": distillers, "baseline": baseline, "max_steps": cli.max_steps,
-        "output_dir": f"{cli.output_dir}/{name}-seed{seed}", "eval_strategy": "no", "logging_steps": 100,
+        **parse_overrides(cli.set), "seed": seed, "distillers": distillers, "baseline": baseline,
+        "max_steps": cli.max_steps, "output_dir": f"{cli.output_dir}/{name}-seed{seed}", "eval_strategy": "no",
+        "logging_steps": 100,
     })
     out = recipe.run(args, training_args)
     student = out["results"]["student"]
