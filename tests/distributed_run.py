@@ -1,7 +1,12 @@
 """Run by tests/test_distributed.py, under ``torchrun --nproc_per_node 2`` (gloo, CPU) and in-process as the
 1-process reference: 4 optimizer steps of a global batch of 8 for each CONFIG, with default TrainingArguments
 (``average_tokens_across_devices=True``), SGD, and a checkpoint at the end. ``main(path)`` runs every config as
-2 processes x 4 and as 2 processes x 2 x accumulation 2, and process 0 saves what each run logged and learned."""
+2 processes x 4 and as 2 processes x 2 x accumulation 2, and process 0 saves what each run logged and learned.
+
+``REFERENCES[config]`` maps each 2-process layout ``(per_device, accumulation)`` to the 1-process layout that must
+give the same results: one micro-batch of the global batch for per-sample losses; for relation distillers, which
+relate the samples of a micro-batch, the same micro-batches in one process (``accumulation`` x 2); for CRD, whose
+memory banks every process updates with all processes' rows, the processes' micro-batches merged."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from conftest import bert, llama, lm_data, text_classification_data  # noqa: E402
 from hf_kd import DistillationArguments, DistillationTrainer  # noqa: E402
+from hf_kd.distillers.base import _REGISTRY  # noqa: E402
 
 STEPS, GLOBAL_BATCH = 4, 8
 
@@ -23,6 +29,12 @@ CONFIGS = {
     "hidden_states_projector": dict(family="text", distillers=[{"name": "hidden_states", "projector": "linear"}]),
     "atsc_online_teacher": dict(family="text", distillers=[{"name": "atsc"}]),
 }
+RELATIONS = sorted(n for n, c in _REGISTRY.items() if c.family == "relation" and c.__module__.startswith("hf_kd."))
+CONFIGS.update({f"relation_{name}": dict(family="text", distillers=[{"name": name}]) for name in RELATIONS})
+LAYOUTS = ((4, 1), (2, 2))
+REFERENCES = {config: {(4, 1): (8, 1), (2, 2): (8, 1)} for config in CONFIGS}
+REFERENCES.update({f"relation_{name}": {(4, 1): (4, 2), (2, 2): (2, 4)} for name in RELATIONS})
+REFERENCES["relation_crd"] = {(4, 1): (8, 1), (2, 2): (4, 2)}
 
 
 def run(config: str, per_device: int, accumulation: int, output_dir: str) -> dict:
@@ -52,14 +64,27 @@ def run(config: str, per_device: int, accumulation: int, output_dir: str) -> dic
         "teacher": {n: p.clone() for n, p in trainer._trained_teacher_state().items()},
         "checkpoint": saved,
         "processes": trainer.accelerator.num_processes,
+        "state_agrees": state_agrees(trainer.distillers.state_dict()),
     }
+
+
+def state_agrees(state: dict) -> bool:
+    """Whether every process holds the same distiller state (parameters and buffers, e.g. CRD's memory banks)."""
+    if not torch.distributed.is_initialized():
+        return True
+    agrees = True
+    for value in state.values():
+        copies = [torch.empty_like(value) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(copies, value.contiguous())
+        agrees &= all(torch.equal(copy, copies[0]) for copy in copies)
+    return agrees
 
 
 def main(path: str) -> None:
     torch.set_num_threads(1)
     results = {}
     for config in CONFIGS:
-        for per_device, accumulation in ((4, 1), (2, 2)):
+        for per_device, accumulation in LAYOUTS:
             out = os.path.join(os.path.dirname(path), f"{config}_{per_device}x{accumulation}")
             results[(config, per_device, accumulation)] = run(config, per_device, accumulation, out)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -66,7 +66,7 @@ def projected(distiller, views):
 def test_both_banks_terms_equal_the_definition_with_fixed_bank_negatives_and_z():
     distiller, views, batch = crd_on_bert()
     negatives = torch.tensor([[0, 1, 3], [9, 8, 4], [1, 6, 6], [5, 2, 3]])
-    distiller.negatives = lambda index, generator: negatives
+    distiller.negatives = lambda index, step: negatives
     distiller.z_teacher_bank.fill_(3.0)
     distiller.z_student_bank.fill_(40.0)
     banks = {role: getattr(distiller, f"bank_{role}").clone().double() for role in ("student", "teacher")}
@@ -82,7 +82,7 @@ def test_both_banks_terms_equal_the_definition_with_fixed_bank_negatives_and_z()
 def test_z_is_estimated_once_on_the_first_training_batch_then_fixed():
     distiller, views, batch = crd_on_bert()
     negatives = torch.tensor([[0, 1, 3], [9, 8, 4], [1, 6, 6], [5, 2, 3]])
-    distiller.negatives = lambda index, generator: negatives
+    distiller.negatives = lambda index, step: negatives
     bank = distiller.bank_teacher.clone().double()
     g_s, g_t = projected(distiller, views)
     distiller(*views, batch)
@@ -96,11 +96,21 @@ def test_z_is_estimated_once_on_the_first_training_batch_then_fixed():
 def test_negatives_exclude_the_sample_and_cover_the_others():
     distiller, _, _ = crd_on_bert(dataset_size=5, nce_k=4000)
     index = torch.tensor([0, 3, 4])
-    drawn = distiller.negatives(index, torch.Generator().manual_seed(0))
+    drawn = distiller.negatives(index, step=0)
     assert drawn.shape == (3, 4)  # min(nce_k, M - 1)
-    drawn = torch.cat([distiller.negatives(index, torch.Generator().manual_seed(seed)) for seed in range(100)], 1)
+    drawn = torch.cat([distiller.negatives(index, step) for step in range(100)], 1)
     for i, rows in zip(index.tolist(), drawn.tolist()):
         assert set(rows) == set(range(5)) - {i}
+
+
+def test_a_samples_negatives_depend_on_the_step_and_its_index_only():
+    """So a sample draws the same in any micro-batch or process (2 processes x 4 = 1 x 8), and anew each step."""
+    distiller, _, _ = crd_on_bert(dataset_size=50, nce_k=20)
+    together = distiller.negatives(torch.tensor([7, 3, 9, 1]), step=5)
+    apart = torch.cat([distiller.negatives(torch.tensor([9, 1]), step=5), distiller.negatives(torch.tensor([3]), 5),
+                       distiller.negatives(torch.tensor([7]), step=5)])
+    torch.testing.assert_close(together, apart[[3, 2, 0, 1]], rtol=0, atol=0)
+    assert not torch.equal(distiller.negatives(torch.tensor([7]), step=6), together[:1])
 
 
 def test_evaluation_contributes_nothing_and_leaves_the_banks():

@@ -1,7 +1,9 @@
 """Two real processes (torchrun, gloo, CPU) give what one process gives on the same global batches: the logged losses,
 the final student, the projector and the teacher-side weights, for logit KD on a classifier and on a padded causal
-LM, hidden states through a projector, and ATSC's online teacher. Default TrainingArguments
-(``average_tokens_across_devices=True``); 2 processes x 4 and 2 processes x 2 x accumulation 2 vs 1 process x 8."""
+LM, hidden states through a projector, ATSC's online teacher, and every relation distiller of the registry. Default
+TrainingArguments (``average_tokens_across_devices=True``); 2 processes x 4 and 2 processes x 2 x accumulation 2 vs
+1 process x 8, or, for relation distillers, vs 1 process running the same micro-batches (distributed_run.REFERENCES).
+"""
 
 from __future__ import annotations
 
@@ -39,12 +41,17 @@ def two_process_results(tmp_path_factory):
 
 @pytest.mark.parametrize("config", list(distributed_run.CONFIGS))
 def test_two_processes_match_one_process(config, two_process_results, tmp_path, one_thread):
-    reference = distributed_run.run(config, per_device=8, accumulation=1, output_dir=str(tmp_path))
-    assert reference["processes"] == 1
-    for per_device, accumulation in ((4, 1), (2, 2)):
+    references = {}
+    for per_device, accumulation in distributed_run.LAYOUTS:
+        layout = distributed_run.REFERENCES[config][(per_device, accumulation)]
+        if layout not in references:
+            references[layout] = distributed_run.run(config, *layout, output_dir=str(tmp_path / f"{layout}"))
+        reference = references[layout]
+        assert reference["processes"] == 1
         result = two_process_results[(config, per_device, accumulation)]
-        where = f"{config}, 2 processes x {per_device} x accumulation {accumulation}"
+        where = f"{config}, 2 processes x {per_device} x accumulation {accumulation} vs 1 x {layout[0]} x {layout[1]}"
         assert result["processes"] == 2
+        assert result["state_agrees"], f"{where}: the processes' distiller states differ"
         assert len(result["logs"]) == len(reference["logs"]) == distributed_run.STEPS, where  # one log per step
         for got, want in zip(result["logs"], reference["logs"]):
             assert got.keys() == want.keys(), where

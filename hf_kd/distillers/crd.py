@@ -12,6 +12,7 @@ from torch import nn
 
 from ..architecture import SAMPLE_INDEX
 from ..capture import ModelView
+from ..processes import gather_rows
 from ..projectors import build_projector, project
 from ..schedules import Knob
 from ..step_random import StepRandom
@@ -48,8 +49,10 @@ def nce_loss_of_scores(positive: torch.Tensor, negatives: torch.Tensor, z: torch
 
 def normalisation_constant(positive: torch.Tensor, negatives: torch.Tensor, dataset_size: int) -> torch.Tensor:
     """RepDistiller's estimate of ``Z`` from a batch's critic scores: ``M`` times the mean of ``exp(score)`` over the
-    positives and negatives."""
-    return torch.cat([positive.unsqueeze(1), negatives], dim=1).exp().mean() * dataset_size
+    positives and negatives, the batch being the micro-batches of all processes."""
+    exp = torch.cat([positive.unsqueeze(1), negatives], dim=1).exp()
+    total, count = gather_rows(torch.stack([exp.sum(), exp.new_tensor(exp.numel())]).unsqueeze(0)).sum(0)
+    return total / count * dataset_size
 
 
 @register_distiller("crd")
@@ -75,19 +78,21 @@ class CRDDistiller(RelationDistiller):
     * The positive is the current embedding of the other model (the paper's critic ``h(T, S)``); RepDistiller reads
       the other model's bank row of the sample, which is random noise during the first epoch.
     * ``N = min(nce_k, M - 1)`` negatives per sample are drawn uniformly from the bank, without the sample itself
-      (RepDistiller's uniform mode may draw it). The draws are a pure function of ``(seed, optimizer step, micro-batch
-      of the step)`` (:class:`~hf_kd.step_random.StepRandom`), so a resumed run draws what the uninterrupted run did.
-    * ``Z`` (one per bank) is estimated on the first training micro-batch, as RepDistiller does, and then fixed; it is
-      a buffer, so a resumed run keeps it.
+      (RepDistiller's uniform mode may draw it). A sample's draws are a pure function of ``(seed, optimizer step, its
+      dataset index)`` (:meth:`~hf_kd.step_random.StepRandom.keyed`): a resumed run draws what the uninterrupted run
+      did, and a sample draws the same whichever micro-batch or process it lands in.
+    * ``Z`` (one per bank) is estimated on the first training micro-batch (of all processes together), as
+      RepDistiller does, and then fixed; it is a buffer, so a resumed run keeps it.
     * After each training micro-batch's loss, its rows of both banks become ``normalize(momentum * row + (1 -
       momentum) * g)`` (without autograd); with gradient accumulation each micro-batch updates its own rows, so a
-      later micro-batch of the same step may draw them as negatives.
+      later micro-batch of the same step may draw them as negatives. With several processes every process applies
+      the rows of all processes' micro-batches, so the banks stay identical everywhere: 2 processes x 4 samples
+      compute what 1 process x 8 does.
 
     The bank is initialised uniformly in ``[-s, s]``, ``s = 1 / sqrt(feat_dim / 3)``. The term is batch-level: each
     micro-batch's loss is weighted by its share of the step. It needs each sample's train-dataset index
     (``needs_sample_index``: the trainer adds it, :mod:`hf_kd.sample_index`); evaluation batches have none, and the
-    banks are not touched in evaluation, where the term is 0. With several processes each keeps its banks from its
-    own samples (not synchronised).
+    banks are not touched in evaluation, where the term is 0.
 
     Args:
         weight, embedding, layer: As every relation distiller (:class:`RelationDistiller`).
@@ -135,10 +140,14 @@ class CRDDistiller(RelationDistiller):
     def num_negatives(self) -> int:
         return min(self.nce_k, self.dataset_size - 1)
 
-    def negatives(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """``[B, N]`` bank rows drawn uniformly among the other ``M - 1`` samples of each sample ``index``."""
+    def negatives(self, index: torch.Tensor, step: int) -> torch.Tensor:
+        """``[B, N]`` bank rows drawn uniformly among the other ``M - 1`` samples of each sample ``index`` (``[B]``), at
+        optimizer step ``step``."""
         index = index.cpu()
-        drawn = torch.randint(0, self.dataset_size - 1, (len(index), self.num_negatives), generator=generator)
+        drawn = torch.stack([
+            torch.randint(0, self.dataset_size - 1, (self.num_negatives,), generator=self.random.keyed(step, int(i)))
+            for i in index.tolist()
+        ])
         return (drawn + (drawn >= index.unsqueeze(1)).long()).to(self.bank_student.device)
 
     def forward(self, student: ModelView, teacher: ModelView, batch: Mapping[str, Any]):
@@ -151,7 +160,7 @@ class CRDDistiller(RelationDistiller):
             e_t = self.embeddings(teacher, batch, "teacher")
         g_s = F.normalize(project(self.embed_student, e_s).float(), dim=1)
         g_t = F.normalize(project(self.embed_teacher, e_t).float(), dim=1)
-        negatives = self.negatives(index, self.random.generator(self.global_step))
+        negatives = self.negatives(index, self.global_step)
         parts = {}
         for bank, anchor, positive in (("teacher", g_s, g_t), ("student", g_t, g_s)):
             scores = critic_scores(anchor, positive, getattr(self, f"bank_{bank}")[negatives], self.nce_t)
@@ -159,10 +168,11 @@ class CRDDistiller(RelationDistiller):
             with torch.no_grad():  # fixed at the first training micro-batch (no host sync)
                 z.copy_(torch.where(z > 0, z, normalisation_constant(*scores, self.dataset_size)))
             parts[f"{bank}_bank"] = nce_loss_of_scores(*scores, z, self.dataset_size)
-        with torch.no_grad():
+        with torch.no_grad():  # every process applies every process's rows
+            index = gather_rows(index)
             for role, g in (("student", g_s), ("teacher", g_t)):
                 bank = getattr(self, f"bank_{role}")
-                bank[index] = F.normalize(self.momentum * bank[index] + (1 - self.momentum) * g, dim=1)
+                bank[index] = F.normalize(self.momentum * bank[index] + (1 - self.momentum) * gather_rows(g), dim=1)
         loss = parts["teacher_bank"] + parts["student_bank"]
         return loss, {name: value.detach() for name, value in parts.items()}
 
