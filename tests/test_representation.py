@@ -274,3 +274,11 @@ def test_attention_reading_distillers_refuse_sdpa_models_before_training(tmp_pat
     with pytest.raises(ValueError, match="attn_implementation='sdpa'.*attn_implementation='eager'"):
         DistillationTrainer(model=bert(attn_implementation="sdpa"), teacher_model=bert(layers=4, **EAGER), args=args,
                             distillers=[{"name": name}])
+
+
+def test_minilm_relation_defaults_to_the_largest_head_count_that_divides_every_width():
+    """12 teacher heads do not divide a 40-wide student: 8 is the largest count <= 12 dividing 40 and 48."""
+    d = distiller({"name": "minilm_relation"}, bert(hidden=40, heads=4), bert(hidden=48, heads=12))
+    assert d.num_relation_heads == 8
+    same_width = distiller({"name": "minilm_relation"}, bert(hidden=48, heads=4), bert(hidden=48, heads=12))
+    assert same_width.num_relation_heads == 12

@@ -28,8 +28,9 @@ class MiniLMRelationDistiller(LayerMappedDistiller):
     ``R = softmax(X X^T / sqrt(d_r))`` per relation head, and the loss is ``sum_r KL(R_t || R_s)`` averaged over
     relation heads and over the non-padding query rows of the global batch (padding keys are masked). Because the heads
     are re-split, teacher and student head counts may differ; ``num_relation_heads`` must divide every compared width
-    (default: the teacher's number of attention heads). By default the last layers are paired (``layer_map="last_k"``,
-    ``last_k=1``).
+    (default: the teacher's number of attention heads, or the largest count below it that divides every width, e.g.
+    8 for a 12-head, 384-wide teacher and a 128-wide student). By default the last layers are paired
+    (``layer_map="last_k"``, ``last_k=1``).
 
     Q/K/V are read with forward hooks on the attention projections, found from the architecture (BERT, ViT,
     Llama-family ``q_proj``..., GPT-2's fused ``c_attn``). Override with ``student_modules`` / ``teacher_modules``:
@@ -66,19 +67,23 @@ class MiniLMRelationDistiller(LayerMappedDistiller):
         super().setup(student, teacher)
         if 0 in self.layer_map:
             raise ValueError("minilm_relation: layer 0 (embeddings) has no self-attention; remove it from `layer_map`.")
-        heads = self.num_relation_heads or teacher.config.num_attention_heads
+        widths = []
         for role, model, layers in (("student", student, self.layer_map.keys()),
                                     ("teacher", teacher, self.layer_map.values())):
             for layer in layers:
-                found = self._projections(role, model, layer)
-                for relation in self.relations:
-                    width = _width(model, found[relation])
-                    if width is not None and width % heads:
-                        raise ValueError(
-                            f"minilm_relation: num_relation_heads={heads} does not divide the {role}'s {relation} "
-                            f"width {width} (layer {layer}). Choose num_relation_heads dividing every width."
-                        )
-                self.projections[(role, layer)] = found
+                found = self.projections[(role, layer)] = self._projections(role, model, layer)
+                widths += [(role, relation, layer, _width(model, found[relation])) for relation in self.relations]
+        known = [width for *_, width in widths if width is not None]
+        heads = self.num_relation_heads
+        if heads is None:  # the teacher's head count, or the largest count below it that divides every width
+            common = math.gcd(*known) if known else 0
+            heads = next(h for h in range(teacher.config.num_attention_heads, 0, -1) if common % h == 0)
+        for role, relation, layer, width in widths:
+            if width is not None and width % heads:
+                raise ValueError(
+                    f"minilm_relation: num_relation_heads={heads} does not divide the {role}'s {relation} "
+                    f"width {width} (layer {layer}). Choose num_relation_heads dividing every width."
+                )
         self.num_relation_heads = heads
 
     def _projections(self, role: str, model: nn.Module, layer: int) -> dict[str, Projection]:
