@@ -29,7 +29,7 @@ Roles = Sequence[tuple[str, nn.Module]]  # models by role: ("student", ...), ("t
 
 def check_teacher_indices(named: Named, count: int) -> None:
     """Every distiller that needs a teacher has one: ``count`` teachers, each single-teacher distiller's index below
-    it; multi-teacher distillers implement ``forward()`` (the row pass reads one teacher)."""
+    it."""
     needing = [key for key, d in named if d.requires.teacher]
     if needing and count == 0:
         raise ValueError(f"Distillers {needing} need a teacher: pass `teacher_model=` to DistillationTrainer.")
@@ -41,8 +41,6 @@ def check_teacher_indices(named: Named, count: int) -> None:
                 f"Distiller {key!r} reads teacher {distiller.teacher_index} (its `teacher` option), but "
                 f"`teacher_model` has {count} teacher(s); use an index below {count}."
             )
-        if distiller.multi_teacher and hasattr(distiller, "row_loss"):
-            raise TypeError(f"Distiller {key!r}: multi-teacher distillers implement forward(), not row_loss().")
 
 
 def check_outputs_available(requirements: Requirements, models: Roles) -> None:

@@ -25,16 +25,19 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from .capture import ModelView
 
-RowFn = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
+RowFn = Callable[[torch.Tensor, "torch.Tensor | list[torch.Tensor] | None", "torch.Tensor | None"], torch.Tensor]
 
 
 @dataclass
 class RowTerm:
-    """One per-row loss with its current weight; ``fn(student, teacher, targets)`` returns ``[n]``."""
+    """One per-row loss with its current weight; ``fn(student, teacher, targets)`` returns ``[n]``. With several
+    teachers (a list of sources) ``teacher`` is the list of their chunk logits. ``parameters`` are tensors the loss
+    reads besides the logits (e.g. learned teacher weights): they get their gradients too."""
 
     name: str
     fn: RowFn
     weight: float
+    parameters: tuple[torch.Tensor, ...] = ()
 
 
 @dataclass
@@ -103,34 +106,42 @@ def _chunk_logits(values, weight, bias, chunk, vocab_size):
         return x, z[..., :vocab_size].float()
 
 
-def _row_pass(terms, sources, rows, targets, vocab_size, chunk_size, normalizer, grads):
+def _row_pass(terms, sources, rows, targets, vocab_size, chunk_size, normalizer, grads, multi, param_grads):
     """Evaluate all terms chunk by chunk: per-term sums / normalizer.
 
-    ``grads`` holds, per source, accumulators for ``(values, head_weight, head_bias)`` (``None`` where no gradient is
-    wanted). Each chunk's gradient is taken with respect to its fp32 logits only and pushed back by hand:
-    ``dvalues[rows] = g @ W`` (or ``g`` itself for logits), ``dW += g^T x``, ``db += sum g`` — so nothing of full
-    size is built per chunk.
+    ``sources`` are the student's ``(values, head_weight, head_bias)`` and then each teacher's (``multi``: the terms
+    receive the teachers' chunk logits as a list). ``grads`` holds, per source, accumulators for those three
+    (``None`` where no gradient is wanted); ``param_grads`` one per term parameter (or ``None``). Each chunk's
+    gradient is taken with respect to its fp32 logits only and pushed back by hand: ``dvalues[rows] = g @ W`` (or
+    ``g`` itself for logits), ``dW += g^T x``, ``db += sum g`` — so nothing of full size is built per chunk.
     """
     sums = torch.zeros(len(terms), dtype=torch.float32, device=rows.device)
     weights = torch.tensor([term.weight for term in terms], dtype=torch.float32, device=rows.device)
     wanted = [any(g is not None for g in source_grads) for source_grads in grads]
+    params = [p for term in terms for p in term.parameters]
+    wanted_params = [p for p, g in zip(params, param_grads) if g is not None]
     for begin in range(0, rows.numel(), chunk_size):
         chunk = rows[begin : begin + chunk_size]
         chunk_targets = None if targets is None else targets[begin : begin + chunk_size]
         chunks = [_chunk_logits(*source, chunk, vocab_size) if source[0] is not None else (None, None)
                   for source in sources]
         logits = [z.requires_grad_() if want else z for (_, z), want in zip(chunks, wanted)]
-        with torch.enable_grad() if any(wanted) else torch.no_grad():
-            per_term = torch.stack([term.fn(logits[0], logits[1], chunk_targets).sum() for term in terms])
+        teacher = logits[1:] if multi else logits[1]
+        with torch.enable_grad() if any(wanted) or wanted_params else torch.no_grad():
+            per_term = torch.stack([term.fn(logits[0], teacher, chunk_targets).sum() for term in terms])
             weighted = (per_term * weights).sum() / normalizer
         sums += per_term.detach()
-        if not any(wanted):
+        if not any(wanted) and not wanted_params:
             continue
         needed = [z for z, want in zip(logits, wanted) if want]
-        chunk_grads = iter(torch.autograd.grad(weighted, needed))
+        chunk_grads = iter(torch.autograd.grad(weighted, needed + wanted_params, allow_unused=True))
         for (_values, weight, _), (x, _), source_grads, want in zip(sources, chunks, grads, wanted):
             if want:
                 _accumulate(next(chunk_grads), x, weight, chunk, vocab_size, *source_grads)
+        for accumulator in (g for g in param_grads if g is not None):
+            grad = next(chunk_grads)
+            if grad is not None:
+                accumulator += grad
     return sums / normalizer
 
 
@@ -152,11 +163,14 @@ class _RowLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec, *inputs):
-        terms, rows, targets, vocab_size, chunk_size, normalizer = spec
-        sources = [inputs[:3], inputs[3:]]
+        terms, rows, targets, vocab_size, chunk_size, normalizer, multi, n_sources = spec
+        sources = [inputs[i : i + 3] for i in range(0, 3 * n_sources, 3)]
+        params = inputs[3 * n_sources :]
         grads = [[_zeros_for(t) if t is not None and t.requires_grad else None for t in source] for source in sources]
-        values = _row_pass(terms, sources, rows, targets, vocab_size, chunk_size, normalizer, grads)
-        ctx.grads = [g for source_grads in grads for g in source_grads]
+        param_grads = [_zeros_for(p) if p.requires_grad else None for p in params]
+        values = _row_pass(terms, sources, rows, targets, vocab_size, chunk_size, normalizer, grads, multi,
+                           param_grads)
+        ctx.grads = [g for source_grads in grads for g in source_grads] + param_grads
         ctx.dtypes = [None if t is None else t.dtype for t in inputs]
         ctx.mark_non_differentiable(values)
         return (values * values.new_tensor([t.weight for t in terms])).sum(), values
@@ -177,7 +191,7 @@ def _zeros_for(tensor: torch.Tensor) -> torch.Tensor:
 def row_losses(
     terms: Sequence[RowTerm],
     student: LogitSource,
-    teacher: LogitSource | None,
+    teacher: LogitSource | Sequence[LogitSource] | None,
     rows: torch.Tensor,
     targets: torch.Tensor | None,
     vocab_size: int,
@@ -187,50 +201,60 @@ def row_losses(
     """``(sum_k w_k * L_k, {name_k: L_k})`` with ``L_k = sum_rows fn_k / normalizer``.
 
     ``rows`` index the flattened leading dimensions of the sources; ``targets`` (one per row) are the labels the
-    terms may read. Gradients flow to every source tensor that requires grad (the student's logits or head input
-    and head weights; the teacher's too when it is trained online). ``chunk_size`` rows per chunk (default: as many
-    as fit ``ELEMENTS_PER_CHUNK`` logits).
+    terms may read. ``teacher`` is one source, or a list of sources whose chunk logits the terms receive as a list
+    (several teachers). Gradients flow to every source tensor that requires grad (the student's logits or head input
+    and head weights; a teacher's too when it is trained online) and to the terms' ``parameters``. ``chunk_size``
+    rows per chunk (default: as many as fit ``ELEMENTS_PER_CHUNK`` logits).
     """
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"`chunk_size` must be positive, got {chunk_size}.")
     chunk_size = rows_per_chunk(vocab_size, chunk_size)
     if isinstance(normalizer, torch.Tensor):
         normalizer = normalizer.to(rows.device, torch.float32)
-    teacher_inputs = teacher.tensors() if teacher is not None else (None, None, None)
-    inputs = (*student.tensors(), *teacher_inputs)
+    multi = isinstance(teacher, Sequence)
+    teachers = list(teacher) if multi else [teacher]
+    inputs = tuple(t for source in (student, *teachers)
+                   for t in (source.tensors() if source is not None else (None, None, None)))
+    params = tuple(p for term in terms for p in term.parameters)
     weights = [t.weight for t in terms]
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*inputs, *params))
+    n_sources = len(inputs) // 3
     if not needs_grad:
-        values = _row_pass(terms, [inputs[:3], inputs[3:]], rows, targets, vocab_size, chunk_size, normalizer,
-                           [[None] * 3, [None] * 3])
+        values = _row_pass(terms, [inputs[i : i + 3] for i in range(0, len(inputs), 3)], rows, targets, vocab_size,
+                           chunk_size, normalizer, [[None] * 3] * n_sources, multi, [None] * len(params))
         total = (values * values.new_tensor(weights)).sum()
-    elif student.head_weight is None and teacher_inputs[1] is None and rows.numel() <= chunk_size:
+    elif all(inputs[i + 1] is None for i in range(0, len(inputs), 3)) and rows.numel() <= chunk_size:
         # One small chunk of logits (classifiers): plain autograd is cheaper than the chunked machinery.
-        s_logits = inputs[0][rows][..., :vocab_size].float()
-        t_logits = None if inputs[3] is None else inputs[3][rows][..., :vocab_size].float()
-        per_term = torch.stack([term.fn(s_logits, t_logits, targets).sum() for term in terms]) / normalizer
+        logits = [None if inputs[i] is None else inputs[i][rows][..., :vocab_size].float()
+                  for i in range(0, len(inputs), 3)]
+        t_logits = logits[1:] if multi else logits[1]
+        per_term = torch.stack([term.fn(logits[0], t_logits, targets).sum() for term in terms]) / normalizer
         total, values = (per_term * per_term.new_tensor(weights)).sum(), per_term.detach()
     else:
-        spec = (list(terms), rows, targets, vocab_size, chunk_size, normalizer)
-        total, values = _RowLossFunction.apply(spec, *inputs)
+        spec = (list(terms), rows, targets, vocab_size, chunk_size, normalizer, multi, n_sources)
+        total, values = _RowLossFunction.apply(spec, *inputs, *params)
     return total, {term.name: value for term, value in zip(terms, values.unbind())}
+
 
 @dataclass
 class RowBatch:
-    """The rows of one batch that row losses run over, and where both models' logits for them come from."""
+    """The rows of one batch that row losses run over, and where the models' logits for them come from (``teacher``:
+    one source, or a list with several teachers)."""
 
     student: LogitSource
-    teacher: LogitSource | None
+    teacher: LogitSource | list[LogitSource] | None
     rows: torch.Tensor
     targets: torch.Tensor | None
     vocab_size: int
 
 
-def rows_from_views(student: ModelView, teacher: ModelView | None, batch) -> RowBatch:
-    """Rows of a classifier batch (one per sample) or a causal-LM batch (one per predicted token)."""
+def rows_from_views(student: ModelView, teacher: ModelView | Sequence[ModelView] | None, batch) -> RowBatch:
+    """Rows of a classifier batch (one per sample) or a causal-LM batch (one per predicted token); ``teacher`` may be
+    a list of views (several teachers), and the vocabulary is the one all models share."""
+    teachers = list(teacher) if isinstance(teacher, Sequence) else [] if teacher is None else [teacher]
     source_s = _source(student)
-    source_t = _source(teacher) if teacher is not None else None
-    widths = [_width(student)] + ([_width(teacher)] if teacher is not None else [])
+    sources_t = [_source(view) for view in teachers]
+    widths = [_width(view) for view in (student, *teachers)]
     leading = source_s.values.shape[:-1]
     labels = batch.get("labels")
     if student.task == "causal_lm":
@@ -238,6 +262,7 @@ def rows_from_views(student: ModelView, teacher: ModelView | None, batch) -> Row
     else:
         rows = torch.arange(leading.numel(), device=source_s.values.device)
         targets = labels.reshape(-1) if labels is not None else None
+    source_t = sources_t if isinstance(teacher, Sequence) else (sources_t[0] if sources_t else None)
     return RowBatch(source_s, source_t, rows, targets, min(widths))
 
 

@@ -294,10 +294,11 @@ class DistillationTrainer(Trainer):
         """
         values: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.args.device)
-        groups: dict[tuple[int, bool] | None, list[RowTerm]] = {}
+        groups: dict[tuple[int | None, bool] | None, list[RowTerm]] = {}  # (teacher index, None: all; trained)
         for key, distiller in self._row_distillers if with_distillers else ():
-            group = (distiller.teacher_index, trains_teacher(distiller))
-            groups.setdefault(group, []).append(RowTerm(key, distiller.row_loss, distiller.weight))
+            group = (None if distiller.multi_teacher else distiller.teacher_index, trains_teacher(distiller))
+            groups.setdefault(group, []).append(
+                RowTerm(key, distiller.row_loss, distiller.weight, tuple(distiller.parameters())))
         if hard_as_row:
             groups.setdefault(next(iter(groups), None), []).insert(
                 0, RowTerm("hard", self._cross_entropy, self.args.hard_label_weight)
@@ -305,7 +306,9 @@ class DistillationTrainer(Trainer):
         for group, terms in groups.items():
             teacher = None
             if group is not None:
-                teacher = teachers[group[0]] if group[1] else teachers[group[0]].detached()
+                read = teachers if group[0] is None else [teachers[group[0]]]
+                read = [view if group[1] else view.detached() for view in read]
+                teacher = read if group[0] is None else read[0]
             rows = rows_from_views(student, teacher, batch)
             group_total, group_values = row_losses(
                 terms, rows.student, rows.teacher, rows.rows, rows.targets, rows.vocab_size,

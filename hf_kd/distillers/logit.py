@@ -12,15 +12,18 @@ Use with a ``DistillationTrainer``, or call one on two ``ModelView``s yourself.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..capture import ModelView, Requirements
 from ..normalization import denominator
 from ..row_loss import RowTerm, row_losses, rows_from_views
 from ..schedules import Knob
+from ..teacher_aggregation import TeacherAggregation
 from . import divergences
 from .base import Distiller, register_distiller
 
@@ -33,6 +36,10 @@ class LogitDistiller(Distiller):
     Args:
         weight: Factor of the loss in the total (number or schedule).
         temperature: Softmax temperature ``T`` (number or schedule); the divergence is multiplied by ``T^2``.
+        teacher_aggregation: Read every teacher of ``teacher_model=[...]`` and match one target per row made from
+            all of them: a policy name (``mean``, ``weighted``, ``confidence``, ``vote``, ``rank_fusion``, ``best``,
+            ``learned``) or a dict ``{"policy": ..., **options}`` (:mod:`hf_kd.teacher_aggregation`). ``None``
+            (default): the one teacher at the ``teacher`` option.
     Inside a trainer all logit distillers share one chunked pass over the rows (``DistillationArguments.
     loss_chunk_size``); called on its own, a distiller uses ``chunk_size`` rows per chunk (default: sized from the
     vocabulary, see :func:`hf_kd.row_loss.rows_per_chunk`).
@@ -42,15 +49,35 @@ class LogitDistiller(Distiller):
 
     requires = Requirements(logits=True)
 
-    def __init__(self, weight: Knob = 1.0, temperature: Knob = 1.0) -> None:
+    def __init__(self, weight: Knob = 1.0, temperature: Knob = 1.0,
+                 teacher_aggregation: str | Mapping[str, Any] | None = None) -> None:
         super().__init__(weight)
         self.temperature = self.schedulable("temperature", temperature, positive=True)
+        self.aggregation: nn.Module | None = None
+        if teacher_aggregation is not None:
+            self.aggregation = TeacherAggregation.from_option(teacher_aggregation)
+            self.multi_teacher = True  # setup / the row pass receive every teacher
+            if self.aggregation.needs_labels:
+                self.requires = replace(self.requires, labels=True)
+
+    def setup(self, student: nn.Module, teacher: nn.Module | Sequence[nn.Module] | None) -> None:
+        if self.aggregation is not None:
+            self.aggregation.setup(len(teacher))
 
     def divergence(self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def row_loss(self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-        """Loss of each row from raw fp32 logits: ``T^2 * divergence(z_s / T, z_t / T)``."""
+    def row_loss(self, student: torch.Tensor, teacher: torch.Tensor | Sequence[torch.Tensor],
+                 targets: torch.Tensor | None) -> torch.Tensor:
+        """Loss of each row from raw fp32 logits: ``T^2 * divergence(z_s / T, z_t / T)``; with several teachers
+        ``z_t`` is their aggregation."""
+        if self.aggregation is not None:
+            teacher = self.aggregation(teacher, targets, self.temperature)
+        return self.teacher_row_loss(student, teacher, targets)
+
+    def teacher_row_loss(self, student: torch.Tensor, teacher: torch.Tensor,
+                         targets: torch.Tensor | None) -> torch.Tensor:
+        """Loss of each row against one teacher's (or the aggregated) logits: the tempered divergence."""
         return divergences.tempered(self.divergence, student, teacher, self.temperature, targets)
 
     def forward(
@@ -59,7 +86,7 @@ class LogitDistiller(Distiller):
         """The loss averaged over rows (samples, or valid tokens of a causal LM) of the step's global batch."""
         rows = rows_from_views(student, teacher, batch)
         total, _ = row_losses(
-            [RowTerm(self.name, self.row_loss, 1.0)],
+            [RowTerm(self.name, self.row_loss, 1.0, tuple(self.parameters()))],
             rows.student,
             rows.teacher,
             rows.rows,
@@ -100,8 +127,8 @@ class JSDDistiller(LogitDistiller):
     ``M = beta * p_t + (1 - beta) * p_s``; ``beta = 0`` is forward KL and ``beta = 1`` reverse KL (TRL convention).
     """
 
-    def __init__(self, weight: Knob = 1.0, temperature: Knob = 1.0, beta: float = 0.5):
-        super().__init__(weight, temperature)
+    def __init__(self, weight: Knob = 1.0, temperature: Knob = 1.0, beta: float = 0.5, **options: Any):
+        super().__init__(weight, temperature, **options)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"jsd: `beta` must lie in [0, 1] (0 = forward KL, 1 = reverse KL), got {beta}.")
         self.beta = beta
@@ -111,8 +138,8 @@ class JSDDistiller(LogitDistiller):
 
 
 class _SkewDistiller(LogitDistiller):
-    def __init__(self, weight: Knob = 1.0, temperature: Knob = 1.0, alpha: float = 0.1):
-        super().__init__(weight, temperature)
+    def __init__(self, weight: Knob = 1.0, temperature: Knob = 1.0, alpha: float = 0.1, **options: Any):
+        super().__init__(weight, temperature, **options)
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"{self.name}: `alpha` (skew) must lie in [0, 1), got {alpha}.")
         self.alpha = alpha
@@ -148,10 +175,10 @@ class LogitMSEDistiller(LogitDistiller):
     """Mean squared error between raw logits, ``mean_c (z_s - z_t)^2`` (no temperature; Ba & Caruana, 2014,
     https://huggingface.co/papers/1312.6184)."""
 
-    def __init__(self, weight: Knob = 1.0) -> None:
-        super().__init__(weight, 1.0)
+    def __init__(self, weight: Knob = 1.0, teacher_aggregation: str | Mapping[str, Any] | None = None) -> None:
+        super().__init__(weight, 1.0, teacher_aggregation)
 
-    def row_loss(self, student, teacher, targets):
+    def teacher_row_loss(self, student, teacher, targets):
         return divergences.logit_mse(student, teacher)
 
 
@@ -174,8 +201,9 @@ class DKDDistiller(LogitDistiller):
         alpha: float = 1.0,
         beta: float = 8.0,
         warmup_steps: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(weight, temperature)
+        super().__init__(weight, temperature, **options)
         if alpha < 0 or beta < 0 or warmup_steps < 0:
             raise ValueError(
                 f"dkd: `alpha`, `beta` and `warmup_steps` must be >= 0, got {alpha}, {beta}, {warmup_steps}."
