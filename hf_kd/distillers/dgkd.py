@@ -70,15 +70,20 @@ class DGKDDistiller(Distiller):
         self.random = StepRandom(seed)
 
     def setup(self, student: nn.Module, teachers: Sequence[nn.Module]) -> None:
-        if self.drop_num >= len(teachers):
+        self.check_guides(len(teachers))
+
+    def check_guides(self, count: int) -> None:
+        """At least one of ``count`` guides stays: ``drop_num < count``."""
+        if self.drop_num >= count:
             raise ValueError(
                 f"dgkd: `drop_num={self.drop_num}` must be below the number of guides, and `teacher_model` has "
-                f"{len(teachers)} teacher(s) (teacher and assistants). Set drop_num to at most {len(teachers) - 1}, "
-                "or pass more assistants: teacher_model=[teacher, assistant_1, ...]."
+                f"{count} teacher(s) (teacher and assistants). Set drop_num to at most {count - 1}, or pass more "
+                "assistants: teacher_model=[teacher, assistant_1, ...]."
             )
 
     def dropped(self, count: int, step: int) -> list[int]:
         """The guides (positions in ``teacher_model``) dropped at optimizer step ``step``, of ``count``, sorted."""
+        self.check_guides(count)
         if not self.drop_num:
             return []
         order = torch.randperm(count, generator=self.random.keyed(step, 0))
