@@ -94,15 +94,23 @@ def test_dgkd_on_causal_lm_rows_is_the_sum_of_kl_per_guide():
     batch = {k: torch.tensor(v) for k, v in data[:].items()}
     models = [llama(seed=1), llama(seed=2, layers=3), llama(seed=3, hidden=48)]
     with torch.no_grad():
-        logits = [m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits for m in models]
+        outputs = [m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+                   for m in models]
+    logits = [out.logits for out in outputs]
     student, g0, g1 = views(logits, task="causal_lm")
     kl = build_distiller({"name": "kl", "temperature": 2.0})
     expected = kl(student, g0, batch) + kl(student, g1, batch)
-    loss, _ = build_distiller({"name": "dgkd", "temperature": 2.0, "drop_num": 0})(student, [g0, g1], batch)
+    dgkd = build_distiller({"name": "dgkd", "temperature": 2.0, "drop_num": 0})
+    loss, _ = dgkd(student, [g0, g1], batch)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     valid = batch["labels"][:, 1:] != -100  # by hand: the mean over the predicted tokens
     by_hand = sum(kl_rows(logits[0][:, :-1][valid], z[:, :-1][valid], 2.0).mean() for z in logits[1:])
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    # views of the fused head path (the head's input and the head, no logits): the same loss
+    fused = [ModelView(model=student.model, task="causal_lm", head_input=out.hidden_states[-1], head=m.lm_head)
+             for m, out in zip(models, outputs)]
+    torch.testing.assert_close(fused[0].head(fused[0].head_input), logits[0])
+    assert dgkd(fused[0], fused[1:], batch)[0].item() == pytest.approx(loss.item(), rel=1e-5)
 
 
 def test_dgkd_needs_fewer_drops_than_guides(output_dir):
@@ -184,6 +192,25 @@ def test_ces_kd_pacing_opens_the_ladder_from_the_smallest_expert():
         assert [parts[f"routed_{k}"].item() for k in range(3)] == [route.count(k) / 4 for k in range(3)], step
         by_hand = torch.stack([kl_rows(z_s[r : r + 1], guides[e][r : r + 1], 4.0)[0] for r, e in enumerate(route)])
         assert loss.item() == pytest.approx(by_hand.mean().item(), rel=1e-5), step
+
+
+def test_ces_kd_routes_the_tokens_of_a_causal_lm():
+    labels = torch.tensor([[5, 1, 2, -100], [3, 4, 0, 6]])  # row r predicts the next label; -100: no target
+    g = torch.Generator().manual_seed(1)
+    z_s, teacher, small = (torch.randn(2, 4, 7, generator=g) for _ in range(3))
+    targets = labels[:, 1:]
+    boosted = torch.tensor([[1, 0, 0], [0, 1, 1]])[..., None]  # where the small expert is made right
+    small[:, :-1] += 8 * nn.functional.one_hot(targets.clamp_min(0), 7) * boosted
+    student, *experts = views([z_s, teacher, small], task="causal_lm")
+    loss, parts = build_distiller({"name": "ces_kd", "pace": 1.0})(student, experts, {"labels": labels})
+    valid = targets != -100
+    small_right = small[:, :-1].argmax(-1) == targets
+    routed = torch.where(small_right, 1, 0)[valid]  # the small expert where it is right, else the teacher
+    assert routed.tolist() == [1, 0, 0, 1, 1]
+    assert parts["routed_1"].item() == pytest.approx(3 / 5) and parts["routed_0"].item() == pytest.approx(2 / 5)
+    per_token = torch.where(routed == 1, kl_rows(z_s[:, :-1][valid], small[:, :-1][valid], 4.0),
+                            kl_rows(z_s[:, :-1][valid], teacher[:, :-1][valid], 4.0))
+    assert loss.item() == pytest.approx(per_token.mean().item(), rel=1e-5)
 
 
 def test_ces_kd_with_one_teacher_is_kl(output_dir):

@@ -43,8 +43,10 @@ class DGKDDistiller(Distiller):
     ``drop_num > 0`` each step logs ``dropped_<k>`` per guide ``k`` (1 when dropped), so a logging window shows how
     often each guide was dropped.
 
-    Logits of classifiers (``[B, C]``) and causal LMs (``[B, T, V]``, chunked per guide); on the fused causal-LM
-    path as well (each guide's logits formed from its head's input, chunk by chunk).
+    Logits of classifiers (``[B, C]``) and causal LMs (``[B, T, V]``), in one chunked row pass per kept guide. Views
+    of the fused causal-LM path (the head's input and the head, no logits) work too, the logits formed chunk by
+    chunk; inside :class:`~hf_kd.DistillationTrainer`, though, a distiller that reads logits outside the shared row
+    pass turns that path off, so a causal-LM run holds every guide's ``[B, T, V]`` logits.
 
     Args:
         weight: Factor of the loss in the total (number or schedule).
