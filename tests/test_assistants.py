@@ -192,6 +192,8 @@ def test_ces_kd_pacing_opens_the_ladder_from_the_smallest_expert():
         assert [parts[f"routed_{k}"].item() for k in range(3)] == [route.count(k) / 4 for k in range(3)], step
         by_hand = torch.stack([kl_rows(z_s[r : r + 1], guides[e][r : r + 1], 4.0)[0] for r, e in enumerate(route)])
         assert loss.item() == pytest.approx(by_hand.mean().item(), rel=1e-5), step
+    ces.pace = 15 / 22  # (15 / 22) * 22 < 15 in floating point: the edge of the stratum still opens expert 16
+    assert [ces.open_experts(22), ces.open_experts(1)] == [16, 1]
 
 
 def test_ces_kd_routes_the_tokens_of_a_causal_lm():

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -130,9 +131,9 @@ class CESKDDistiller(Distiller):
 
     def open_experts(self, count: int) -> int:
         """How many of ``count`` experts (the smallest first) are open at the current ``pace``."""
-        return min(count, int(self.pace * count) + 1)
+        return min(count, math.floor(self.pace * count + 1e-9) + 1)  # 1e-9: a stratum's edge is not lost to rounding
 
-    def route(self, student: ModelView, teachers: Sequence[ModelView], rows: Sequence[RowBatch]) -> torch.Tensor:
+    def route(self, teachers: Sequence[ModelView], rows: Sequence[RowBatch]) -> torch.Tensor:
         """Each row's expert, as its position in ``teacher_model`` (``[n]``)."""
         targets = rows[0].targets
         if targets is None:
@@ -158,7 +159,7 @@ class CESKDDistiller(Distiller):
 
     def forward(self, student: ModelView, teachers: Sequence[ModelView], batch: Mapping[str, Any]):
         rows = [rows_from_views(student, teacher, batch) for teacher in teachers]
-        route = self.route(student, teachers, rows)
+        route = self.route(teachers, rows)
         open_count = self.open_experts(len(teachers))
         total = sum(kl_to_guide(rows[k], batch, self.temperature, keep=route == k)
                     for k in range(len(teachers) - open_count, len(teachers)))
