@@ -7,16 +7,18 @@ import copy
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from transformers import PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from .arguments import DistillationArguments
+from .choices import check_choice
 from .distillers.base import Distiller
 from .trainer import DistillationTrainer
 
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+Guides = Literal["previous", "all"]
 
 
 def saved_model_in(directory: str) -> bool:
@@ -32,6 +34,7 @@ def distill_chain(
     train_dataset: Any,
     eval_dataset: Any = None,
     distillers: Sequence[Distiller | Mapping[str, Any]] | None = None,
+    guides: Guides = "previous",
     **trainer_kwargs: Any,
 ) -> list[PreTrainedModel]:
     """TAKD (Mirzadeh et al., AAAI 2020, https://huggingface.co/papers/1902.03393): distil ``teacher_model`` into
@@ -48,6 +51,11 @@ def distill_chain(
     returns them without training. A stage interrupted before its ``save_model`` is trained from the start. Delete a
     stage's directory to retrain it (and the stages after it read the new model only if theirs are deleted too).
 
+    ``guides="all"`` gives stage ``i`` every model before it instead, ``teacher_model=[teacher, stage 1, ...,
+    stage i - 1]`` (largest first), for the multi-teacher distillers: DGKD trains its assistants densely this way
+    (``distillers=[{"name": "dgkd", "drop_num": 0}]``: stage 1 has one guide, so nothing can be dropped there), and
+    ``ces_kd`` reads its experts in that order.
+
     ``distillers`` are dicts (``{"name": "kl", ...}``) or ``Distiller`` instances; each stage gets its own copy, so
     no state (projectors, banks) passes from one stage to the next. Without them, ``args.distillers`` or the
     trainer's default (``kl`` at temperature 2) serve every stage. A trained model is frozen (eval mode, no
@@ -58,9 +66,10 @@ def distill_chain(
     """
     if not models:
         raise ValueError("distill_chain: `models` lists the assistants and then the student; got none.")
+    check_choice("distill_chain", "guides", guides, Guides)
     trained: list[PreTrainedModel] = []
-    teacher = teacher_model
     for stage, model in enumerate(models, start=1):
+        teacher = [teacher_model, *trained] if guides == "all" else (trained or [teacher_model])[-1]
         stage_dir = os.path.join(args.output_dir, f"stage_{stage}")
         if saved_model_in(stage_dir):
             model = type(model).from_pretrained(stage_dir, attn_implementation=model.config._attn_implementation)
@@ -73,5 +82,4 @@ def distill_chain(
             trainer.train()
             trainer.save_model(stage_dir)
         trained.append(model)
-        teacher = model
     return trained

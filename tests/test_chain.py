@@ -29,6 +29,19 @@ class TeacherRecorder(Distiller):
         return tempered_kl(student.logits.float(), teacher.logits.float(), 1.0).mean()
 
 
+class GuidesRecorder(Distiller):
+    """The mean KL at T=1 against every teacher, recording the inputs and each teacher's logits."""
+
+    requires = Requirements(logits=True)
+    multi_teacher = True
+    seen: ClassVar[list] = []
+
+    def forward(self, student, teachers, batch):
+        inputs = {k: batch[k].clone() for k in ("input_ids", "attention_mask")}
+        GuidesRecorder.seen.append((inputs, [t.logits.clone() for t in teachers]))
+        return sum(tempered_kl(student.logits.float(), t.logits.float(), 1.0).mean() for t in teachers) / len(teachers)
+
+
 class Logs(TrainerCallback):
     def __init__(self):
         self.logs = []
@@ -73,6 +86,23 @@ def test_a_two_stage_chain_distils_each_stage_from_the_previous_and_reuses_saved
         torch.testing.assert_close(logits(model, probe), logits(first, probe), rtol=0, atol=0)
 
 
-def test_a_chain_needs_models(output_dir):
+def test_guides_all_gives_each_stage_the_teacher_and_every_stage_before_it(output_dir):
+    GuidesRecorder.seen.clear()
+    teacher = bert(seed=2, layers=3, hidden=48)
+    distill_chain([bert(seed=3, hidden=32), bert(seed=4, hidden=16)], teacher, training_args(output_dir, max_steps=1),
+                  text_classification_data(), distillers=[{"name": "dgkd", "drop_num": 0}, GuidesRecorder()],
+                  guides="all")
+    assert [len(guides) for _, guides in GuidesRecorder.seen] == [1, 2]  # one step per stage
+    stage_1 = BertForSequenceClassification.from_pretrained(os.path.join(output_dir, "stage_1"))
+    (inputs_1, [teacher_1]), (inputs_2, [teacher_2, assistant_2]) = GuidesRecorder.seen
+    torch.testing.assert_close(teacher_1, logits(teacher, inputs_1))
+    torch.testing.assert_close(teacher_2, logits(teacher, inputs_2))
+    torch.testing.assert_close(assistant_2, logits(stage_1, inputs_2))
+
+
+def test_chain_argument_errors(output_dir):
     with pytest.raises(ValueError, match="`models` lists the assistants and then the student"):
         distill_chain([], bert(seed=2), training_args(output_dir), text_classification_data())
+    with pytest.raises(ValueError, match="distill_chain: unknown `guides` 'dense'; `guides` must be one of"):
+        distill_chain([bert(seed=1)], bert(seed=2), training_args(output_dir), text_classification_data(),
+                      guides="dense")
