@@ -43,6 +43,9 @@ class DGKDDistiller(Distiller):
     ``drop_num > 0`` each step logs ``dropped_<k>`` per guide ``k`` (1 when dropped), so a logging window shows how
     often each guide was dropped.
 
+    The paper trains the assistants themselves the same dense way beforehand, largest first:
+    :func:`hf_kd.distill_chain` with ``guides="all"`` runs those stages.
+
     Logits of classifiers (``[B, C]``) and causal LMs (``[B, T, V]``), in one chunked row pass per kept guide. Views
     of the fused causal-LM path (the head's input and the head, no logits) work too, the logits formed chunk by
     chunk; inside :class:`~hf_kd.DistillationTrainer`, though, a distiller that reads logits outside the shared row
@@ -98,9 +101,10 @@ class DGKDDistiller(Distiller):
                     for teacher in kept)
         if self.reduction == "mean":
             total = total / len(kept)
-        device = total.device
-        parts = {f"dropped_{k}": torch.tensor(float(k in dropped), device=device) for k in range(len(teachers))}
-        return total, (parts if self.drop_num else {})
+        if not self.drop_num:
+            return total, {}
+        return total, {f"dropped_{k}": torch.tensor(float(k in dropped), device=total.device)
+                       for k in range(len(teachers))}
 
     def extra_repr(self) -> str:
         return (f"weight={self.weight}, temperature={self.temperature}, drop_num={self.drop_num}, "
