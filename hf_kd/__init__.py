@@ -1,9 +1,9 @@
 """hf_kd: knowledge distillation as a drop-in for ``transformers.Trainer``.
 
 The public API: the trainer and its arguments, the contract a distiller implements (:class:`Distiller`,
-:class:`Requirements`, :class:`ModelView`, :class:`FeatureSpec`), schedules, callbacks and the registry. Distillers
-are picked by registry name (``{"name": "kl", "temperature": 2.0}``); their classes are importable from
-:mod:`hf_kd.distillers`.
+:class:`Requirements`, :class:`ModelView`, :class:`FeatureSpec`), schedules, callbacks, the registry, and
+:func:`distill_chain` (teacher -> assistants -> student, TAKD). Distillers are picked by registry name
+(``{"name": "kl", "temperature": 2.0}``); their classes are importable from :mod:`hf_kd.distillers`.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .arguments import DistillationArguments
 from .callbacks import DistillationCallback
 from .capture import FeatureSpec, ModelView, Requirements
+from .chain import distill_chain
 from .distillers import Distiller, build_distiller, list_distillers, register_distiller
 from .distillers.atsc import load_atsc_student
 from .progressive import ProgressiveLayerCallback, ProgressiveLayers
@@ -34,6 +35,7 @@ __all__ = [
     "Requirements",
     "Schedule",
     "build_distiller",
+    "distill_chain",
     "list_distillers",
     "load_atsc_student",
     "register_distiller",

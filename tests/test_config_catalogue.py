@@ -30,6 +30,13 @@ BAD_DISTILLERS = [
      r"`weight` schedule .* is invalid: A schedule dict needs its kind, `schedule`: one of constant, linear"),
     ({"name": "kl", "weight": {"schedule": "exp"}}, r"`weight` schedule .* is invalid: Unknown schedule 'exp'"),
     ({"name": "kll"}, r"Unknown distiller 'kll'. Valid names: .*on the command line: --distillers"),
+    ({"name": "dgkd", "drop_num": 1.5}, r"dgkd: `drop_num` \(guides dropped per step\) must be an int >= 0, got 1.5"),
+    ({"name": "dgkd", "reduction": "max"}, r"dgkd: unknown `reduction` 'max'; `reduction` must be one of 'sum', "
+     r"'mean'"),
+    ({"name": "ces_kd", "selection": "easiest"}, r"ces_kd: unknown `selection` 'easiest'. Valid names: largest, "
+     r"smallest, smallest_correct"),
+    ({"name": "ces_kd", "pace": {"schedule": "linear", "start": 0.0, "end": 2.0}},
+     r"Distiller 'ces_kd': `pace` must be >= 0 and <= 1.0, got 2.0"),
 ]
 
 

@@ -32,6 +32,8 @@ CASES: dict[str, Case] = {
     **{name: Case("lm", {"temperature": 2.0}) for name in ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl",
                                                              "tvd", "dkd")},
     "mse": Case("lm"),
+    "dgkd": Case("lm", {"temperature": 2.0, "drop_num": 0}),  # one teacher: nothing to drop
+    "ces_kd": Case("lm", {"temperature": 2.0}),
     "okd": Case("lm", {"temperature": 2.0}),
     "hidden_states": Case("text", {"loss": "mse", "projector": "linear"}),
     "attention": Case("text", {"loss": "kl"}),

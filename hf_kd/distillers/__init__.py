@@ -10,9 +10,11 @@ from .atsc import ATSCDistiller
 from .base import Distiller, build_distiller, list_distillers, register_distiller
 from .bdkd import BDKDDistiller, register_bdkd_weighting
 from .block_swap import BlockSwapDistiller
+from .ces_kd import CESKDDistiller, register_ces_selection
 from .composite import CompositeDistiller
 from .crd import CRDDistiller
 from .deit import DeiTDistiller
+from .dgkd import DGKDDistiller
 from .dualde import DualDEDistiller
 from .feature_mixing import FeatureMixingDistiller
 from .fsp import FSPDistiller
@@ -43,8 +45,10 @@ __all__ = [
     "AttentionDistiller",
     "BDKDDistiller",
     "BlockSwapDistiller",
+    "CESKDDistiller",
     "CRDDistiller",
     "CompositeDistiller",
+    "DGKDDistiller",
     "DKDDistiller",
     "DeiTDistiller",
     "Distiller",
@@ -77,5 +81,6 @@ __all__ = [
     "build_distiller",
     "list_distillers",
     "register_bdkd_weighting",
+    "register_ces_selection",
     "register_distiller",
 ]
