@@ -7,6 +7,8 @@ change nothing.
 
 Temperature ``T`` softens both distributions: ``p = softmax(z / T)``, and every temperature-based divergence is
 multiplied by ``T^2`` so its gradient keeps the same scale as ``T`` changes (Hinton et al., 2015).
+``rectify=True`` (any of them) first corrects the teacher's wrong rows as DR-KD does
+(:func:`~hf_kd.distillers.divergences.rectified`).
 Use with a ``DistillationTrainer``, or call one on two ``ModelView``s yourself.
 """
 
@@ -33,6 +35,11 @@ class LogitDistiller(Distiller):
     Args:
         weight: Factor of the loss in the total (number or schedule).
         temperature: Softmax temperature ``T`` (number or schedule); the divergence is multiplied by ``T^2``.
+        rectify: DR-KD (Amik et al., https://huggingface.co/papers/2201.11319): in each row where the teacher's top
+            class is not the true class (for causal LMs: the next token), swap the teacher's logits of the two
+            before the divergence (:func:`~hf_kd.distillers.divergences.rectified`); rows the teacher gets right are
+            unchanged. Works with any teacher, a self-teacher (:func:`hf_kd.make_self_teacher`) included, and needs
+            labels in every batch.
     Inside a trainer all logit distillers share one chunked pass over the rows (``DistillationArguments.
     loss_chunk_size``); called on its own, a distiller uses ``chunk_size`` rows per chunk (default: sized from the
     vocabulary, see :func:`hf_kd.row_loss.rows_per_chunk`).
@@ -42,16 +49,32 @@ class LogitDistiller(Distiller):
 
     requires = Requirements(logits=True)
 
-    def __init__(self, weight: Knob = 1.0, temperature: Knob = 1.0) -> None:
+    def __init__(self, weight: Knob = 1.0, temperature: Knob = 1.0, rectify: bool = False) -> None:
         super().__init__(weight)
         self.temperature = self.schedulable("temperature", temperature, positive=True)
+        if not isinstance(rectify, bool):
+            raise ValueError(f"{self.name}: `rectify` is true or false, got {rectify!r}.")
+        self.rectify = rectify
+        if rectify:
+            self.requires = self.requires | Requirements(
+                labels=True, labels_for="rectify=True swaps the teacher's logits of its top class and the true "
+                "class; set rectify=False to distil without labels")
 
     def divergence(self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def teacher_logits(self, teacher: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+        """The teacher's fp32 row logits as the divergence reads them: DR-KD-rectified with ``rectify=True``."""
+        if not self.rectify:
+            return teacher
+        if targets is None:
+            raise ValueError(f"{self.name}: rectify=True needs `labels` in the batch (the true class of each row).")
+        return divergences.rectified(teacher, targets)
+
     def row_loss(self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
         """Loss of each row from raw fp32 logits: ``T^2 * divergence(z_s / T, z_t / T)``."""
-        return divergences.tempered(self.divergence, student, teacher, self.temperature, targets)
+        return divergences.tempered(
+            self.divergence, student, self.teacher_logits(teacher, targets), self.temperature, targets)
 
     def forward(
         self, student: ModelView, teacher: ModelView | None, batch: Mapping[str, Any], chunk_size: int | None = None
@@ -71,7 +94,7 @@ class LogitDistiller(Distiller):
         return total
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, temperature={self.temperature}"
+        return f"weight={self.weight}, temperature={self.temperature}" + (", rectify=True" if self.rectify else "")
 
 
 @register_distiller("kl")
@@ -100,8 +123,8 @@ class JSDDistiller(LogitDistiller):
     ``M = beta * p_t + (1 - beta) * p_s``; ``beta = 0`` is forward KL and ``beta = 1`` reverse KL (TRL convention).
     """
 
-    def __init__(self, weight: Knob = 1.0, temperature: Knob = 1.0, beta: float = 0.5):
-        super().__init__(weight, temperature)
+    def __init__(self, weight: Knob = 1.0, temperature: Knob = 1.0, beta: float = 0.5, rectify: bool = False):
+        super().__init__(weight, temperature, rectify)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"jsd: `beta` must lie in [0, 1] (0 = forward KL, 1 = reverse KL), got {beta}.")
         self.beta = beta
@@ -111,8 +134,8 @@ class JSDDistiller(LogitDistiller):
 
 
 class _SkewDistiller(LogitDistiller):
-    def __init__(self, weight: Knob = 1.0, temperature: Knob = 1.0, alpha: float = 0.1):
-        super().__init__(weight, temperature)
+    def __init__(self, weight: Knob = 1.0, temperature: Knob = 1.0, alpha: float = 0.1, rectify: bool = False):
+        super().__init__(weight, temperature, rectify)
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"{self.name}: `alpha` (skew) must lie in [0, 1), got {alpha}.")
         self.alpha = alpha
@@ -148,11 +171,11 @@ class LogitMSEDistiller(LogitDistiller):
     """Mean squared error between raw logits, ``mean_c (z_s - z_t)^2`` (no temperature; Ba & Caruana, 2014,
     https://huggingface.co/papers/1312.6184)."""
 
-    def __init__(self, weight: Knob = 1.0) -> None:
-        super().__init__(weight, 1.0)
+    def __init__(self, weight: Knob = 1.0, rectify: bool = False) -> None:
+        super().__init__(weight, 1.0, rectify)
 
     def row_loss(self, student, teacher, targets):
-        return divergences.logit_mse(student, teacher)
+        return divergences.logit_mse(student, self.teacher_logits(teacher, targets))
 
 
 @register_distiller("dkd")
@@ -174,8 +197,9 @@ class DKDDistiller(LogitDistiller):
         alpha: float = 1.0,
         beta: float = 8.0,
         warmup_steps: int = 0,
+        rectify: bool = False,
     ) -> None:
-        super().__init__(weight, temperature)
+        super().__init__(weight, temperature, rectify)
         if alpha < 0 or beta < 0 or warmup_steps < 0:
             raise ValueError(
                 f"dkd: `alpha`, `beta` and `warmup_steps` must be >= 0, got {alpha}, {beta}, {warmup_steps}."
