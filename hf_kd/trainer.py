@@ -288,15 +288,16 @@ class DistillationTrainer(Trainer):
         """``sum_i w_i * L_i`` over the distillers (plus the student's cross-entropy) and each ``L_i``, as means over
         the micro-batch (see ``compute_loss``).
 
-        Row terms share one chunked pass per teacher they read (the student's cross-entropy joins the first); a
-        teacher trained by some distiller gets two passes, so that only the distillers that train it see its
-        logits with autograd history.
+        Row terms share one chunked pass per teacher they read, and one if some read none (the student's
+        cross-entropy joins the first); a teacher trained by some distiller gets two passes, so that only the
+        distillers that train it see its logits with autograd history.
         """
         values: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.args.device)
         groups: dict[tuple[int, bool] | None, list[RowTerm]] = {}
         for key, distiller in self._row_distillers if with_distillers else ():
-            group = (distiller.teacher_index, trains_teacher(distiller))
+            # None: the pass of the row terms that read no teacher
+            group = (distiller.teacher_index, trains_teacher(distiller)) if distiller.requires.teacher else None
             groups.setdefault(group, []).append(RowTerm(key, distiller.row_loss, distiller.weight))
         if hard_as_row:
             groups.setdefault(next(iter(groups), None), []).insert(

@@ -32,6 +32,7 @@ CASES: dict[str, Case] = {
     **{name: Case("lm", {"temperature": 2.0}) for name in ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl",
                                                              "tvd", "dkd")},
     "mse": Case("lm"),
+    "virtual_teacher": Case("lm", {"temperature": 2.0}),  # reads no teacher: the pass without one
     "okd": Case("lm", {"temperature": 2.0}),
     "hidden_states": Case("text", {"loss": "mse", "projector": "linear"}),
     "attention": Case("text", {"loss": "kl"}),

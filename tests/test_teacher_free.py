@@ -1,12 +1,15 @@
-"""Teacher-free KD: DR-KD's rectified teacher (``rectify=True`` on every logit distiller)."""
+"""Teacher-free KD: DR-KD's rectified teacher (``rectify=True`` on every logit distiller) and Tf-KD's virtual
+teacher (``virtual_teacher``)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import llama, lm_data, training_args
+from conftest import bert, llama, lm_data, text_classification_data, training_args
 from hf_kd import DistillationTrainer, ModelView, build_distiller
 from hf_kd.distillers.divergences import rectified
 
@@ -123,5 +126,72 @@ def test_rectify_without_labels_is_refused_on_the_first_batch_naming_the_option(
     with pytest.raises(ValueError, match=r"Distillers \['kl'\] need `labels`.*rectify=True.*set rectify=False"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+# ---- virtual_teacher (Tf-KD_reg) ----------------------------------------------------------------------------------
+def test_virtual_teacher_loss_is_the_hand_computed_kl_in_both_forms():
+    student = torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 0.0]])
+    labels = torch.tensor([0, 2])
+    t, a = 2.0, 0.9
+    # the virtual teacher of a row: [0.9, 0.05, 0.05] around its true class
+    virtual = [[0.9, 0.05, 0.05], [0.05, 0.05, 0.9]]
+
+    def kl(p, log_q):
+        return sum(pc * (math.log(pc) - lq) for pc, lq in zip(p, log_q))
+
+    def log_softmax(z):
+        top = math.log(sum(math.exp(v) for v in z))
+        return [v - top for v in z]
+
+    tempered = []
+    for row, p in zip(student.tolist(), virtual):
+        p_t = [math.exp(v) for v in log_softmax([math.log(pc) / t for pc in p])]
+        tempered.append(kl(p_t, log_softmax([v / t for v in row])) * t * t)
+    reference = []
+    for row, p in zip(student.tolist(), virtual):
+        p_t = [math.exp(v) for v in log_softmax([pc / t for pc in p])]
+        reference.append(kl(p_t, log_softmax(row)))
+    for form, per_row in (("tempered", tempered), ("reference", reference)):
+        distiller = build_distiller({"name": "virtual_teacher", "temperature": t, "correct_prob": a, "form": form})
+        view = ModelView(model=None, task="classification", logits=student)
+        assert distiller(view, None, {"labels": labels}).item() == pytest.approx(sum(per_row) / 2, rel=1e-6)
+
+
+def test_virtual_teacher_on_causal_lm_rows_targets_the_next_tokens():
+    data = lm_data(n=3, vocab=11)
+    batch = collate(data)
+    logits = torch.randn(3, 12, 11, generator=torch.Generator().manual_seed(0))
+    distiller = build_distiller({"name": "virtual_teacher", "correct_prob": 0.8})
+    loss = distiller(ModelView(model=None, task="causal_lm", logits=logits), None, batch)
+    targets = batch["labels"][:, 1:].reshape(-1)
+    keep = targets != -100
+    p = torch.full((int(keep.sum()), 11), 0.2 / 10).scatter_(-1, targets[keep].unsqueeze(-1), 0.8)
+    log_s = F.log_softmax(logits[:, :-1].reshape(-1, 11)[keep], -1)
+    torch.testing.assert_close(loss, (p * (p.log() - log_s)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("family", ["classifier", "causal_lm"])
+def test_virtual_teacher_trains_the_student_without_any_teacher(tmp_path, family):
+    student, data = (bert(seed=1), text_classification_data(n=8)) if family == "classifier" else (llama(seed=1),
+                                                                                                    lm_data(n=8))
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    trainer = DistillationTrainer(
+        model=student, args=training_args(tmp_path, max_steps=1, logging_steps=1, hard_label_weight=0.0,
+                                          learning_rate=1e-2),
+        train_dataset=data, distillers=[{"name": "virtual_teacher", "temperature": 2.0}],
+    )
+    assert trainer.teachers == []
+    trainer.train()
+    logged = trainer.state.log_history[0]["loss/virtual_teacher"]
+    assert math.isfinite(logged) and logged > 0
+    moved = [n for n, p in student.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert len(moved) == len(before)  # every parameter: the gradient reaches the whole student
+
+
+def test_bad_virtual_teacher_options_are_refused_when_built():
+    with pytest.raises(ValueError, match=r"`correct_prob` must lie in \(0, 1\]"):
+        build_distiller({"name": "virtual_teacher", "correct_prob": 0.0})
+    with pytest.raises(ValueError, match=r"unknown `form` 'soft'; `form` must be one of 'tempered', 'reference'"):
+        build_distiller({"name": "virtual_teacher", "form": "soft"})
 
 
