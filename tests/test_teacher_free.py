@@ -1,5 +1,5 @@
-"""Teacher-free KD: DR-KD's rectified teacher (``rectify=True`` on every logit distiller) and Tf-KD's virtual
-teacher (``virtual_teacher``)."""
+"""Teacher-free KD: DR-KD's rectified teacher (``rectify=True`` on every logit distiller), Tf-KD's virtual teacher
+(``virtual_teacher``) and the self-teacher (``make_self_teacher``)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import TrainingArguments
 
+import hf_kd.self_teacher
 from conftest import bert, llama, lm_data, text_classification_data, training_args
-from hf_kd import DistillationTrainer, ModelView, build_distiller
+from hf_kd import DistillationTrainer, ModelView, build_distiller, make_self_teacher
 from hf_kd.distillers.divergences import rectified
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -195,3 +197,69 @@ def test_bad_virtual_teacher_options_are_refused_when_built():
         build_distiller({"name": "virtual_teacher", "form": "soft"})
 
 
+# ---- make_self_teacher ---------------------------------------------------------------------------------------------
+def teacher_args(output_dir, **overrides) -> TrainingArguments:
+    return TrainingArguments(**{"output_dir": str(output_dir), "report_to": [], "use_cpu": True, "disable_tqdm": True,
+                                "save_strategy": "no", "max_steps": 2, "per_device_train_batch_size": 4,
+                                "learning_rate": 1e-2, **overrides})
+
+
+def logits_of(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+# Fields a training run or a save writes into a config; everything else describes the architecture.
+WRITTEN_BY_TRAINING = {"dtype", "problem_type", "use_cache", "architectures", "_name_or_path"}
+
+
+def architecture(config) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k not in WRITTEN_BY_TRAINING}
+
+
+def test_self_teacher_is_the_students_architecture_trained_frozen_and_reloaded(tmp_path, monkeypatch):
+    student, data = bert(seed=1), text_classification_data(n=8)
+    initial = {n: p.detach().clone() for n, p in student.named_parameters()}
+    teacher = make_self_teacher(student, teacher_args(tmp_path / "teacher"), data)
+    assert type(teacher) is type(student) and architecture(teacher.config) == architecture(student.config)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(p, initial[n]) for n, p in student.named_parameters())  # the student is untouched
+    changed = [n for n, p in teacher.named_parameters() if not torch.equal(p, initial[n])]
+    assert len(changed) == len(initial)  # init="student": trained away from the student's weights
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a saved self-teacher must be reloaded, not retrained")
+
+    monkeypatch.setattr(hf_kd.self_teacher, "Trainer", no_training)
+    again = make_self_teacher(student, teacher_args(tmp_path / "teacher"), data)
+    assert not again.training and not any(p.requires_grad for p in again.parameters())
+    batch = collate(data)
+    torch.testing.assert_close(logits_of(again, batch), logits_of(teacher, batch), rtol=0, atol=0)
+
+
+def test_scratch_self_teacher_is_a_fresh_init_under_the_seed(tmp_path):
+    student, data = bert(seed=1), text_classification_data(n=8)
+    untrained = teacher_args(tmp_path / "a", learning_rate=0.0, seed=7)
+    first = make_self_teacher(student, untrained, data, init="scratch")
+    second = make_self_teacher(student, teacher_args(tmp_path / "b", learning_rate=0.0, seed=7), data, init="scratch")
+    other_seed = make_self_teacher(student, teacher_args(tmp_path / "c", learning_rate=0.0, seed=8), data,
+                                   init="scratch")
+    weights = "bert.encoder.layer.0.attention.self.query.weight"
+    parameters = [dict(m.named_parameters())[weights] for m in (first, second, other_seed, student)]
+    assert torch.equal(parameters[0], parameters[1])
+    assert not torch.equal(parameters[0], parameters[2]) and not torch.equal(parameters[0], parameters[3])
+    with pytest.raises(ValueError, match="unknown `init` 'copy'"):
+        make_self_teacher(student, untrained, data, init="copy")
+
+
+def test_distilling_from_a_self_teacher_with_rectify_trains_with_finite_losses(tmp_path):
+    data = text_classification_data(n=8)
+    teacher = make_self_teacher(bert(seed=1), teacher_args(tmp_path / "teacher"), data)
+    trainer = DistillationTrainer(
+        model=bert(seed=1), teacher_model=teacher,
+        args=training_args(tmp_path / "student", max_steps=2, logging_steps=1),
+        train_dataset=data, distillers=[{"name": "kl", "rectify": True, "temperature": 2.0}],
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss/kl" in entry]
+    assert len(logs) == 2 and all(math.isfinite(e["loss/kl"]) and math.isfinite(e["loss/hard"]) for e in logs)
