@@ -165,7 +165,7 @@ class DistillationTrainer(Trainer):
         self._student_task = task_of(student)
         self._fused_lm = (
             args.fused_lm_loss
-            and bool(self._slots)
+            and bool(self._slots or self._row_distillers)  # a teacher, or row terms that read none
             and self._student_task == "causal_lm"
             and output_head(student) is not None
             and all(slot.head is not None for slot in self._slots)

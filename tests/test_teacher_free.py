@@ -190,6 +190,31 @@ def test_virtual_teacher_trains_the_student_without_any_teacher(tmp_path, family
     assert len(moved) == len(before)  # every parameter: the gradient reaches the whole student
 
 
+def test_virtual_teacher_without_a_teacher_takes_the_fused_lm_path(tmp_path):
+    batch = collate(lm_data(n=6))
+    results = []
+    for fused in (True, False):
+        student = llama(seed=1)
+        trainer = DistillationTrainer(
+            model=student, args=training_args(tmp_path, fused_lm_loss=fused, loss_chunk_size=7, hard_label_weight=0.5),
+            distillers=[{"name": "virtual_teacher", "temperature": 2.0}],
+        )
+        assert trainer._fused_lm is fused
+        student.train()
+        loss = trainer.compute_loss(student, dict(batch))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}))
+    (fused_loss, fused_grads), (plain_loss, plain_grads) = results
+    torch.testing.assert_close(fused_loss, plain_loss)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-4)
+    with torch.no_grad():
+        outputs = llama(seed=1)(**batch)
+    view = ModelView(model=None, task="causal_lm", logits=outputs.logits)
+    virtual = build_distiller({"name": "virtual_teacher", "temperature": 2.0})(view, None, batch)
+    torch.testing.assert_close(plain_loss, 0.5 * outputs.loss + virtual)
+
+
 def test_bad_virtual_teacher_options_are_refused_when_built():
     with pytest.raises(ValueError, match=r"`correct_prob` must lie in \(0, 1\]"):
         build_distiller({"name": "virtual_teacher", "correct_prob": 0.0})
