@@ -42,14 +42,15 @@ class VirtualTeacherDistiller(LogitDistiller):
     reproduces it.
 
     Needs labels and no teacher; the student's own cross-entropy is the trainer's ``hard_label_weight`` term (the
-    paper's ``(1 - alpha) CE + alpha KL`` is ``hard_label_weight = 1 - alpha``, ``weight = alpha``). The authors'
-    CIFAR-100 settings use ``T`` of 20 to 40.
+    paper's ``(1 - alpha) CE + alpha KL`` is ``hard_label_weight = 1 - alpha``, ``weight = alpha``). The paper
+    does not say how ``p^d`` is softened; ``"tempered"`` is its formula read with the convention of every teacher
+    here. Copies of the authors' code set ``T`` = 20 to 40 for CIFAR-100 models.
 
     Args:
         weight: Factor of the loss in the total (number or schedule).
         temperature: ``T`` (number or schedule).
         correct_prob: ``a``, the virtual teacher's probability of the true class, in ``(0, 1]`` (0.9 as in the
-            paper; the authors' code also uses 0.99).
+            authors' code; other versions of it use 0.99).
         form: ``"tempered"`` or ``"reference"`` (above).
     """
 
