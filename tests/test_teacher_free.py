@@ -130,6 +130,11 @@ def test_rectify_without_labels_is_refused_on_the_first_batch_naming_the_option(
     assert trainer.state.global_step == 0
 
 
+def test_rectify_that_is_not_a_bool_is_refused_when_built():
+    with pytest.raises(ValueError, match=r"kl: `rectify` is true or false, got 'yes'"):
+        build_distiller({"name": "kl", "rectify": "yes"})
+
+
 # ---- virtual_teacher (Tf-KD_reg) ----------------------------------------------------------------------------------
 def test_virtual_teacher_loss_is_the_hand_computed_kl_in_both_forms():
     student = torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 0.0]])
@@ -275,6 +280,8 @@ def test_scratch_self_teacher_is_a_fresh_init_under_the_seed(tmp_path):
     assert not torch.equal(parameters[0], parameters[2]) and not torch.equal(parameters[0], parameters[3])
     with pytest.raises(ValueError, match="unknown `init` 'copy'"):
         make_self_teacher(student, untrained, data, init="copy")
+    with pytest.raises(TypeError, match="copies a transformers PreTrainedModel; got Linear"):
+        make_self_teacher(torch.nn.Linear(2, 2), untrained, data)
 
 
 def test_distilling_from_a_self_teacher_with_rectify_trains_with_finite_losses(tmp_path):
