@@ -2,7 +2,8 @@
 
 The public API: the trainer and its arguments, the contract a distiller implements (:class:`Distiller`,
 :class:`Requirements`, :class:`ModelView`, :class:`FeatureSpec`), schedules, callbacks, the registry, and
-:func:`distill_chain` (teacher -> assistants -> student, TAKD). Distillers are picked by registry name
+:func:`distill_chain` (teacher -> assistants -> student, TAKD), :func:`make_self_teacher` (a teacher of the
+student's own architecture, for teacher-free KD). Distillers are picked by registry name
 (``{"name": "kl", "temperature": 2.0}``); their classes are importable from :mod:`hf_kd.distillers`.
 """
 
@@ -16,6 +17,7 @@ from .distillers import Distiller, build_distiller, list_distillers, register_di
 from .distillers.atsc import load_atsc_student
 from .progressive import ProgressiveLayerCallback, ProgressiveLayers
 from .schedules import Schedule
+from .self_teacher import make_self_teacher
 from .trainer import DistillationTrainer
 
 try:
@@ -38,5 +40,6 @@ __all__ = [
     "distill_chain",
     "list_distillers",
     "load_atsc_student",
+    "make_self_teacher",
     "register_distiller",
 ]

@@ -31,6 +31,9 @@ class Requirements:
     attentions: bool = False
     labels: bool = False  # the distiller needs ground-truth labels in the batch
     teacher: bool = True  # the distiller needs a teacher model
+    # What the labels are for, when an option asks for them: the error a batch without labels gets names it (e.g.
+    # "rectify=True swaps the teacher's logits of its top class and the true class; set rectify=False").
+    labels_for: str = ""
 
     def __or__(self, other: Requirements) -> Requirements:
         return Requirements(**{f.name: getattr(self, f.name) or getattr(other, f.name) for f in fields(self)})

@@ -106,9 +106,14 @@ def check_batch(inputs: Mapping[str, Any], limits: Sequence[tuple[str, int]], ha
             "hard_label_weight=0 for pure distillation, or give the batch labels (e.g. a `label` column, or "
             "DataCollatorForLanguageModeling(tokenizer, mlm=False) for causal LMs)."
         )
-    needing = [key for key, d in named if d.requires.labels]
+    needing = [(key, d.requires.labels_for) for key, d in named if d.requires.labels]
     if needing:
-        raise ValueError(f"Distillers {needing} need `labels` in every batch, and this batch has none.")
+        reasons = "".join(f" {key}: {why}." for key, why in needing if why)
+        raise ValueError(
+            f"Distillers {[key for key, _ in needing]} need `labels` in every batch, and this batch has none.{reasons} "
+            "Give the batch labels (a `label` column; for causal LMs DataCollatorForLanguageModeling(tokenizer, "
+            "mlm=False)) or leave those distillers out."
+        )
 
 
 def check_fused_path(models: Sequence[tuple[str, nn.Module, Callable[[str], bool]]], batch: Mapping[str, Any]) -> bool:

@@ -165,7 +165,7 @@ class DistillationTrainer(Trainer):
         self._student_task = task_of(student)
         self._fused_lm = (
             args.fused_lm_loss
-            and bool(self._slots)
+            and bool(self._slots or self._row_distillers)  # a teacher, or row terms that read none
             and self._student_task == "causal_lm"
             and output_head(student) is not None
             and all(slot.head is not None for slot in self._slots)
@@ -288,15 +288,17 @@ class DistillationTrainer(Trainer):
         """``sum_i w_i * L_i`` over the distillers (plus the student's cross-entropy) and each ``L_i``, as means over
         the micro-batch (see ``compute_loss``).
 
-        Row terms share one chunked pass per teacher they read (the student's cross-entropy joins the first); a
-        teacher trained by some distiller gets two passes, so that only the distillers that train it see its
-        logits with autograd history.
+        Row terms share one chunked pass per teacher they read, and one if some read none (the student's
+        cross-entropy joins the first); a teacher trained by some distiller gets two passes, so that only the
+        distillers that train it see its logits with autograd history.
         """
         values: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.args.device)
         groups: dict[tuple[int | None, bool] | None, list[RowTerm]] = {}  # (teacher index, None: all; trained)
         for key, distiller in self._row_distillers if with_distillers else ():
-            group = (None if distiller.multi_teacher else distiller.teacher_index, trains_teacher(distiller))
+            group = None  # the pass of the row terms that read no teacher
+            if distiller.requires.teacher:
+                group = (None if distiller.multi_teacher else distiller.teacher_index, trains_teacher(distiller))
             groups.setdefault(group, []).append(
                 RowTerm(key, distiller.row_loss, distiller.weight, tuple(distiller.parameters())))
         if hard_as_row:

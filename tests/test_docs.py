@@ -16,9 +16,10 @@ def test_every_distiller_snippet_runs(tmp_path, monkeypatch):
     for index, block in enumerate(blocks):
         exec(compile(block.replace("/tmp/hf_kd_docs", str(tmp_path)), f"{DOCS.name}[{index}]", "exec"), namespace)
     documented = set(re.findall(r'"name": "(\w+)"', DOCS.read_text()))
-    # what `import hf_kd` registers (a fresh interpreter: tests register distillers of their own)
+    # what `import hf_kd` registers (a fresh interpreter: tests register distillers of their own), run from this
+    # source tree so that it imports this tree's package, not another checkout that is installed
     names = subprocess.run([sys.executable, "-c", "import hf_kd; print(' '.join(hf_kd.list_distillers()))"],
-                           capture_output=True, text=True, check=True).stdout.split()
+                           capture_output=True, text=True, check=True, cwd=DOCS.parents[1]).stdout.split()
     assert len(names) >= 18 and set(names) <= documented, sorted(set(names) - documented)
 
 

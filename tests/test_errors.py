@@ -45,7 +45,7 @@ def test_spec_without_name():
 
 def test_unknown_option_of_a_distiller():
     with pytest.raises(ValueError, match=r"Distiller 'kl' has no option\(s\) \['beta'\]. Its options are: "
-                                         r"teacher_aggregation, temperature, weight"):
+                                         r"rectify, teacher_aggregation, temperature, weight"):
         build_distiller({"name": "kl", "beta": 0.5})
     with pytest.raises(ValueError, match=r"Distiller 'dkd' has no option\(s\) \['gamma', 'warmup'\]"):
         build_distiller({"name": "dkd", "warmup": 5, "gamma": 1.0})
@@ -54,7 +54,7 @@ def test_unknown_option_of_a_distiller():
 def test_unknown_option_of_a_subclass_that_narrows_its_signature():
     with pytest.raises(ValueError,
                        match=r"Distiller 'mse' has no option\(s\) \['temperature'\]. Its options are: "
-                             r"teacher_aggregation, weight"):
+                             r"rectify, teacher_aggregation, weight"):
         build_distiller({"name": "mse", "temperature": 2.0})
 
 

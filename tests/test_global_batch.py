@@ -34,6 +34,7 @@ CASES: dict[str, Case] = {
     "mse": Case("lm"),
     "dgkd": Case("lm", {"temperature": 2.0, "drop_num": 0}),  # one teacher: nothing to drop
     "ces_kd": Case("lm", {"temperature": 2.0}),
+    "virtual_teacher": Case("lm", {"temperature": 2.0}),  # reads no teacher: the pass without one
     "okd": Case("lm", {"temperature": 2.0}),
     "hidden_states": Case("text", {"loss": "mse", "projector": "linear"}),
     "attention": Case("text", {"loss": "kl"}),

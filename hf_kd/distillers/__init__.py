@@ -38,6 +38,7 @@ from .representation import AttentionDistiller, FeatureDistiller, HiddenStatesDi
 from .sokd import SOKDDistiller
 from .tinybert import TinyBERTDistiller
 from .topology import TopologyDistiller
+from .virtual_teacher import VirtualTeacherDistiller
 
 __all__ = [
     "ATSCDistiller",
@@ -78,6 +79,7 @@ __all__ = [
     "TVDDistiller",
     "TinyBERTDistiller",
     "TopologyDistiller",
+    "VirtualTeacherDistiller",
     "build_distiller",
     "list_distillers",
     "register_bdkd_weighting",

@@ -112,6 +112,21 @@ def decoupled_kd(
     return alpha * tckd + beta * nckd
 
 
+def rectified(teacher: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """DR-KD's rectified teacher logits (Amik et al., "Dynamic Rectification Knowledge Distillation",
+    https://huggingface.co/papers/2201.11319): in each row where the teacher's argmax ``k = argmax_c z_c`` is not the
+    true class ``y``, the logits of ``k`` and ``y`` are swapped, ``z~_k = z_y`` and ``z~_y = z_k``; rows where the
+    teacher is right are unchanged (the swap of a class with itself). With tied maxima ``k`` is the first of them,
+    and a true class among them leaves the row's values unchanged.
+
+    ``teacher`` is ``[n, C]``, ``targets`` ``[n]`` (true class or next token per row); a new tensor is returned and
+    ``teacher`` is left as it is (other terms of the row pass read it too).
+    """
+    predicted, target = teacher.argmax(-1, keepdim=True), targets.unsqueeze(-1)
+    z_predicted, z_target = teacher.gather(-1, predicted), teacher.gather(-1, target)
+    return teacher.scatter(-1, predicted, z_target).scatter(-1, target, z_predicted)
+
+
 def tempered(
     divergence: Callable[..., torch.Tensor], student: torch.Tensor, teacher: torch.Tensor, temperature: float,
     *args: Any,

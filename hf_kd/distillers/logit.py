@@ -7,13 +7,14 @@ change nothing.
 
 Temperature ``T`` softens both distributions: ``p = softmax(z / T)``, and every temperature-based divergence is
 multiplied by ``T^2`` so its gradient keeps the same scale as ``T`` changes (Hinton et al., 2015).
+``rectify=True`` (any of them) first corrects the teacher's wrong rows as DR-KD does
+(:func:`~hf_kd.distillers.divergences.rectified`).
 Use with a ``DistillationTrainer``, or call one on two ``ModelView``s yourself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -40,6 +41,11 @@ class LogitDistiller(Distiller):
             all of them: a policy name (``mean``, ``weighted``, ``confidence``, ``vote``, ``rank_fusion``, ``best``,
             ``learned``) or a dict ``{"policy": ..., **options}`` (:mod:`hf_kd.teacher_aggregation`). ``None``
             (default): the one teacher at the ``teacher`` option.
+        rectify: DR-KD (Amik et al., https://huggingface.co/papers/2201.11319): in each row where the teacher's top
+            class is not the true class (for causal LMs: the next token), swap the teacher's logits of the two
+            before the divergence (:func:`~hf_kd.distillers.divergences.rectified`); rows the teacher gets right are
+            unchanged. Works with any teacher, a self-teacher (:func:`hf_kd.make_self_teacher`) included, and needs
+            labels in every batch.
     Inside a trainer all logit distillers share one chunked pass over the rows (``DistillationArguments.
     loss_chunk_size``); called on its own, a distiller uses ``chunk_size`` rows per chunk (default: sized from the
     vocabulary, see :func:`hf_kd.row_loss.rows_per_chunk`).
@@ -50,7 +56,7 @@ class LogitDistiller(Distiller):
     requires = Requirements(logits=True)
 
     def __init__(self, weight: Knob = 1.0, temperature: Knob = 1.0,
-                 teacher_aggregation: str | Mapping[str, Any] | None = None) -> None:
+                 teacher_aggregation: str | Mapping[str, Any] | None = None, rectify: bool = False) -> None:
         super().__init__(weight)
         self.temperature = self.schedulable("temperature", temperature, positive=True)
         self.aggregation: nn.Module | None = None
@@ -58,7 +64,15 @@ class LogitDistiller(Distiller):
             self.aggregation = TeacherAggregation.from_option(teacher_aggregation)
             self.multi_teacher = True  # setup / the row pass receive every teacher
             if self.aggregation.needs_labels:
-                self.requires = replace(self.requires, labels=True)
+                self.requires = self.requires | Requirements(
+                    labels=True, labels_for=f"teacher_aggregation {self.aggregation.policy!r} reads the true class")
+        if not isinstance(rectify, bool):
+            raise ValueError(f"{self.name}: `rectify` is true or false, got {rectify!r}.")
+        self.rectify = rectify
+        if rectify:
+            self.requires = self.requires | Requirements(
+                labels=True, labels_for="rectify=True swaps the teacher's logits of its top class and the true "
+                "class; set rectify=False to distil without labels")
 
     def setup(self, student: nn.Module, teacher: nn.Module | Sequence[nn.Module] | None) -> None:
         if self.aggregation is not None:
@@ -73,11 +87,19 @@ class LogitDistiller(Distiller):
         ``z_t`` is their aggregation."""
         if self.aggregation is not None:
             teacher = self.aggregation(teacher, targets, self.temperature)
-        return self.teacher_row_loss(student, teacher, targets)
+        return self.teacher_row_loss(student, self.teacher_logits(teacher, targets), targets)
+
+    def teacher_logits(self, teacher: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+        """The teacher's fp32 row logits as the divergence reads them: DR-KD-rectified with ``rectify=True``."""
+        if not self.rectify:
+            return teacher
+        if targets is None:
+            raise ValueError(f"{self.name}: rectify=True needs `labels` in the batch (the true class of each row).")
+        return divergences.rectified(teacher, targets)
 
     def teacher_row_loss(self, student: torch.Tensor, teacher: torch.Tensor,
                          targets: torch.Tensor | None) -> torch.Tensor:
-        """Loss of each row against one teacher's (or the aggregated) logits: the tempered divergence."""
+        """Loss of each row against the teacher logits (one teacher's, or the aggregation, rectified or not)."""
         return divergences.tempered(self.divergence, student, teacher, self.temperature, targets)
 
     def forward(
@@ -98,7 +120,7 @@ class LogitDistiller(Distiller):
         return total
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, temperature={self.temperature}"
+        return f"weight={self.weight}, temperature={self.temperature}" + (", rectify=True" if self.rectify else "")
 
 
 @register_distiller("kl")
@@ -175,8 +197,9 @@ class LogitMSEDistiller(LogitDistiller):
     """Mean squared error between raw logits, ``mean_c (z_s - z_t)^2`` (no temperature; Ba & Caruana, 2014,
     https://huggingface.co/papers/1312.6184)."""
 
-    def __init__(self, weight: Knob = 1.0, teacher_aggregation: str | Mapping[str, Any] | None = None) -> None:
-        super().__init__(weight, 1.0, teacher_aggregation)
+    def __init__(self, weight: Knob = 1.0, teacher_aggregation: str | Mapping[str, Any] | None = None,
+                 rectify: bool = False) -> None:
+        super().__init__(weight, 1.0, teacher_aggregation, rectify)
 
     def teacher_row_loss(self, student, teacher, targets):
         return divergences.logit_mse(student, teacher)
