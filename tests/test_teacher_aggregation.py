@@ -238,3 +238,17 @@ def test_weights_that_do_not_match_the_teachers_are_refused_before_training(tmp_
 def test_best_declares_that_it_needs_labels():
     assert build_distiller({"name": "kl", "teacher_aggregation": "best"}).requires.labels
     assert not build_distiller({"name": "kl", "teacher_aggregation": "mean"}).requires.labels
+
+
+def test_rectify_applies_to_the_aggregated_target():
+    """DR-KD after aggregation: the swap is made on the mixture's logits, where the mixture's top class is wrong."""
+    from hf_kd.distillers.divergences import rectified, tempered_kl
+
+    a, b, y = logits_pair()
+    distiller = build_distiller({"name": "kl", "temperature": T, "teacher_aggregation": "mean", "rectify": True})
+    distiller.setup(None, [None, None])
+    s = torch.randn(5, 4, generator=torch.Generator().manual_seed(3))
+    mixed = distiller.aggregation([a, b], y, T)
+    assert (mixed.argmax(-1) != y).any() and (mixed.argmax(-1) == y).any()
+    torch.testing.assert_close(distiller.row_loss(s, [a, b], y), tempered_kl(s, rectified(mixed, y), T))
+    assert distiller.requires.labels
