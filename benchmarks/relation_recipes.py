@@ -9,6 +9,7 @@ is the distillation phase's train seconds per optimizer step. Run::
     python benchmarks/relation_recipes.py --seeds 0 1 2
     python benchmarks/relation_recipes.py --recipe text --seeds 0 1 2
     python benchmarks/relation_recipes.py --seeds 0 --max_steps 20 --relations rkd sp     # smoke test
+    python benchmarks/relation_recipes.py --recipe text --from_json a.json b.json           # one table of saved runs
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Other recipe settings for every run, e.g. teacher=<path> max_length=64.")
     parser.add_argument("--output_dir", default="outputs/relation_recipes")
     parser.add_argument("--json", default=None, help="Also write every run's figures to this JSON file.")
+    parser.add_argument("--from_json", nargs="+", default=None, metavar="FILE",
+                        help="Run nothing: print the table of the runs saved in these --json files together.")
     return parser.parse_args(argv)
 
 
@@ -75,25 +78,36 @@ def run(cli: argparse.Namespace, seed: int, distillers: list[dict], baseline: bo
 
 
 def table(rows: list[dict]) -> str:
-    by: dict[str, list[dict]] = {}
+    """Accuracy and step time per distiller set; a seed run more than once (e.g. ``kl`` in several invocations)
+    counts once, with the mean of its runs."""
+    runs: dict[str, dict[int, list[dict]]] = {}
     for row in rows:
-        by.setdefault(row["distillers"], []).append(row)
-    kl_ms = statistics.mean(r["step_ms"] for r in by["kl"])
-    no_kd = statistics.mean(r["no_kd_accuracy"] for r in by["kl"])
-    per_seed = ", ".join(f"{100 * r['no_kd_accuracy']:.1f}" for r in by["kl"])
+        runs.setdefault(row["distillers"], {}).setdefault(row["seed"], []).append(row)
+
+    def per_seed(name: str, key: str) -> list[float]:
+        return [statistics.mean(r[key] for r in seed_rows) for _, seed_rows in sorted(runs[name].items())]
+
+    kl_ms, kl_acc = statistics.mean(per_seed("kl", "step_ms")), statistics.mean(per_seed("kl", "accuracy"))
+    no_kd = per_seed("kl", "no_kd_accuracy")
     lines = ["| distillers | accuracy (mean) | per seed | vs kl | vs no KD | step time vs kl |",
-             "|---|---|---|---|---|---|", f"| none (CE only) | {100 * no_kd:.1f} | {per_seed} | | | |"]
-    kl_acc = statistics.mean(r["accuracy"] for r in by["kl"])
-    for name, runs in by.items():
-        acc = statistics.mean(r["accuracy"] for r in runs)
-        ms = statistics.mean(r["step_ms"] for r in runs)
-        lines.append(f"| {name} | {100 * acc:.1f} | " + ", ".join(f"{100 * r['accuracy']:.1f}" for r in runs)
-                     + f" | {100 * (acc - kl_acc):+.1f} | {100 * (acc - no_kd):+.1f} | {ms / kl_ms:.2f}x |")
+             "|---|---|---|---|---|---|",
+             f"| none (CE only) | {100 * statistics.mean(no_kd):.1f} | "
+             + ", ".join(f"{100 * a:.1f}" for a in no_kd) + " | | | |"]
+    for name in runs:
+        accuracy = per_seed(name, "accuracy")
+        acc, ms = statistics.mean(accuracy), statistics.mean(per_seed(name, "step_ms"))
+        lines.append(f"| {name} | {100 * acc:.1f} | " + ", ".join(f"{100 * a:.1f}" for a in accuracy)
+                     + f" | {100 * (acc - kl_acc):+.1f} | {100 * (acc - statistics.mean(no_kd)):+.1f} | "
+                     f"{ms / kl_ms:.2f}x |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     cli = parse_args(argv)
+    if cli.from_json:
+        rows = [row for path in cli.from_json for row in json.loads(Path(path).read_text())["rows"]]
+        print(f"{RECIPES[cli.recipe][1]}:\n" + table(sorted(rows, key=lambda r: r["distillers"] != "kl")))
+        return rows
     start, rows = time.perf_counter(), []
     for seed in cli.seeds:
         rows.append(run(cli, seed, [KL], baseline=True))

@@ -154,7 +154,11 @@ class DistillationTrainer(Trainer):
         if args.progressive_layers:
             self.add_callback(ProgressiveLayerCallback(self.distillers, self.distiller_keys, **args.progressive_layers))
 
-        self._row_distillers = [(k, d) for k, d in self._named if hasattr(d, "row_loss")]
+        # (key, distiller, row pass): the teacher index, None for every teacher, and whether it trains it; None
+        # for the pass of the row terms that read no teacher
+        self._row_distillers = [
+            (k, d, (None if d.multi_teacher else d.teacher_index, trains_teacher(d)) if d.requires.teacher else None)
+            for k, d in self._named if hasattr(d, "row_loss")]
         self._other_distillers = [(k, d) for k, d in self._named if not hasattr(d, "row_loss")]
         self._teacher_params = list(ordered_union(d.teacher_parameters() for d in self.distillers))
         for param in self._teacher_params:
@@ -295,10 +299,7 @@ class DistillationTrainer(Trainer):
         values: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.args.device)
         groups: dict[tuple[int | None, bool] | None, list[RowTerm]] = {}  # (teacher index, None: all; trained)
-        for key, distiller in self._row_distillers if with_distillers else ():
-            group = None  # the pass of the row terms that read no teacher
-            if distiller.requires.teacher:
-                group = (None if distiller.multi_teacher else distiller.teacher_index, trains_teacher(distiller))
+        for key, distiller, group in self._row_distillers if with_distillers else ():
             groups.setdefault(group, []).append(
                 RowTerm(key, distiller.row_loss, distiller.weight, tuple(distiller.parameters())))
         if hard_as_row:
