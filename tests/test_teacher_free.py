@@ -43,6 +43,20 @@ def test_rectified_swaps_the_top_and_true_logits_where_the_teacher_is_wrong():
     assert torch.equal(teacher, original)  # other row terms read the same chunk
 
 
+def loss_and_gradients(trainer, student, batch):
+    """One training ``compute_loss`` and backward: the loss and every student gradient."""
+    student.train()
+    loss = trainer.compute_loss(student, dict(batch))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}
+
+
+def assert_same_loss_and_gradients(fused, plain):
+    torch.testing.assert_close(fused[0], plain[0])
+    for name, grad in plain[1].items():
+        torch.testing.assert_close(fused[1][name], grad, atol=1e-6, rtol=1e-4)
+
+
 def test_kl_with_rectify_is_the_kl_to_the_swapped_teacher():
     student = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, -1.0]])
     teacher = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0]])
@@ -101,14 +115,9 @@ def test_fused_lm_path_equals_the_plain_logits_path_with_rectify(tmp_path):
             distillers=[{"name": "kl", "rectify": True}],
         )
         assert trainer._fused_lm is fused
-        student.train()
-        loss = trainer.compute_loss(student, dict(batch))
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}))
-    (fused_loss, fused_grads), (plain_loss, plain_grads) = results
-    torch.testing.assert_close(fused_loss, plain_loss)
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-4)
+        results.append(loss_and_gradients(trainer, student, batch))
+    assert_same_loss_and_gradients(*results)
+    plain_loss = results[1][0]
 
     student, teacher = llama(seed=1), llama(layers=3, seed=2, initializer_range=0.2)
     with torch.no_grad():
@@ -205,14 +214,9 @@ def test_virtual_teacher_without_a_teacher_takes_the_fused_lm_path(tmp_path):
             distillers=[{"name": "virtual_teacher", "temperature": 2.0}],
         )
         assert trainer._fused_lm is fused
-        student.train()
-        loss = trainer.compute_loss(student, dict(batch))
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}))
-    (fused_loss, fused_grads), (plain_loss, plain_grads) = results
-    torch.testing.assert_close(fused_loss, plain_loss)
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-4)
+        results.append(loss_and_gradients(trainer, student, batch))
+    assert_same_loss_and_gradients(*results)
+    plain_loss = results[1][0]
     with torch.no_grad():
         outputs = llama(seed=1)(**batch)
     view = ModelView(model=None, task="causal_lm", logits=outputs.logits)
