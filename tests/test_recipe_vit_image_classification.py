@@ -44,7 +44,7 @@ def check_results(output_dir: Path, roles=ROLES) -> dict:
         row = results[role]
         assert row["params"] > 0 and row["size_on_disk_bytes"] > 0 and row["latency_ms"] > 0
         assert 0.0 <= row["metrics"]["accuracy"] <= 1.0
-    for role in set(roles) - {"teacher"}:
+    for role in set(roles) & {"baseline", "student"}:
         assert results[role]["train_seconds"] > 0
     assert results["teacher"]["params"] >= 10 * results["student"]["params"]
     assert (output_dir / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -143,3 +143,32 @@ def test_parquet_with_given_teacher_and_student(tmp_path):
                                                                                             "2": "c"}
     with pytest.raises(ValueError, match="no column 'image' .`image_column`"):
         run_recipe(**{**common, "image_column": "image"})
+
+
+def test_assistants_are_prepared_reported_and_distilled_from(tmp_path, monkeypatch):
+    """`assistants=[path]`: the assistant is loaded (its classes match), reported as `assistant_1`, and the student
+    distils from `[teacher, assistant]`: the trainer receives both, and dgkd logs a drop per guide."""
+    first = run_recipe(max_steps=2, output_dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "cache"),
+                       baseline=False, eval_strategy="no")
+    assistant = first["student_path"]  # a trained student-sized model: the assistant of the next run
+    from hf_kd import DistillationTrainer
+
+    received = []
+    init = DistillationTrainer.__init__
+
+    def spy(self, *args, **kwargs):
+        received.append(kwargs["teacher_model"])
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistillationTrainer, "__init__", spy)
+    out = run_recipe(max_steps=2, output_dir=str(tmp_path / "b"), cache_dir=str(tmp_path / "cache"),
+                     eval_strategy="no", logging_steps=1, assistants=[assistant],
+                     distillers=[{"name": "dgkd", "drop_num": 1, "temperature": 4.0}])
+    results = check_results(tmp_path / "b", roles=(*ROLES, "assistant_1"))
+    assert results["assistant_1"]["params"] == results["student"]["params"]
+    assert results["assistant_1"]["name"] == f"assistant_1 ({assistant})"
+    [teachers] = received
+    assert isinstance(teachers, list) and len(teachers) == 2
+    assert teachers[1] is not teachers[0] and out["teacher_path"] == first["teacher_path"]
+    logged = [entry for entry in out["histories"]["distillation"] if "loss" in entry]
+    assert logged and all(e["loss/dgkd/dropped_0"] + e["loss/dgkd/dropped_1"] == 1 for e in logged)

@@ -60,6 +60,12 @@ class RecipeArguments:
         default=None,
         metadata={"help": "Teacher: a Hub id or a local path. None: the recipe's embedded default teacher."},
     )
+    assistants: list[str] = field(
+        default_factory=list,
+        metadata={"help": "More teachers (Hub ids or local paths), each prepared like `teacher` (fine-tuned on the "
+                  "data when its labels differ) and passed after it: `teacher_model=[teacher, *assistants]`, the "
+                  "ensemble of `teacher_aggregation` or the assistants of `dgkd` / `ces_kd`. Empty: one teacher."},
+    )
     student: str | None = field(
         default=None,
         metadata={"help": "Student: a Hub id or a local path. None: built by the recipe from its own spec fields."},
@@ -101,8 +107,11 @@ class RecipeArguments:
     )
 
     def __post_init__(self) -> None:
-        for name in ("teacher", "student", "dataset"):
-            value = getattr(self, name)
+        if isinstance(self.assistants, str):
+            self.assistants = [self.assistants]
+        values = [("teacher", self.teacher), ("student", self.student), ("dataset", self.dataset),
+                  *((f"assistants[{i}]", path) for i, path in enumerate(self.assistants))]
+        for name, value in values:
             if isinstance(value, str) and _looks_like_path(value) and not Path(value).expanduser().exists():
                 raise FileNotFoundError(
                     f"`{name}`={value!r} looks like a local path, and it does not exist (from {Path.cwd()}). Give an "

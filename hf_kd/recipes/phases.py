@@ -90,7 +90,7 @@ def train_model(
     model: nn.Module,
     args: DistillationArguments,
     *,
-    teacher: nn.Module | None = None,
+    teacher: nn.Module | list[nn.Module] | None = None,
     train_dataset: Any,
     eval_dataset: Any,
     compute_metrics: Callable | None,

@@ -35,7 +35,7 @@ class RunOutput(TypedDict):
 
     results: dict[str, ModelResult]  # teacher, baseline (when trained), student
     student: nn.Module  # the distilled student
-    histories: dict[str, list[dict]]  # log history per phase: teacher (trained in this run), baseline, distillation
+    histories: dict[str, list[dict]]  # log history per phase: teachers trained in this run, baseline, distillation
     seconds: dict[str, float]  # wall seconds per phase (the recipe's own, teacher_eval, baseline, distillation), total
     output_dir: str
     teacher_path: str
@@ -69,6 +69,7 @@ def run_recipe(
     notes: Sequence[str] | Callable[[Mapping[str, ModelResult]], Sequence[str]] = (),
     base_model: str | None = None,
     timer: PhaseTimer | None = None,
+    assistants: Sequence[Teacher] = (),
 ) -> RunOutput:
     """Evaluate ``teacher``, train ``baseline`` without distillation, distil ``teacher`` into ``student``, and write
     the results, the history plot and the student with its model card (see the module docstring).
@@ -97,6 +98,8 @@ def run_recipe(
         notes: Lines under the results table, or ``notes(results)`` returning them.
         base_model: The model card's ``base_model`` (a Hub id the student derives from), or None.
         timer: The run's timer, started where the recipe began (its own phases already recorded); None: a new one.
+        assistants: More prepared teachers: evaluated and reported like the teacher (roles ``assistant_<i>``) and
+            distilled from after it, ``teacher_model=[teacher, *assistants]``.
     """
     timer = timer or PhaseTimer()
     if not callable(metrics):
@@ -116,7 +119,7 @@ def run_recipe(
                            extra(model) if extra else {})
 
     def train(role: str, phase: str, model: nn.Module, args: DistillationArguments,
-              distil_from: nn.Module | None) -> Trainer:
+              distil_from: nn.Module | list[nn.Module] | None) -> Trainer:
         """Train ``model`` (plainly, or distilling ``distil_from`` into it), save, evaluate and report it."""
         folder = output_dir / role
         args = phase_arguments(args, output_dir=folder, train_size=len(train_dataset))
@@ -129,13 +132,17 @@ def run_recipe(
         results[role] = result(role, trainer.model, folder, scores, timer.seconds[phase])
         return trainer
 
+    teachers = {"teacher": teacher, **{f"assistant_{i}": a for i, a in enumerate(assistants, 1)}}
+    names.update({role: f"{role} ({t.name})" for role, t in teachers.items() if role not in names})
     with timer.phase("teacher_eval"):
-        results = {"teacher": result("teacher", teacher.model, teacher.path, evaluate(teacher.model, "teacher"),
-                                     teacher.train_seconds)}
-    histories = {"teacher": _with_metrics(teacher.history, metrics)} if teacher.history else {}
+        results = {role: result(role, t.model, t.path, evaluate(t.model, role), t.train_seconds)
+                   for role, t in teachers.items()}
+    histories = {role: _with_metrics(t.history, metrics) for role, t in teachers.items() if t.history}
     if baseline is not None:
         train("baseline", "baseline", baseline, training_args, None)
-    trainer = train("student", "distillation", student, distillation_args or training_args, teacher.model)
+    models = [t.model for t in teachers.values()]
+    trainer = train("student", "distillation", student, distillation_args or training_args,
+                    models if assistants else teacher.model)
 
     seconds = {**timer.seconds, "total": timer.elapsed()}
     lines = [*(notes(results) if callable(notes) else notes),
@@ -144,7 +151,7 @@ def run_recipe(
     json_path, md_path = write_results(output_dir, results, lines)
     plot = plot_history(histories, output_dir / "history.png", plot_metric)
     student_dir = output_dir / "student"
-    card = write_model_card(student_dir, recipe=recipe, teacher=teacher.name, dataset=dataset,
+    card = write_model_card(student_dir, recipe=recipe, teacher=", ".join(t.name for t in teachers.values()), dataset=dataset,
                             distillers=(distillation_args or training_args).distillers or [], results=results,
                             base_model=base_model)
     print(md_path.read_text() + f"\nStudent saved to {student_dir}.")
