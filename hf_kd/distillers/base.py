@@ -27,6 +27,8 @@ Life cycle inside :class:`~hf_kd.DistillationTrainer`:
 them, ``teacher_index`` (default 0; the spec key ``"teacher"``: ``{"name": "kl", "teacher": 1}``), and its
 ``setup`` / ``forward`` receive that teacher / its view. A distiller with ``multi_teacher = True`` (e.g. ATSC) reads
 all of them: ``setup`` receives the list of teachers and ``forward`` the list of their views, in the given order.
+``{"teacher": "all"}`` makes any single-teacher distiller one copy per teacher, losses averaged
+(:mod:`hf_kd.distillers.each_teacher`: e.g. one projector per teacher).
 
 A distiller that keeps state per training sample sets ``needs_sample_index = True``: the trainer then adds an
 index column to the train dataset, hands it to the distillers as ``batch[SAMPLE_INDEX]`` in training batches (never
@@ -115,10 +117,15 @@ def build_distiller(spec: Distiller | Mapping[str, Any]) -> Distiller:
     teacher_index = kwargs.pop("teacher", None)
     if teacher_index is not None and cls.multi_teacher:
         raise ValueError(f"Distiller {name!r} reads every teacher; remove its `teacher` option.")
-    if teacher_index is not None and (not isinstance(teacher_index, int) or teacher_index < 0):
+    if teacher_index == "all":  # one copy per teacher (each_teacher.py)
+        from .each_teacher import EachTeacherDistiller
+
+        return EachTeacherDistiller({"name": name, **kwargs})
+    if teacher_index is not None and (isinstance(teacher_index, bool) or not isinstance(teacher_index, int)
+                                      or teacher_index < 0):
         raise ValueError(
             f"Distiller {name!r}: `teacher` is the position of its teacher in `teacher_model=[...]` (an int >= 0), "
-            f"got {teacher_index!r}."
+            f"or \"all\" for one copy per teacher; got {teacher_index!r}."
         )
     accepted = _init_parameters(cls)
     unknown = sorted(set(kwargs) - accepted)
