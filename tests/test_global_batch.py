@@ -5,6 +5,7 @@ reloads with identical logits. A distiller added to hf_kd later must get a case 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import pytest
@@ -74,9 +75,14 @@ def models_and_data(case: Case):
     return deit(seed=1), vit(layers=2, hidden=16, patch_size=4, seed=2), image_data(n=8)
 
 
-def one_step(name: str, micro_batch: int, output_dir: str, trainer_out: list | None = None):
+def one_step(name: str, micro_batch: int, output_dir: str, trainer_out: list | None = None,
+             each_teacher: bool = False):
+    """One optimizer step of ``name`` on its case; ``each_teacher``: with ``teacher: "all"`` over two copies of the
+    teacher, the second copy of the distiller starting from the first one's state."""
     case = CASES[name]
     student, teacher, data = models_and_data(case)
+    options = {**case.options, "teacher": "all"} if each_teacher else case.options
+    teacher = [teacher, copy.deepcopy(teacher)] if each_teacher else teacher
     args = DistillationArguments(
         output_dir=output_dir, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0,
         max_steps=1, logging_steps=1, per_device_train_batch_size=micro_batch,
@@ -84,7 +90,10 @@ def one_step(name: str, micro_batch: int, output_dir: str, trainer_out: list | N
         lr_scheduler_type="constant", hard_label_weight=case.hard_label_weight, **case.args,
     )
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
-                                  distillers=[{"name": name, **case.options}])
+                                  distillers=[{"name": name, **options}])
+    if each_teacher:
+        copies = trainer.distillers[0].components
+        copies["teacher1"].load_state_dict(copies["teacher0"].state_dict())
     learners = {"student": dict(student.named_parameters()),
                 "distillers": dict(trainer.distillers.named_parameters()),
                 "teacher": trainer._trained_teacher_state()}
@@ -126,6 +135,28 @@ def test_one_step_is_the_same_for_every_split_of_the_global_batch(name, tmp_path
                     f"{group} {param_name}: update differs by {difference / update.norm().clamp_min(1e-12):.2e} "
                     f"for {8 // micro_batch} x {micro_batch}"
                 )
+
+
+READS_ONE_TEACHER = [n for n in BUILTIN if not _REGISTRY[n].multi_teacher
+                     and build_distiller({"name": n, **CASES[n].options}).requires.teacher]
+
+
+@pytest.mark.parametrize("name", READS_ONE_TEACHER)
+def test_each_teacher_over_two_copies_of_the_teacher_is_the_single_teacher_step(name, tmp_path):
+    """``teacher: "all"`` over two identical teachers (the distiller's copies in the same state) logs the
+    single-teacher losses and updates the student as the single-teacher step does."""
+    single_logs, single = one_step(name, 8, str(tmp_path / "one"))
+    logs, updates = one_step(name, 8, str(tmp_path / "all"), each_teacher=True)
+    assert logs["loss"] == pytest.approx(single_logs["loss"], rel=1e-5, abs=1e-6)
+    prefix = f"loss/{name}"
+    assert logs[prefix] == pytest.approx(single_logs[prefix], rel=1e-5, abs=1e-6)
+    for key, value in single_logs.items():  # the term and its sub-terms, once per copy
+        if key.startswith(prefix):
+            for copy_key in (f"{prefix}/teacher0{key[len(prefix):]}", f"{prefix}/teacher1{key[len(prefix):]}"):
+                assert logs[copy_key] == pytest.approx(value, rel=1e-5, abs=1e-6), copy_key
+    for param_name, (update, resolution) in single["student"].items():
+        difference = (updates["student"][param_name][0] - update).norm()
+        assert difference <= 1e-5 * update.norm() + resolution.norm() + 1e-8, param_name
 
 
 @pytest.mark.parametrize("name", BUILTIN)

@@ -6,7 +6,8 @@ different widths and depths serve one representation distiller::
 
     L = (1 / K) * sum_k L_k(student, t_k)
 
-``weight`` (number or schedule) multiplies ``L``; every other option is given to each copy. Logged sub-terms:
+``weight`` (number or schedule; by default the method's own) multiplies ``L``; every other option is given to
+each copy. Logged sub-terms:
 ``<key>/teacher<k>`` (the unweighted ``L_k``) and the copies' own as ``<key>/teacher<k>/<part>``. A teacher only a
 logit distiller could not read (another vocabulary) may serve a representation distiller this way. For logit
 distillers ``teacher_aggregation`` (one target from all teachers, inside the shared row pass and the fused causal-LM
@@ -22,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from ..capture import ModelView
-from .base import build_distiller, weighted_losses
+from .base import Distiller, build_distiller, weighted_losses
 from .composite import CompositeDistiller
 
 ALL_TEACHERS = "all"
@@ -41,10 +42,10 @@ class EachTeacherDistiller(CompositeDistiller):
     multi_teacher = True
 
     def __init__(self, spec: Mapping[str, Any]) -> None:
-        options = dict(spec)
-        weight = options.pop("weight", 1.0)
-        self.spec = options
-        super().__init__({"teacher0": options}, weight=weight)
+        self.spec = {key: value for key, value in spec.items() if key != "weight"}
+        first = build_distiller({**spec, "teacher": 0})
+        weight = first.schedules.get("weight", first.weight)  # the spec's, else the method's default
+        super().__init__({"teacher0": _unweighted(first)}, weight=weight)
         first = self.components["teacher0"]
         if first.multi_teacher:
             raise ValueError(f"Distiller {first.name!r} reads every teacher already; remove its `teacher` option.")
@@ -54,11 +55,10 @@ class EachTeacherDistiller(CompositeDistiller):
 
     def setup(self, student: nn.Module, teachers: Sequence[nn.Module]) -> None:
         for index in range(len(self.components), len(teachers)):
-            copy = build_distiller({**self.spec, "teacher": index})
+            copy = _unweighted(build_distiller({**self.spec, "teacher": index}))
             copy.dataset_size = self.dataset_size
             self.components[f"teacher{index}"] = copy
         for index, copy in enumerate(self.components.values()):
-            copy.teacher_index = index
             copy.setup(student, teachers[index])
 
     def forward(self, student: ModelView, teachers: Sequence[ModelView], batch: Mapping[str, Any]):
@@ -68,3 +68,10 @@ class EachTeacherDistiller(CompositeDistiller):
     def extra_repr(self) -> str:
         return f"weight={self.weight}, teachers={len(self.components)}"
 
+
+
+def _unweighted(copy: Distiller) -> Distiller:
+    """``copy`` with weight 1 (the weight is the :class:`EachTeacherDistiller`'s)."""
+    copy.weight = 1.0
+    copy.schedules.pop("weight", None)
+    return copy

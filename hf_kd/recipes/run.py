@@ -151,7 +151,8 @@ def run_recipe(
     json_path, md_path = write_results(output_dir, results, lines)
     plot = plot_history(histories, output_dir / "history.png", plot_metric)
     student_dir = output_dir / "student"
-    card = write_model_card(student_dir, recipe=recipe, teacher=", ".join(t.name for t in teachers.values()), dataset=dataset,
+    card = write_model_card(student_dir, recipe=recipe, teacher=", ".join(t.name for t in teachers.values()),
+                            dataset=dataset,
                             distillers=(distillation_args or training_args).distillers or [], results=results,
                             base_model=base_model)
     print(md_path.read_text() + f"\nStudent saved to {student_dir}.")
