@@ -47,6 +47,24 @@ class DistillationArguments(TrainingArguments):
         default=None,
         metadata={"help": "dtype the teacher runs in: float32, bfloat16 or float16. None keeps the loaded dtype."},
     )
+    teacher_device: str | None = field(
+        default=None,
+        metadata={"help": "Device the teachers run on, e.g. `cpu` to keep them off the accelerator; their inputs move "
+                  "there and their outputs to the student's device (the fused causal-LM path is then off). None: the "
+                  "training device."},
+    )
+    teacher_sharding: str = field(
+        default="none",
+        metadata={"help": "`none`: every process holds each teacher whole. `fsdp2`: each teacher is sharded over all "
+                  "processes with FSDP2 `fully_shard`, one unit per block (`teacher_shard_modules`), inference only; "
+                  "the student keeps its engine (DDP). A student under FSDP shards the teachers this way whatever "
+                  "this says; under DeepSpeed ZeRO-3 they run in DeepSpeed's ZeRO-3 engine."},
+    )
+    teacher_shard_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Class names of the teacher blocks sharded as one unit each with teacher_sharding=fsdp2. "
+                  "None: the model's `_no_split_modules` (e.g. LlamaDecoderLayer), else its transformer layers."},
+    )
     teacher_learning_rate: float | None = field(
         default=None,
         metadata={
@@ -140,6 +158,19 @@ class DistillationArguments(TrainingArguments):
             raise ValueError(f"`loss_chunk_size` must be a positive number of rows, got {self.loss_chunk_size}.")
         if self.nonfinite_loss not in ("raise", "skip_step"):
             raise ValueError(f"`nonfinite_loss` must be 'raise' or 'skip_step', got {self.nonfinite_loss!r}.")
+        if self.teacher_sharding not in ("none", "fsdp2"):
+            raise ValueError(f"`teacher_sharding` must be 'none' or 'fsdp2', got {self.teacher_sharding!r}.")
+        if self.teacher_sharding == "fsdp2" and self.teacher_device is not None:
+            raise ValueError("`teacher_device` and teacher_sharding='fsdp2' exclude each other: a sharded teacher runs "
+                             "on every process's training device. Keep one of them.")
+        if isinstance(self.teacher_shard_modules, str):
+            self.teacher_shard_modules = [self.teacher_shard_modules]
+        if self.teacher_device is not None:
+            try:
+                torch.device(self.teacher_device)
+            except (RuntimeError, TypeError) as error:
+                raise ValueError(f"`teacher_device` must name a torch device such as 'cpu' or 'cuda:1', got "
+                                 f"{self.teacher_device!r}.") from error
         if self.teacher_dtype is not None and self.teacher_dtype not in _DTYPES:
             raise ValueError(
                 f"`teacher_dtype` must be one of {sorted(_DTYPES)} or None, got {self.teacher_dtype!r}."

@@ -124,15 +124,22 @@ class ModelView:
 
     def detached(self) -> ModelView:
         """The same outputs without autograd history (what a distiller that trains nothing of this model reads)."""
-        def cut(value):
+        return self._mapped(torch.Tensor.detach)
+
+    def to(self, device: torch.device) -> ModelView:
+        """The same outputs on ``device`` (a teacher kept on another device: its outputs where the student is)."""
+        return self._mapped(lambda tensor: tensor.to(device))
+
+    def _mapped(self, function) -> ModelView:
+        def each(value):
             if isinstance(value, torch.Tensor):
-                return value.detach()
-            return tuple(cut(v) for v in value) if isinstance(value, tuple) else value
+                return function(value)
+            return tuple(each(v) for v in value) if isinstance(value, tuple) else value
 
         return replace(
-            self, logits=cut(self.logits), hidden_states=cut(self.hidden_states), attentions=cut(self.attentions),
-            loss=cut(self.loss), head_input=cut(self.head_input),
-            features={spec: cut(value) for spec, value in self.features.items()},
+            self, logits=each(self.logits), hidden_states=each(self.hidden_states), attentions=each(self.attentions),
+            loss=each(self.loss), head_input=each(self.head_input),
+            features={spec: each(value) for spec, value in self.features.items()},
         )
 
 

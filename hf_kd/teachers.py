@@ -28,12 +28,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def prepare_teacher(teacher: nn.Module, accelerator: Accelerator, dtype: torch.dtype | None) -> nn.Module:
-    """Freeze ``teacher``, cast it to ``dtype`` (if given) and place it on the training device(s)."""
+def prepare_teacher(teacher: nn.Module, accelerator: Accelerator, dtype: torch.dtype | None,
+                    device: str | None = None) -> nn.Module:
+    """Freeze ``teacher``, cast it to ``dtype`` (if given) and place it on ``device``, or by default on the
+    training device(s)."""
     if dtype is not None:
         teacher = teacher.to(dtype=dtype)
     teacher.eval()
     teacher.requires_grad_(False)
+    if device is not None:
+        return teacher.to(device)
     return accelerator.prepare_model(teacher, evaluation_mode=True)
 
 
@@ -154,6 +158,9 @@ class TeacherSlot:
         task: Its head (:func:`~hf_kd.capture.task_of`).
         head: Its linear output head when logits are exactly ``head(hidden)`` (the fused causal-LM path), else None.
         accepts: Which batch keys its ``forward`` takes (:func:`~hf_kd.capture.accepted_inputs`).
+        device: Where it runs when that is not the student's device (``teacher_device``): its inputs are moved there
+            and its outputs back to ``student_device``; None: where the student is.
+        student_device: The student's device (where a teacher on ``device`` returns its outputs).
     """
 
     index: int
@@ -167,14 +174,20 @@ class TeacherSlot:
     task: Task
     head: nn.Linear | None
     accepts: Callable[[str], bool]
+    device: torch.device | None = None
+    student_device: torch.device | None = None
 
     @classmethod
     def build(cls, model: nn.Module, index: int, count: int, readers: Sequence[Distiller],
-              trained: Iterable[nn.Parameter]) -> TeacherSlot:
+              trained: Iterable[nn.Parameter], student_device: torch.device, device: str | None = None,
+              fused_head: bool = True) -> TeacherSlot:
         """The slot of the prepared teacher ``model``, teacher ``index`` of ``count``, read by ``readers``;
-        ``trained``: every teacher-side parameter the distillers train."""
+        ``trained``: every teacher-side parameter the distillers train; ``device``: ``teacher_device``;
+        ``fused_head``: whether its head's weight is whole after its forward (not under DeepSpeed ZeRO-3), so that
+        the fused causal-LM path can use it."""
         bare = unwrap(model)
         trained_ids = {id(p) for p in trained}
+        elsewhere = device is not None and torch.device(device) != torch.device(student_device)
         return cls(
             index=index,
             role=teacher_role(index, count),
@@ -185,8 +198,10 @@ class TeacherSlot:
             frozen=not any(id(p) in trained_ids for p in bare.parameters()),
             train_mode=any(d.teacher_train_mode for d in readers),
             task=task_of(bare),
-            head=output_head(bare),
+            head=output_head(bare) if fused_head and not elsewhere else None,
             accepts=accepted_inputs(bare),
+            device=torch.device(device) if elsewhere else None,
+            student_device=torch.device(student_device),
         )
 
     @property
@@ -203,6 +218,8 @@ class TeacherSlot:
             self.model.train(training)
         head = self.head if fused else None
         inputs = {k: v for k, v in batch.items() if self.accepts(k)}
+        if self.device is not None:
+            inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.inference_mode() if self.frozen else contextlib.nullcontext())
             for distiller in self.readers:
@@ -210,5 +227,6 @@ class TeacherSlot:
             captured = stack.enter_context(capture_head_input(head)) if fused else {}
             features = stack.enter_context(capture_features(self.bare, self.features))
             outputs = self.model(**inputs, **flags)
-        return ModelView.from_outputs(self.bare, self.task, outputs, captured.get("input"), head,
+        view = ModelView.from_outputs(self.bare, self.task, outputs, captured.get("input"), head,
                                       features=features, copy=self.frozen)
+        return view if self.device is None else view.to(self.student_device)

@@ -67,6 +67,7 @@ from .normalization import StepBatch, StepCounts, batch_size, denominator, share
 from .progressive import ProgressiveLayerCallback
 from .row_loss import RowTerm, row_losses, rows_from_views
 from .sample_index import with_sample_index
+from .sharding import check_shardable, place_teachers, release, teacher_engine
 from .teachers import TeacherSlot, prepare_teacher, readers_of, teacher_list, teacher_role
 
 logger = logging.getLogger(__name__)
@@ -139,7 +140,8 @@ class DistillationTrainer(Trainer):
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
 
         student = unwrap(self.model)
-        self.teachers = [prepare_teacher(t, self.accelerator, args.teacher_torch_dtype) for t in teachers]
+        self.teachers = [prepare_teacher(t, self.accelerator, args.teacher_torch_dtype, args.teacher_device)
+                         for t in teachers]
         self.teacher = self.teachers[0] if self.teachers else None  # the first (or only) teacher
         bare_teachers = [unwrap(t) for t in self.teachers]
         roles = [("student", student)] + [(teacher_role(i, len(teachers)), t) for i, t in enumerate(bare_teachers)]
@@ -164,7 +166,12 @@ class DistillationTrainer(Trainer):
         for param in self._teacher_params:
             param.requires_grad_(True)
         self._teacher_trained = bool(self._teacher_params)
-        self._slots = [TeacherSlot.build(t, i, len(teachers), readers[i], self._teacher_params)
+        engine = teacher_engine(args.teacher_sharding, self.accelerator)
+        check_shardable(engine, self._teacher_params)
+        self.teachers = place_teachers(self.teachers, engine, self.accelerator, args.teacher_shard_modules)
+        self.teacher = self.teachers[0] if self.teachers else None
+        self._slots = [TeacherSlot.build(t, i, len(teachers), readers[i], self._teacher_params, args.device,
+                                         args.teacher_device, fused_head=engine != "deepspeed")
                        for i, t in enumerate(self.teachers)]
         self._student_task = task_of(student)
         self._fused_lm = (
@@ -258,6 +265,8 @@ class DistillationTrainer(Trainer):
             components["hard"] = student.loss
             total = total + hard_weight * student.loss
         distill_total, values = self._distiller_losses(student, teachers, batch, hard_as_row, not student_only)
+        for slot in self._slots:  # a sharded teacher's gathered root, kept for the fused head path, is freed
+            release(slot.model)
         total = total + scale * distill_total
         components.update({name: value * scale for name, value in values.items()})
         if training:
@@ -429,6 +438,7 @@ class DistillationTrainer(Trainer):
         try:
             metrics = Trainer.evaluate(self, eval_dataset, ignore_keys, metric_key_prefix)
         finally:
+            release(self.teachers[teacher_index])
             self.model, self.model_wrapped = student, wrapped
             self._evaluating_teacher = False
         return metrics

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from conftest import bert, llama, lm_data, text_classification_data  # noqa: E402
 from hf_kd import DistillationArguments, DistillationTrainer  # noqa: E402
 from hf_kd.distillers.base import _REGISTRY  # noqa: E402
+from hf_kd.sharding import local_parameter_share  # noqa: E402
 
 STEPS, GLOBAL_BATCH = 4, 8
 
@@ -28,6 +29,11 @@ CONFIGS = {
     "kl_padded_lm": dict(family="lm", distillers=[{"name": "kl", "temperature": 2.0}]),
     "hidden_states_projector": dict(family="text", distillers=[{"name": "hidden_states", "projector": "linear"}]),
     "atsc_online_teacher": dict(family="text", distillers=[{"name": "atsc"}]),
+    # The teacher sharded over the processes (FSDP2), the student under DDP: the same run as replicated.
+    "sharded_teacher_classifier": dict(family="text", args={"teacher_sharding": "fsdp2"}, distillers=[
+        {"name": "kl", "temperature": 2.0}, {"name": "hidden_states", "projector": "linear"}]),
+    "sharded_teacher_fused_lm": dict(family="lm", args={"teacher_sharding": "fsdp2"},
+                                     distillers=[{"name": "kl", "temperature": 2.0}]),
 }
 RELATIONS = sorted(n for n, c in _REGISTRY.items() if c.family == "relation" and c.__module__.startswith("hf_kd."))
 CONFIGS.update({f"relation_{name}": dict(family="text", distillers=[{"name": name}]) for name in RELATIONS})
@@ -48,7 +54,7 @@ def run(config: str, per_device: int, accumulation: int, output_dir: str) -> dic
         ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None,
         max_steps=STEPS, logging_steps=1, save_strategy="steps", save_steps=STEPS,
         per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
-        optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0,
+        optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, **spec.get("args", {}),
     )
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
                                   distillers=spec["distillers"])
@@ -65,7 +71,18 @@ def run(config: str, per_device: int, accumulation: int, output_dir: str) -> dic
         "checkpoint": saved,
         "processes": trainer.accelerator.num_processes,
         "state_agrees": state_agrees(trainer.distillers.state_dict()),
+        "teacher_shares": every_process(local_parameter_share(trainer.teacher)),
+        "fused": trainer._fused_lm,
     }
+
+
+def every_process(value: float) -> list[float]:
+    """``value`` of every process (``[value]`` without a process group)."""
+    if not torch.distributed.is_initialized():
+        return [value]
+    values = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def state_agrees(state: dict) -> bool:

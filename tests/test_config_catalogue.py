@@ -51,6 +51,9 @@ BAD_ARGUMENTS = [
     ({"hard_label_weight": float("nan")}, r"`hard_label_weight` must be a finite number, got nan"),
     ({"teacher_learning_rate": float("inf")}, r"`teacher_learning_rate` must be a finite number, got inf"),
     ({"nonfinite_loss": "ignore"}, r"`nonfinite_loss` must be 'raise' or 'skip_step'"),
+    ({"teacher_sharding": "zero3"}, r"`teacher_sharding` must be 'none' or 'fsdp2', got 'zero3'"),
+    ({"teacher_sharding": "fsdp2", "teacher_device": "cpu"}, r"`teacher_device` and teacher_sharding='fsdp2' exclude"),
+    ({"teacher_device": "gpu0"}, r"`teacher_device` must name a torch device such as 'cpu' or 'cuda:1', got 'gpu0'"),
 ]
 
 

@@ -1,6 +1,7 @@
 """Two real processes (torchrun, gloo, CPU) give what one process gives on the same global batches: the logged losses,
 the final student, the projector and the teacher-side weights, for logit KD on a classifier and on a padded causal
-LM, hidden states through a projector, ATSC's online teacher, and every relation distiller of the registry. Default
+LM, hidden states through a projector, ATSC's online teacher, every relation distiller of the registry, and a teacher
+sharded over the processes with FSDP2 (``teacher_sharding="fsdp2"``, the fused causal-LM path included). Default
 TrainingArguments (``average_tokens_across_devices=True``); 2 processes x 4 and 2 processes x 2 x accumulation 2 vs
 1 process x 8, or, for relation distillers, vs 1 process running the same micro-batches (distributed_run.REFERENCES).
 """
@@ -65,6 +66,11 @@ def test_two_processes_match_one_process(config, two_process_results, tmp_path, 
         for file, state in reference["checkpoint"].items():
             for name, value in state.items():
                 torch.testing.assert_close(result["checkpoint"][file][name], value, rtol=1e-5, atol=1e-6)
+    if config.startswith("sharded_teacher"):  # each process held half the teacher; one process holds it whole
+        assert all(share <= 0.6 for share in result["teacher_shares"]), result["teacher_shares"]
+        assert reference["teacher_shares"] == [1.0]
+    if config == "sharded_teacher_fused_lm":
+        assert result["fused"] and reference["fused"], "the fused causal-LM path must run with a sharded teacher"
     if config == "hidden_states_projector":
         assert reference["distillers"], "the projector must be trained"
     if config == "atsc_online_teacher":
