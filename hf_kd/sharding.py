@@ -85,7 +85,8 @@ def block_modules(model: nn.Module, class_names: Sequence[str] | None = None) ->
 
 
 def shard_teacher(teacher: nn.Module, device: torch.device, class_names: Sequence[str] | None = None) -> nn.Module:
-    """``teacher`` (frozen, on ``device``) sharded in place over the default process group (module docstring)."""
+    """``teacher`` (frozen, wherever it was loaded) sharded in place over the default process group (module
+    docstring); ``fully_shard`` moves each process's shards to ``device``, so the whole teacher never lands there."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

@@ -29,16 +29,17 @@ logger = logging.getLogger(__name__)
 
 
 def prepare_teacher(teacher: nn.Module, accelerator: Accelerator, dtype: torch.dtype | None,
-                    device: str | None = None) -> nn.Module:
+                    device: str | None = None, place: bool = True) -> nn.Module:
     """Freeze ``teacher``, cast it to ``dtype`` (if given) and place it on ``device``, or by default on the
-    training device(s)."""
+    training device(s); ``place=False`` leaves it where it is (a teacher about to be sharded, whose shards alone
+    move to the device)."""
     if dtype is not None:
         teacher = teacher.to(dtype=dtype)
     teacher.eval()
     teacher.requires_grad_(False)
     if device is not None:
         return teacher.to(device)
-    return accelerator.prepare_model(teacher, evaluation_mode=True)
+    return accelerator.prepare_model(teacher, evaluation_mode=True) if place else teacher
 
 
 def shared_logit_width(student: nn.Module, teacher: nn.Module, tokenizer=None) -> int:

@@ -140,8 +140,10 @@ class DistillationTrainer(Trainer):
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
 
         student = unwrap(self.model)
-        self.teachers = [prepare_teacher(t, self.accelerator, args.teacher_torch_dtype, args.teacher_device)
-                         for t in teachers]
+        engine = teacher_engine(args.teacher_sharding, self.accelerator)  # a sharded teacher never comes whole
+        self.teachers = [prepare_teacher(t, self.accelerator, args.teacher_torch_dtype, args.teacher_device,
+                                         place=engine == "none") for t in teachers]  # to the device
+
         self.teacher = self.teachers[0] if self.teachers else None  # the first (or only) teacher
         bare_teachers = [unwrap(t) for t in self.teachers]
         roles = [("student", student)] + [(teacher_role(i, len(teachers)), t) for i, t in enumerate(bare_teachers)]
@@ -166,7 +168,6 @@ class DistillationTrainer(Trainer):
         for param in self._teacher_params:
             param.requires_grad_(True)
         self._teacher_trained = bool(self._teacher_params)
-        engine = teacher_engine(args.teacher_sharding, self.accelerator)
         check_shardable(engine, self._teacher_params)
         self.teachers = place_teachers(self.teachers, engine, self.accelerator, args.teacher_shard_modules)
         self.teacher = self.teachers[0] if self.teachers else None

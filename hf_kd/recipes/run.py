@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from torch import nn
 from transformers import Trainer
 
@@ -145,20 +147,24 @@ def run_recipe(
                     models if assistants else teacher.model)
 
     seconds = {**timer.seconds, "total": timer.elapsed()}
+    student_dir = output_dir / "student"
     lines = [*(notes(results) if callable(notes) else notes),
              f"Compression: {results['teacher'].params / results['student'].params:.1f}x fewer parameters.",
              "Wall seconds per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + "."]
-    json_path, md_path = write_results(output_dir, results, lines)
-    plot = plot_history(histories, output_dir / "history.png", plot_metric)
-    student_dir = output_dir / "student"
-    card = write_model_card(student_dir, recipe=recipe, teacher=", ".join(t.name for t in teachers.values()),
-                            dataset=dataset,
-                            distillers=(distillation_args or training_args).distillers or [], results=results,
-                            base_model=base_model)
-    print(md_path.read_text() + f"\nStudent saved to {student_dir}.")
+    state = PartialState()
+    reports = None
+    if state.is_main_process:  # several processes (torchrun): the reports are written once
+        json_path, md_path = write_results(output_dir, results, lines)
+        plot = plot_history(histories, output_dir / "history.png", plot_metric)
+        card = write_model_card(student_dir, recipe=recipe, teacher=", ".join(t.name for t in teachers.values()),
+                                dataset=dataset, distillers=(distillation_args or training_args).distillers or [],
+                                results=results, base_model=base_model)
+        print(md_path.read_text() + f"\nStudent saved to {student_dir}.")
+        reports = [str(json_path), str(md_path), str(plot), str(card)]
+    json_path, md_path, plot, card = broadcast_object_list([reports])[0]
     return RunOutput(results=results, student=trainer.model, histories=histories, seconds=seconds,
                      output_dir=str(output_dir), teacher_path=str(teacher.path), student_path=str(student_dir),
-                     results_json=str(json_path), results_md=str(md_path), plot=str(plot), model_card=str(card))
+                     results_json=json_path, results_md=md_path, plot=plot, model_card=card)
 
 
 def _named(names: Sequence[str]) -> Metrics:
