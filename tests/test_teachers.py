@@ -58,7 +58,7 @@ def test_readers_are_computed_once_when_the_trainer_is_built(output_dir):
 def test_a_frozen_slots_view_holds_ordinary_tensors_usable_in_autograd():
     teacher = bert(seed=2, attn_implementation="eager").eval().requires_grad_(False)
     reader = FeatureDistiller("bert.encoder.layer.0.output", "bert.encoder.layer.1.output")
-    slot = TeacherSlot.build(teacher, 0, 1, [reader], trained=())
+    slot = TeacherSlot.build(teacher, 0, 1, [reader], trained=(), student_device=torch.device("cpu"))
     assert slot.frozen and slot.runs and slot.role == "teacher" and slot.task == "classification"
     assert slot.features == (FeatureSpec("bert.encoder.layer.1.output"),)
     inputs = batch()
