@@ -21,6 +21,7 @@ from torch import nn
 from .architecture import Task, accepted_inputs, logits_width, output_head, task_of, unwrap
 from .capture import FeatureSpec, ModelView, capture_features, capture_head_input
 from .distillers.base import ordered_union
+from .sharding import is_sharded
 
 if TYPE_CHECKING:
     from .distillers.base import Distiller
@@ -154,7 +155,7 @@ class TeacherSlot:
         readers: The distillers that read it (:func:`readers_of`).
         features: The submodule outputs its readers capture (the union of their ``teacher_features()``).
         frozen: No parameter of it is trained (no distiller declares one in ``teacher_parameters()``): it runs
-            under ``torch.inference_mode()``.
+            without autograd (:attr:`inference`).
         train_mode: Some reader runs it in train mode (dropout, BN) while training (``teacher_train_mode``).
         task: Its head (:func:`~hf_kd.capture.task_of`).
         head: Its linear output head when logits are exactly ``head(hidden)`` (the fused causal-LM path), else None.
@@ -206,6 +207,13 @@ class TeacherSlot:
         )
 
     @property
+    def inference(self) -> bool:
+        """Whether it runs under ``torch.inference_mode()``: frozen and not sharded (FSDP2 gathers parameters into
+        buffers it updates in place in every later forward, evaluation's ``no_grad`` ones included, which inference
+        tensors refuse), else frozen ones run under ``no_grad``."""
+        return self.frozen and not is_sharded(self.model)
+
+    @property
     def runs(self) -> bool:
         """Whether some distiller reads it; a teacher no distiller reads never runs."""
         return bool(self.readers)
@@ -213,8 +221,8 @@ class TeacherSlot:
     def forward(self, batch: Mapping[str, Any], flags: Mapping[str, bool], fused: bool, training: bool) -> ModelView:
         """Run the teacher on the inputs of ``batch`` it takes, with the output ``flags`` (``output_hidden_states``,
         ``output_attentions``) and its readers' forward contexts, capturing its features (and on the ``fused`` path
-        the input of its head instead of logits). A frozen teacher runs under ``torch.inference_mode()`` and its
-        view holds ordinary copies of the tensors distillers may save for backward."""
+        the input of its head instead of logits). A frozen teacher runs under ``torch.inference_mode()`` (``no_grad``
+        when sharded) and its view holds ordinary copies of the tensors distillers may save for backward."""
         if self.train_mode:
             self.model.train(training)
         head = self.head if fused else None
@@ -222,12 +230,13 @@ class TeacherSlot:
         if self.device is not None:
             inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.inference_mode() if self.frozen else contextlib.nullcontext())
+            stack.enter_context(torch.inference_mode() if self.inference else
+                                torch.no_grad() if self.frozen else contextlib.nullcontext())
             for distiller in self.readers:
                 stack.enter_context(distiller.teacher_forward_context(self.bare, training))
             captured = stack.enter_context(capture_head_input(head)) if fused else {}
             features = stack.enter_context(capture_features(self.bare, self.features))
             outputs = self.model(**inputs, **flags)
         view = ModelView.from_outputs(self.bare, self.task, outputs, captured.get("input"), head,
-                                      features=features, copy=self.frozen)
+                                      features=features, copy=self.inference)
         return view if self.device is None else view.to(self.student_device)

@@ -232,8 +232,9 @@ class DistillationTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        if self._evaluating_teacher:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self._evaluating_teacher:  # the teacher's own loss, per batch as one process computes it: Trainer would
+            # multiply it by the number of processes when given num_items_in_batch, which a classifier's loss ignores
+            return super().compute_loss(model, inputs, return_outputs, None)
         check_batch(inputs, self._position_limits, self.args.hard_label_weight, self._named)
         training = model.training and torch.is_grad_enabled()
         batch = StepBatch(inputs, self._step_counts if training else None)

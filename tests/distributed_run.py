@@ -30,7 +30,8 @@ CONFIGS = {
     "hidden_states_projector": dict(family="text", distillers=[{"name": "hidden_states", "projector": "linear"}]),
     "atsc_online_teacher": dict(family="text", distillers=[{"name": "atsc"}]),
     # The teacher sharded over the processes (FSDP2), the student under DDP: the same run as replicated.
-    "sharded_teacher_classifier": dict(family="text", args={"teacher_sharding": "fsdp2"}, distillers=[
+    "sharded_teacher_classifier": dict(family="text", args={"teacher_sharding": "fsdp2", "teacher_eval_metrics": True},
+                                       evaluate=True, distillers=[
         {"name": "kl", "temperature": 2.0}, {"name": "hidden_states", "projector": "linear"}]),
     "sharded_teacher_fused_lm": dict(family="lm", args={"teacher_sharding": "fsdp2"},
                                      distillers=[{"name": "kl", "temperature": 2.0}]),
@@ -59,6 +60,8 @@ def run(config: str, per_device: int, accumulation: int, output_dir: str) -> dic
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
                                   distillers=spec["distillers"])
     trainer.train()
+    # Evaluation runs the (sharded) teacher too: distiller terms and the teacher's own metrics.
+    metrics = trainer.evaluate(text_classification_data(n=8, seed=7)) if spec.get("evaluate") else {}
     checkpoint = os.path.join(output_dir, f"checkpoint-{STEPS}")
     saved = {name: torch.load(os.path.join(checkpoint, name), weights_only=True)
              for name in ("distillers.pt", "teacher_trained.pt") if os.path.isfile(os.path.join(checkpoint, name))}
@@ -73,6 +76,7 @@ def run(config: str, per_device: int, accumulation: int, output_dir: str) -> dic
         "state_agrees": state_agrees(trainer.distillers.state_dict()),
         "teacher_shares": every_process(local_parameter_share(trainer.teacher)),
         "fused": trainer._fused_lm,
+        "eval": {k: v for k, v in metrics.items() if "loss" in k},
     }
 
 

@@ -62,6 +62,9 @@ def test_two_processes_match_one_process(config, two_process_results, tmp_path, 
             assert result[group].keys() == reference[group].keys()
             for name, value in reference[group].items():
                 torch.testing.assert_close(result[group][name], value, rtol=1e-5, atol=1e-6, msg=f"{where}: {name}")
+        assert result["eval"].keys() == reference["eval"].keys()
+        for key, value in reference["eval"].items():
+            assert result["eval"][key] == pytest.approx(value, rel=1e-5), f"{where}: {key}"
         assert result["checkpoint"].keys() == reference["checkpoint"].keys()
         for file, state in reference["checkpoint"].items():
             for name, value in state.items():
@@ -69,6 +72,8 @@ def test_two_processes_match_one_process(config, two_process_results, tmp_path, 
     if config.startswith("sharded_teacher"):  # each process held half the teacher; one process holds it whole
         assert all(share <= 0.6 for share in result["teacher_shares"]), result["teacher_shares"]
         assert reference["teacher_shares"] == [1.0]
+    if config == "sharded_teacher_classifier":
+        assert {"eval_loss", "eval_loss/kl", "eval_teacher_loss"} <= reference["eval"].keys()
     if config == "sharded_teacher_fused_lm":
         assert result["fused"] and reference["fused"], "the fused causal-LM path must run with a sharded teacher"
     if config == "hidden_states_projector":
