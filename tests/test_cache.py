@@ -1,0 +1,114 @@
+"""The offline teacher cache: cached outputs equal the teacher's, fingerprints follow the inputs, an interrupted
+build resumes where it stopped, a complete cache is reused and one built otherwise refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import default_data_collator
+
+from conftest import bert, frozen, llama, lm_data, text_classification_data
+from hf_kd.cache import METADATA, cache_teacher_outputs, load_teacher_cache
+
+
+def teacher_logits(model, data) -> torch.Tensor:
+    batch = default_data_collator([data[i] for i in range(len(data))])
+    with torch.inference_mode():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+
+def test_classifier_logits_are_the_teachers(tmp_path):
+    teacher, data = frozen(bert()), text_classification_data()
+    cache = cache_teacher_outputs(teacher, data, tmp_path / "cache", values_dtype="float32", batch_size=5)
+    assert len(cache) == len(data)
+    np.testing.assert_allclose(np.array(cache["logits"]), teacher_logits(teacher, data).numpy(), atol=1e-6)
+    _, metadata = load_teacher_cache(tmp_path / "cache")
+    assert metadata["task"] == "classification" and metadata["logits_width"] == 3 and metadata["max_length"] == 12
+
+
+def test_causal_lm_full_logits_at_the_labelled_positions(tmp_path):
+    teacher, data = frozen(llama()), lm_data()
+    cache = cache_teacher_outputs(teacher, data, tmp_path / "cache", top_k=None, values_dtype="float32", batch_size=4)
+    logits = teacher_logits(teacher, data)
+    labels = torch.tensor(data["labels"])
+    for i, row in enumerate(cache):
+        expected = (labels[i, 1:] != -100).nonzero().squeeze(-1)
+        assert row["positions"] == expected.tolist()
+        np.testing.assert_allclose(np.array(row["logits"]), logits[i, expected].numpy(), atol=1e-5)
+    assert len(cache[0]["positions"]) == 7 and len(cache[1]["positions"]) == 11  # row 0 is padded, row 1 is not
+
+
+def test_top_k_values_indices_and_tail(tmp_path):
+    teacher, data = frozen(llama()), lm_data(n=6)
+    cache = cache_teacher_outputs(teacher, data, tmp_path / "cache", top_k=5, values_dtype="float32", batch_size=4)
+    logits = teacher_logits(teacher, data)
+    for i, row in enumerate(cache):
+        full = logits[i, row["positions"]]  # [n, V]
+        top, indices = full.topk(5, dim=-1)
+        assert row["topk_indices"] == indices.tolist()
+        np.testing.assert_allclose(np.array(row["topk_values"]), top.numpy(), atol=1e-5)
+        kept_mass = full.softmax(-1).gather(-1, torch.tensor(row["topk_indices"])).sum(-1)
+        np.testing.assert_allclose(np.exp(np.array(row["tail"])) + kept_mass.numpy(), 1.0, atol=1e-5)
+        assert np.all(np.array(row["tail"]) < 0)
+
+
+def test_fingerprints_follow_the_inputs(tmp_path):
+    teacher, data = frozen(bert()), text_classification_data(n=8)
+    first = cache_teacher_outputs(teacher, data, tmp_path / "a")["fingerprint"]
+    assert cache_teacher_outputs(teacher, data, tmp_path / "b")["fingerprint"] == first
+    ids = [list(row) for row in data["input_ids"]]
+    ids[5][2] = 3 if ids[5][2] != 3 else 4
+    edited = data.remove_columns("input_ids").add_column("input_ids", ids)
+    changed = cache_teacher_outputs(teacher, edited, tmp_path / "c")["fingerprint"]
+    assert [a != b for a, b in zip(first, changed)] == [i == 5 for i in range(8)]
+    assert len(set(first)) == 8 and all(len(f) == 16 for f in first)
+
+
+def count_forwards(model, fail_at: int | None = None) -> list[int]:
+    """Counts ``model``'s forward calls; the ``fail_at``-th call raises (once)."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("interrupted")
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls
+
+
+def test_an_interrupted_build_resumes_after_its_last_shard(tmp_path):
+    data = lm_data(n=14)  # batches of 3: 5 batches, the last one of 2 rows
+    options = dict(top_k=4, batch_size=3, shard_batches=1)
+    reference = cache_teacher_outputs(frozen(llama()), data, tmp_path / "one_go", **options)
+
+    teacher = frozen(llama())
+    calls = count_forwards(teacher, fail_at=3)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        cache_teacher_outputs(teacher, data, tmp_path / "cache", **options)
+    assert not (tmp_path / "cache").exists() and len(calls) == 3
+    assert sorted(p.name for p in (tmp_path / "cache.building").iterdir()) == ["building.json", "shard-00000",
+                                                                               "shard-00001"]
+    resumed = cache_teacher_outputs(teacher, data, tmp_path / "cache", **options)
+    assert len(calls) == 3 + 3  # batches 3, 4 and 5 only
+    assert resumed.to_list() == reference.to_list()
+    assert (tmp_path / "cache" / METADATA).is_file() and not (tmp_path / "cache.building").exists()
+
+
+def test_a_complete_cache_is_reused_and_one_built_otherwise_refused(tmp_path):
+    data = lm_data(n=6)
+    built = cache_teacher_outputs(frozen(llama()), data, tmp_path / "cache", top_k=4)
+    teacher = frozen(llama())
+    calls = count_forwards(teacher)
+    assert cache_teacher_outputs(teacher, data, tmp_path / "cache", top_k=4).to_list() == built.to_list()
+    assert calls == []
+    with pytest.raises(ValueError, match="top_k: cached 4, asked 8"):
+        cache_teacher_outputs(teacher, data, tmp_path / "cache", top_k=8)
+    assert calls == []
+
+
+def test_a_folder_without_metadata_is_not_a_cache(tmp_path):
+    (tmp_path / "half").mkdir()
+    with pytest.raises(ValueError, match="teacher_cache.*cache_teacher_outputs"):
+        load_teacher_cache(tmp_path / "half")
