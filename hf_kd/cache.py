@@ -94,7 +94,7 @@ def _batch_columns(logits: torch.Tensor, batch: dict[str, torch.Tensor], task: s
     """The cache columns of one batch's float32 ``logits`` (one list entry per example)."""
     if task == "classification":
         return {"logits": list(logits.numpy().astype(dtype))}
-    keep = _predicting_positions(batch, logits.shape[1]).cpu()
+    keep = _predicting_positions(batch, logits.shape[1])
     rows = logits[:, :-1][keep]  # [N, V], the examples' kept positions in order
     counts = keep.sum(-1).tolist()
     positions = [row.nonzero().squeeze(-1).numpy().astype(np.int32) for row in keep]
@@ -144,6 +144,7 @@ def cache_teacher_outputs(
     each row's fingerprint covers, by default every column ``teacher.forward`` accepts plus ``labels``. A complete
     cache at ``output_dir`` with the same metadata is loaded without running the teacher; one with other metadata
     is refused. An interrupted build restarted with the same arguments continues after its last complete shard.
+    Run it in one process (the teacher on its own device); training runs then read the folder from every process.
     """
     check_choice("cache_teacher_outputs", "values_dtype", values_dtype, ValuesDtype)
     task = task_of(teacher)
@@ -162,11 +163,12 @@ def cache_teacher_outputs(
                          columns, fingerprints, tokenizer)
 
     output_dir = Path(output_dir)
+    staging = output_dir.parent / f"{output_dir.name}.building"
     if output_dir.exists():
         existing = _existing(output_dir, metadata)
         if existing is not None:
+            shutil.rmtree(staging, ignore_errors=True)  # left when a build stopped between its rename and cleanup
             return existing
-    staging = output_dir.parent / f"{output_dir.name}.building"
     building = {**metadata, "batch_size": batch_size, "shard_batches": shard_batches}
     if not (staging / _BUILDING).is_file() or json.loads((staging / _BUILDING).read_text()) != building:
         shutil.rmtree(staging, ignore_errors=True)  # none, or another build's

@@ -99,10 +99,11 @@ def test_an_interrupted_build_resumes_after_its_last_shard(tmp_path):
 def test_a_complete_cache_is_reused_and_one_built_otherwise_refused(tmp_path):
     data = lm_data(n=6)
     built = cache_teacher_outputs(frozen(llama()), data, tmp_path / "cache", top_k=4)
+    (tmp_path / "cache.building").mkdir()  # as left by a build stopped between its rename and its cleanup
     teacher = frozen(llama())
     calls = count_forwards(teacher)
     assert cache_teacher_outputs(teacher, data, tmp_path / "cache", top_k=4).to_list() == built.to_list()
-    assert calls == []
+    assert calls == [] and not (tmp_path / "cache.building").exists()
     with pytest.raises(ValueError, match="top_k: cached 4, asked 8"):
         cache_teacher_outputs(teacher, data, tmp_path / "cache", top_k=8)
     assert calls == []
@@ -112,3 +113,21 @@ def test_a_folder_without_metadata_is_not_a_cache(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(ValueError, match="teacher_cache.*cache_teacher_outputs"):
         load_teacher_cache(tmp_path / "half")
+
+
+class Vocabulary:
+    """What the cache reads of a tokenizer: its vocabulary."""
+
+    def __init__(self, vocab: dict[str, int]) -> None:
+        self.vocab = vocab
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.vocab
+
+
+def test_the_tokenizer_is_part_of_the_metadata(tmp_path):
+    teacher, data = frozen(bert()), text_classification_data(n=4)
+    cache_teacher_outputs(teacher, data, tmp_path / "cache", tokenizer=Vocabulary({"a": 0, "b": 1}))
+    cache_teacher_outputs(teacher, data, tmp_path / "cache", tokenizer=Vocabulary({"b": 1, "a": 0}))  # same vocab
+    with pytest.raises(ValueError, match="tokenizer_sha256"):
+        cache_teacher_outputs(teacher, data, tmp_path / "cache", tokenizer=Vocabulary({"a": 0, "c": 1}))
