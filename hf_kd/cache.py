@@ -173,7 +173,7 @@ def cache_teacher_outputs(
     if not (staging / _BUILDING).is_file() or json.loads((staging / _BUILDING).read_text()) != building:
         shutil.rmtree(staging, ignore_errors=True)  # none, or another build's
         staging.mkdir(parents=True)
-        (staging / _BUILDING).write_text(json.dumps(building, indent=2))
+        _write_json(staging / _BUILDING, building)
 
     rows_per_shard = batch_size * shard_batches
     num_shards = -(-len(dataset) // rows_per_shard)
@@ -196,10 +196,7 @@ def cache_teacher_outputs(
                     shard[name].extend(values)
                 progress.update()
             shard["fingerprint"] = fingerprints[start:stop]
-            partial = shards[s].with_name(shards[s].name + ".tmp")
-            shutil.rmtree(partial, ignore_errors=True)
-            datasets.Dataset.from_dict(shard, features=features).save_to_disk(str(partial))
-            partial.rename(shards[s])
+            _save_shard(datasets.Dataset.from_dict(shard, features=features), shards[s])
     finally:
         progress.close()
         teacher.train(was_training)
@@ -210,7 +207,7 @@ def cache_teacher_outputs(
     cache = datasets.concatenate_datasets(parts) if parts else datasets.Dataset.from_dict(
         {name: [] for name in features}, features=features)
     cache.save_to_disk(str(complete))
-    (complete / METADATA).write_text(json.dumps(metadata, indent=2))  # last: the folder is now complete
+    _write_json(complete / METADATA, metadata)  # last: the folder is now complete
     if output_dir.exists():
         output_dir.rmdir()  # empty (checked by _existing)
     complete.rename(output_dir)
@@ -234,6 +231,21 @@ def _run(teacher: nn.Module, batch: dict[str, Any], task: str, top_k: int | None
     with torch.inference_mode():
         logits = teacher(**{k: v.to(device) for k, v in model_inputs(batch, teacher).items()}).logits
     return _batch_columns(logits.float().cpu(), batch, task, top_k, dtype)
+
+
+def _save_shard(shard: datasets.Dataset, path: Path) -> None:
+    """``shard`` saved under a temporary name and renamed to ``path``: a shard folder is always complete."""
+    partial = path.with_name(path.name + ".tmp")
+    shutil.rmtree(partial, ignore_errors=True)
+    shard.save_to_disk(str(partial))
+    partial.rename(path)
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    """``value`` written to ``path`` under a temporary name and renamed: the file is whole or absent."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(value, indent=2))
+    partial.replace(path)
 
 
 def _metadata(teacher: nn.Module, dataset: datasets.Dataset, task: str, width: int | None, top_k: int | None,

@@ -90,6 +90,8 @@ def test_an_interrupted_build_resumes_after_its_last_shard(tmp_path):
     assert not (tmp_path / "cache").exists() and len(calls) == 3
     assert sorted(p.name for p in (tmp_path / "cache.building").iterdir()) == ["building.json", "shard-00000",
                                                                                "shard-00001"]
+    (tmp_path / "cache.building" / "shard-00002.tmp").mkdir()  # as a kill while saving a shard leaves it
+    (tmp_path / "cache.building" / "shard-00002.tmp" / "data-00000-of-00001.arrow").write_bytes(b"half")
     resumed = cache_teacher_outputs(teacher, data, tmp_path / "cache", **options)
     assert len(calls) == 3 + 3  # batches 3, 4 and 5 only
     assert resumed.to_list() == reference.to_list()
