@@ -3,13 +3,15 @@
 The public API: the trainer and its arguments, the contract a distiller implements (:class:`Distiller`,
 :class:`Requirements`, :class:`ModelView`, :class:`FeatureSpec`), schedules, callbacks, the registry, and
 :func:`distill_chain` (teacher -> assistants -> student, TAKD), :func:`make_self_teacher` (a teacher of the
-student's own architecture, for teacher-free KD). Distillers are picked by registry name
-(``{"name": "kl", "temperature": 2.0}``); their classes are importable from :mod:`hf_kd.distillers`.
+student's own architecture, for teacher-free KD), :func:`cache_teacher_outputs` (a teacher's outputs saved once,
+to train from with ``teacher_cache=``). Distillers are picked by registry name (``{"name": "kl", "temperature":
+2.0}``); their classes are importable from :mod:`hf_kd.distillers`.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
 from .arguments import DistillationArguments
+from .cache import cache_teacher_outputs
 from .callbacks import DistillationCallback
 from .capture import FeatureSpec, ModelView, Requirements
 from .chain import distill_chain
@@ -37,6 +39,7 @@ __all__ = [
     "Requirements",
     "Schedule",
     "build_distiller",
+    "cache_teacher_outputs",
     "distill_chain",
     "list_distillers",
     "load_atsc_student",

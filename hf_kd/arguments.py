@@ -53,6 +53,11 @@ class DistillationArguments(TrainingArguments):
                   "there and their outputs to the student's device (the fused causal-LM path is then off). None: the "
                   "training device."},
     )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={"help": "Train from an offline teacher cache instead of a teacher: the folder "
+                  "hf_kd.cache.cache_teacher_outputs wrote over the train dataset (logit distillers only)."},
+    )
     teacher_sharding: str = field(
         default="none",
         metadata={"help": "`none`: every process holds each teacher whole. `fsdp2`: each teacher is sharded over all "

@@ -65,7 +65,7 @@ def row_fingerprint(row: dict[str, Any], columns: Sequence[str]) -> str:
     return _sha256({column: row[column] for column in columns})[:16]
 
 
-def _tokenizer_hash(tokenizer: Any) -> str:
+def tokenizer_hash(tokenizer: Any) -> str:
     """sha256 of the tokenizer's sorted vocabulary, or of its ``name_or_path`` and length without ``get_vocab``."""
     if callable(getattr(tokenizer, "get_vocab", None)):
         return _sha256(sorted(tokenizer.get_vocab().items()))
@@ -290,7 +290,7 @@ def _metadata(teacher: nn.Module, dataset: datasets.Dataset, task: str, width: i
         "num_rows": len(dataset),
         "dataset_fingerprint": _sha256(fingerprints),
         "max_length": max(lengths, default=None),
-        "tokenizer_sha256": None if tokenizer is None else _tokenizer_hash(tokenizer),
+        "tokenizer_sha256": None if tokenizer is None else tokenizer_hash(tokenizer),
     }
 
 

@@ -30,6 +30,7 @@ from transformers.utils import ModelOutput
 
 from .architecture import SAMPLE_INDEX, accepted_inputs, output_head, task_of, unwrap
 from .arguments import DEFAULT_DISTILLERS, DistillationArguments
+from .cache_slot import CacheSlot, check_cache, open_cache, refuse_uncached
 from .callbacks import StepCallback
 from .capture import ModelView, Requirements, capture_features, capture_head_input
 from .checkpoints import (
@@ -87,6 +88,8 @@ class DistillationTrainer(Trainer):
             may declare teacher-side parameters to train (``Distiller.teacher_parameters``).
         args: ``DistillationArguments`` (``hard_label_weight``, ``distillers``, ``teacher_dtype``, ...).
         distillers: ``Distiller`` instances or dicts ``{"name": ..., **options}``; overrides ``args.distillers``.
+        teacher_cache: Instead of ``teacher_model``: the folder (or dataset) ``hf_kd.cache.cache_teacher_outputs``
+            wrote over ``train_dataset``; the teacher never runs (``args.teacher_cache`` gives it too).
         **kwargs: Every other ``Trainer`` argument (``train_dataset``, ``eval_dataset``, ``processing_class``,
             ``data_collator``, ``compute_metrics``, ``callbacks``, ``optimizers``, ...).
     """
@@ -97,6 +100,7 @@ class DistillationTrainer(Trainer):
         teacher_model: nn.Module | Sequence[nn.Module] | None = None,
         args: DistillationArguments | None = None,
         distillers: Sequence[Distiller | Mapping[str, Any]] | None = None,
+        teacher_cache: str | Any | None = None,
         **kwargs: Any,
     ) -> None:
         if args is None:
@@ -120,17 +124,24 @@ class DistillationTrainer(Trainer):
         self.requirements = functools.reduce(operator.or_, (d.requires for d in self.distillers),
                                              Requirements(teacher=False))
         teachers = teacher_list(teacher_model)
+        teacher_cache = teacher_cache if teacher_cache is not None else args.teacher_cache
+        if teacher_cache is not None and teachers:
+            raise ValueError("Give `teacher_model` or `teacher_cache`, not both: a cached run never runs the teacher.")
+        cache = open_cache(teacher_cache) if teacher_cache is not None else None
+        if cache is not None:
+            refuse_uncached(self._named)
         if model is not None and any(t is model for t in teachers):
             raise ValueError(
                 "The student (`model`) and a teacher (`teacher_model`) are the same object. The teacher is frozen in "
                 "place, so the student would not train. Pass a separate teacher: load it again with from_pretrained, "
                 "or copy.deepcopy(student) before distilling."
             )
-        check_teacher_indices(self._named, len(teachers))
+        check_teacher_indices(self._named, len(teachers) or int(cache is not None))
         if args.hard_label_weight == 0 and all(d.weight == 0 and "weight" not in d.schedules for d in self.distillers):
             logger.warning("hard_label_weight is 0 and every distiller's weight is 0: the loss is 0 and the student "
                            "gets no gradient. Give hard_label_weight or some distiller a positive weight.")
         self._index_readers = [key for key, d in self._named if d.needs_sample_index]
+        self._index_readers += ["teacher_cache"] if cache is not None else []
         if self._index_readers:
             kwargs["train_dataset"] = with_sample_index(kwargs.get("train_dataset"), self._index_readers)
             for distiller in self.distillers:
@@ -174,13 +185,18 @@ class DistillationTrainer(Trainer):
         self._slots = [TeacherSlot.build(t, i, len(teachers), readers[i], self._teacher_params, args.device,
                                          args.teacher_device, fused_head=engine != "deepspeed")
                        for i, t in enumerate(self.teachers)]
+        self._cached = cache is not None
+        if cache is not None:
+            rows, metadata = cache
+            check_cache(metadata, rows, self.train_dataset, student, self.processing_class)
+            self._slots = [CacheSlot.build(rows, metadata, readers_of(self.distillers, 0), args.device)]
         self._student_task = task_of(student)
         self._fused_lm = (
             args.fused_lm_loss
             and bool(self._slots or self._row_distillers)  # a teacher, or row terms that read none
             and self._student_task == "causal_lm"
             and output_head(student) is not None
-            and all(slot.head is not None for slot in self._slots)
+            and all(slot.head is not None or getattr(slot, "cached", False) for slot in self._slots)
             and not self._teacher_trained
             and not any(d.requires.logits for _, d in self._other_distillers)
         )
@@ -246,7 +262,7 @@ class DistillationTrainer(Trainer):
             self._fused_checked = True
             self._fused_lm = check_fused_path(
                 [("student", unwrap(model), self._student_inputs),
-                 *((slot.role, slot.bare, slot.accepts) for slot in self._slots if slot.runs)], batch)
+                 *((slot.role, slot.bare, slot.accepts) for slot in self._slots if slot.runs and slot.bare)], batch)
         fused = self._fused_lm and training
         hard_weight = self.args.hard_label_weight
         # In evaluation the student's own loss is computed whatever its weight: it is the reported eval_loss.
@@ -257,7 +273,9 @@ class DistillationTrainer(Trainer):
             model, batch, fused, want_hard and not hard_as_row, num_items_in_batch, scale
         )
         # Evaluation without distiller terms (predict(), or eval_distillation_losses=False): the student alone.
-        student_only = not model.training and (self._student_only or not self.args.eval_distillation_losses)
+        # A cache covers the train rows: evaluation with it runs the student alone too.
+        student_only = not model.training and (self._student_only or not self.args.eval_distillation_losses
+                                                or self._cached)
         teachers = [slot.forward(batch, self._flags, fused, training) if slot.runs and not student_only else None
                     for slot in self._slots]
 

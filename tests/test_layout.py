@@ -70,8 +70,9 @@ def test_no_module_imports_private_names_of_another(path):
 
 PUBLIC_API = {
     "DistillationArguments", "DistillationCallback", "DistillationTrainer", "Distiller", "FeatureSpec", "ModelView",
-    "ProgressiveLayerCallback", "ProgressiveLayers", "Requirements", "Schedule", "build_distiller", "distill_chain",
-    "list_distillers", "load_atsc_student", "make_self_teacher", "register_distiller",
+    "ProgressiveLayerCallback", "ProgressiveLayers", "Requirements", "Schedule", "build_distiller",
+    "cache_teacher_outputs", "distill_chain", "list_distillers", "load_atsc_student", "make_self_teacher",
+    "register_distiller",
 }
 
 

@@ -1,0 +1,138 @@
+"""The teacher of a run that reads an offline cache (``teacher_cache=``): no model, the teacher view of a batch made
+from the cache rows of its samples.
+
+Rows are matched by the train dataset's sample index (:mod:`hf_kd.sample_index`), so any sampler order, any number
+of epochs and a resumed run read the right row; before training :func:`check_cache` compares every train row's
+fingerprint with the cache's, so a cache of other data, tokenization or truncation is refused. The view holds the
+teacher's logits (:func:`~hf_kd.cache.dense_logits` for a top-k cache), so every logit distiller and the fused
+causal-LM path of the student read it as they read a live teacher; distillers that need more than the teacher's
+logits are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from torch import nn
+
+from .architecture import SAMPLE_INDEX, Task, logits_width
+from .cache import dense_logits, load_teacher_cache, row_fingerprint, tokenizer_hash
+from .capture import ModelView
+
+
+def open_cache(cache: str | Path | datasets.Dataset) -> tuple[datasets.Dataset, dict[str, Any]]:
+    """The rows and metadata of ``teacher_cache``: a folder written by ``cache_teacher_outputs``, or the dataset it
+    returned (its folder is where its Arrow files are)."""
+    if isinstance(cache, datasets.Dataset):
+        if not cache.cache_files:
+            raise ValueError("`teacher_cache` is an in-memory dataset; pass the folder cache_teacher_outputs wrote "
+                             "(or the dataset it returned).")
+        cache = Path(cache.cache_files[0]["filename"]).parent
+    return load_teacher_cache(cache)
+
+
+def check_cache(metadata: Mapping[str, Any], rows: datasets.Dataset, train_dataset: Any, student: nn.Module,
+                tokenizer: Any = None) -> None:
+    """The cache was built for this training data, tokenizer and student head; else an error naming
+    ``teacher_cache`` and what differs."""
+    width = logits_width(student)
+    if metadata["logits_width"] != width:
+        raise ValueError(f"`teacher_cache` holds logits of width {metadata['logits_width']} and the student has "
+                         f"{width}; build the cache with a teacher of the student's classes / vocabulary.")
+    if tokenizer is not None and metadata.get("tokenizer_sha256") not in (None, tokenizer_hash(tokenizer)):
+        raise ValueError("`teacher_cache` was built with another tokenizer than this trainer's processing_class; "
+                         "rebuild it with cache_teacher_outputs(..., tokenizer=<this tokenizer>).")
+    if train_dataset is None or len(train_dataset) != metadata["num_rows"]:
+        raise ValueError(f"`teacher_cache` holds {metadata['num_rows']} rows and the train dataset has "
+                         f"{None if train_dataset is None else len(train_dataset)}; the cache must be built over "
+                         "this train dataset, in its order.")
+    plain = train_dataset.with_format(None) if isinstance(train_dataset, datasets.Dataset) else train_dataset
+    columns = metadata["fingerprint_columns"]
+    for index, (row, fingerprint) in enumerate(zip(plain, rows["fingerprint"], strict=True)):
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise ValueError(f"`teacher_cache` was built from rows with columns {columns}; the train dataset lacks "
+                             f"{missing}.")
+        if row_fingerprint(row, columns) != fingerprint:
+            raise ValueError(
+                f"`teacher_cache` does not match train row {index}: its inputs ({', '.join(columns)}) differ from "
+                "the ones the cache was built from (other data, order, tokenization or max_length). Rebuild it with "
+                "cache_teacher_outputs over this train dataset."
+            )
+
+
+def refuse_uncached(named: Sequence[tuple[str, nn.Module]]) -> None:
+    """Only distillers that read the teacher's logits alone can train from a cache."""
+    for key, distiller in named:
+        if not distiller.requires.teacher:
+            continue
+        needs = [what for what, on in (("hidden states", distiller.requires.hidden_states),
+                                       ("attention maps", distiller.requires.attentions),
+                                       ("module features", bool(distiller.teacher_features())),
+                                       ("several teachers", distiller.multi_teacher),
+                                       ("trainable teacher parameters", bool(list(distiller.teacher_parameters()))))
+                 if on]
+        if needs or not hasattr(distiller, "row_loss"):
+            what = ", ".join(needs) or "more than its logits"
+            raise ValueError(f"Distiller {key!r} reads the teacher's {what}, which `teacher_cache` does not hold (it "
+                             "holds logits); train it with teacher_model=..., or leave it out of this run.")
+
+
+@dataclass(eq=False)
+class CacheSlot:
+    """The one teacher slot of a cached run, with :class:`~hf_kd.teachers.TeacherSlot`'s interface: it never runs a
+    model (``model`` and ``bare`` are None), and :meth:`forward` reads the batch's rows."""
+
+    readers: tuple[nn.Module, ...]
+    rows: datasets.Dataset
+    task: Task
+    width: int
+    top_k: int | None
+    device: torch.device
+    index: int = 0
+    role: str = "teacher (cache)"
+    model: None = None
+    bare: None = None
+    head: None = None
+    cached: bool = True
+
+    @classmethod
+    def build(cls, rows: datasets.Dataset, metadata: Mapping[str, Any], readers: Sequence[nn.Module],
+              device: torch.device) -> CacheSlot:
+        columns = ["logits"] if metadata["task"] == "classification" or metadata["top_k"] is None else [
+            "topk_values", "topk_indices", "tail"]
+        if metadata["task"] == "causal_lm":
+            columns.append("positions")
+        return cls(tuple(readers), rows.with_format("torch", columns=columns), metadata["task"],
+                   metadata["logits_width"], metadata["top_k"], device)
+
+    @property
+    def runs(self) -> bool:
+        return bool(self.readers)
+
+    def forward(self, batch: Mapping[str, Any], flags: Mapping[str, bool], fused: bool, training: bool) -> ModelView:
+        if SAMPLE_INDEX not in batch:
+            raise ValueError("A cached teacher is read by the train rows' sample index; this batch has none (an "
+                             "evaluation batch: evaluation with teacher_cache runs the student alone).")
+        entries = self.rows[batch[SAMPLE_INDEX].tolist()]
+        if self.task == "classification":
+            return ModelView(model=None, task=self.task, logits=entries["logits"].float().to(self.device))
+        mask = batch.get("attention_mask")
+        if mask is not None and bool((mask[:, 0] == 0).any()):
+            raise ValueError("A causal-LM `teacher_cache` stores positions of right-padded rows, and this batch is "
+                             "left-padded: train with tokenizer.padding_side='right' (as the cache was built).")
+        length = batch["input_ids"].shape[1]
+        logits = torch.zeros(len(entries["positions"]), length, self.width, device=self.device)
+        for row, positions in enumerate(entries["positions"]):
+            if self.top_k is None:
+                values = entries["logits"][row].float()
+            else:
+                values = dense_logits(entries["topk_values"][row], entries["topk_indices"][row],
+                                      entries["tail"][row], self.width)
+            logits[row, positions.long()] = values.to(self.device)
+        return ModelView(model=None, task=self.task, logits=logits)

@@ -1,0 +1,100 @@
+"""Training from an offline teacher cache (``teacher_cache=``): exactly the live-teacher run when the cache holds
+full float32 logits (classifier, and causal LM on the fused path, several shuffled epochs), a resumed run continues
+exactly, and caches of other data or heads, and distillers that need more than logits, are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import bert, llama, lm_data, text_classification_data, training_args
+from hf_kd import DistillationTrainer
+from hf_kd.cache import cache_teacher_outputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KL = [{"name": "kl", "temperature": 2.0}]
+
+
+def run(tmp_path, name, student, data, teacher=None, cache=None, distillers=KL, resume=None, **overrides):
+    args = training_args(tmp_path / name, **{"num_train_epochs": 2, "per_device_train_batch_size": 4,
+                                             "gradient_accumulation_steps": 2, "logging_steps": 1, "seed": 0,
+                                             "learning_rate": 1e-2, **overrides})
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, teacher_cache=cache, args=args,
+                                  train_dataset=data, distillers=distillers)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, [{k: v for k, v in log.items() if k.startswith("loss")} for log in trainer.state.log_history
+                     if "loss" in log]
+
+
+def assert_same(live, cached):
+    (live_trainer, live_logs), (cached_trainer, cached_logs) = live, cached
+    assert len(live_logs) == len(cached_logs) > 2
+    for want, got in zip(live_logs, cached_logs):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    for (name, want), got in zip(live_trainer.model.named_parameters(), cached_trainer.model.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_float32_cache_trains_a_classifier_exactly_as_the_live_teacher(tmp_path):
+    data, teacher = text_classification_data(n=24), bert(layers=3, hidden=48, seed=2)
+    cache = cache_teacher_outputs(teacher, data, tmp_path / "cache", values_dtype="float32")
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    cached = run(tmp_path, "cached", bert(seed=1), data, cache=cache)
+    assert calls == []  # the teacher never ran
+    assert_same(run(tmp_path, "live", bert(seed=1), data, teacher=teacher), cached)
+
+
+def test_a_full_cache_trains_a_causal_lm_on_the_fused_path_exactly(tmp_path):
+    data, teacher = lm_data(n=16), llama(layers=3, hidden=48, seed=2)
+    cache_teacher_outputs(teacher, data, tmp_path / "cache", top_k=None, values_dtype="float32")
+    cached = run(tmp_path, "cached", llama(seed=1), data, cache=str(tmp_path / "cache"))
+    live = run(tmp_path, "live", llama(seed=1), data, teacher=teacher)
+    assert cached[0]._fused_lm and live[0]._fused_lm
+    assert_same(live, cached)
+
+
+def test_a_top_k_cache_approaches_the_live_teacher_as_k_grows(tmp_path):
+    """The first step's kl from a top-k + tail cache (V = 97) nears the live value as k grows."""
+    data, teacher = lm_data(n=16), llama(layers=3, hidden=48, seed=2)
+    _, live = run(tmp_path, "live", llama(seed=1), data, teacher=teacher, max_steps=1)
+    errors = []
+    for k in (8, 32, 80):
+        cache_teacher_outputs(teacher, data, tmp_path / f"cache{k}", top_k=k, values_dtype="float32")
+        _, cached = run(tmp_path, f"cached{k}", llama(seed=1), data, cache=str(tmp_path / f"cache{k}"), max_steps=1)
+        errors.append(abs(cached[0]["loss/kl"] - live[0]["loss/kl"]))
+    assert errors[0] > errors[1] > errors[2] > 0, errors
+
+
+def test_a_cached_run_resumes_exactly(tmp_path):
+    data, teacher = text_classification_data(n=24), bert(layers=3, hidden=48, seed=2)
+    cache_teacher_outputs(teacher, data, tmp_path / "cache", values_dtype="float32")
+    options = dict(cache=str(tmp_path / "cache"), save_strategy="steps", save_steps=2)
+    straight = run(tmp_path, "straight", bert(seed=1), data, **options)
+    run(tmp_path, "resumed", bert(seed=1), data, **options)
+    resumed = run(tmp_path, "resumed", bert(seed=1), data, resume=str(tmp_path / "resumed" / "checkpoint-2"),
+                  **options)
+    assert_same((straight[0], straight[1][2:]), (resumed[0], resumed[1][-len(straight[1][2:]):]))
+
+
+def test_caches_that_do_not_fit_the_run_are_refused(tmp_path):
+    data, teacher = text_classification_data(n=24), bert(layers=3, hidden=48, seed=2)
+    cache = str(tmp_path / "cache")
+    cache_teacher_outputs(teacher, data, cache)
+    args = training_args(tmp_path / "x", max_steps=1)
+    other = text_classification_data(n=24, seed=9)
+    with pytest.raises(ValueError, match=r"`teacher_cache` does not match train row 0: its inputs"):
+        DistillationTrainer(model=bert(seed=1), teacher_cache=cache, args=args, train_dataset=other)
+    with pytest.raises(ValueError, match=r"`teacher_cache` holds 24 rows and the train dataset has 12"):
+        DistillationTrainer(model=bert(seed=1), teacher_cache=cache, args=args, train_dataset=data.select(range(12)))
+    with pytest.raises(ValueError, match=r"`teacher_cache` holds logits of width 3 and the student has 5"):
+        DistillationTrainer(model=bert(seed=1, num_labels=5), teacher_cache=cache, args=args, train_dataset=data)
+    with pytest.raises(ValueError, match=r"'hidden_states' reads the teacher's hidden states, which `teacher_cache`"):
+        DistillationTrainer(model=bert(seed=1), teacher_cache=cache, args=args, train_dataset=data,
+                            distillers=[{"name": "kl"}, {"name": "hidden_states"}])
+    with pytest.raises(ValueError, match="Give `teacher_model` or `teacher_cache`, not both"):
+        DistillationTrainer(model=bert(seed=1), teacher_model=teacher, teacher_cache=cache, args=args,
+                            train_dataset=data)
