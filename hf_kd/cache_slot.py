@@ -75,7 +75,8 @@ def refuse_uncached(named: Sequence[tuple[str, nn.Module]]) -> None:
                                        ("attention maps", distiller.requires.attentions),
                                        ("module features", bool(distiller.teacher_features())),
                                        ("several teachers", distiller.multi_teacher),
-                                       ("trainable teacher parameters", bool(list(distiller.teacher_parameters()))))
+                                       ("trainable teacher parameters", bool(list(distiller.teacher_parameters()))
+                                        or distiller.family == "online"))
                  if on]
         if needs or not hasattr(distiller, "row_loss"):
             what = ", ".join(needs) or "more than its logits"

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_global_batch import BUILTIN, CASES
 
 from conftest import bert, llama, lm_data, text_classification_data, training_args
-from hf_kd import DistillationTrainer
+from hf_kd import DistillationTrainer, build_distiller
 from hf_kd.cache import cache_teacher_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,3 +99,28 @@ def test_caches_that_do_not_fit_the_run_are_refused(tmp_path):
     with pytest.raises(ValueError, match="Give `teacher_model` or `teacher_cache`, not both"):
         DistillationTrainer(model=bert(seed=1), teacher_model=teacher, teacher_cache=cache, args=args,
                             train_dataset=data)
+
+
+def cacheable() -> list[str]:
+    """Every built-in distiller a cache can serve: those reading the teacher's logits alone."""
+    from hf_kd.cache_slot import refuse_uncached
+
+    names = []
+    for name in BUILTIN:
+        distiller = build_distiller({"name": name, **CASES[name].options})
+        try:
+            refuse_uncached([(name, distiller)])
+        except ValueError:
+            continue
+        if distiller.requires.teacher:
+            names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("name", cacheable())
+def test_every_cacheable_distiller_trains_from_a_full_cache_as_from_the_teacher(name, tmp_path):
+    data, teacher = lm_data(n=16), llama(layers=3, hidden=48, seed=2)
+    cache_teacher_outputs(teacher, data, tmp_path / "cache", top_k=None, values_dtype="float32")
+    distillers = [{"name": name, **CASES[name].options}]
+    cached = run(tmp_path, "cached", llama(seed=1), data, cache=str(tmp_path / "cache"), distillers=distillers)
+    assert_same(run(tmp_path, "live", llama(seed=1), data, teacher=teacher, distillers=distillers), cached)
