@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +53,8 @@ def worker(cli: argparse.Namespace) -> None:
     """One process of one setting: train, then write this process's figures to ``cli.out.<rank>``."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TrainerCallback
+    from step_times import StepTimes
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from hf_kd import DistillationArguments, DistillationTrainer
     from hf_kd.sharding import local_parameter_share
@@ -70,19 +69,13 @@ def worker(cli: argparse.Namespace) -> None:
     world = int(os.environ["WORLD_SIZE"])
     ids = torch.randint(0, vocab, (cli.batch * world * cli.steps, cli.block)).tolist()
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
-    times: list[float] = []
     memory: dict[str, int] = {}
 
-    class Probe(TrainerCallback):
+    class Probe(StepTimes):
         def on_train_begin(self, args, state, control, **kwargs):
             memory["rss_before_training"] = status("VmRSS")
             Path("/proc/self/clear_refs").write_text("5")  # reset the peak mark
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            now = time.perf_counter()
-            times.append(now - self.start)
-            self.start = now
+            super().on_train_begin(args, state, control, **kwargs)
 
         def on_train_end(self, args, state, control, **kwargs):
             memory["peak_rss_training"] = status("VmHWM")
@@ -92,13 +85,14 @@ def worker(cli: argparse.Namespace) -> None:
             output_dir=output_dir, report_to=[], use_cpu=True, ddp_backend="gloo", disable_tqdm=True,
             save_strategy="no", max_steps=cli.steps, per_device_train_batch_size=cli.batch, logging_steps=1,
             learning_rate=1e-4, teacher_sharding=cli.worker, distillers=[{"name": "kl", "temperature": 2.0}])
+        probe = Probe()
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
-                                      callbacks=[Probe()])
+                                      callbacks=[probe])
         share = local_parameter_share(trainer.teacher)
         teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
         trainer.train()
     figures = {"teacher_param_bytes": share * teacher_bytes, "teacher_share": share, "fused": trainer._fused_lm,
-               "step_s": statistics.median(times[cli.warmup:]), **memory}
+               "step_s": probe.median(cli.warmup), **memory}
     Path(f"{cli.out}.{os.environ['RANK']}").write_text(json.dumps(figures))
 
 

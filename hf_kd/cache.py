@@ -9,7 +9,8 @@ task_of`):
 - causal LMs: one entry per *predicting* position ``t`` (its logits predict token ``t + 1``), kept where the shifted
   ``labels[t + 1] != -100`` (without labels: where ``attention_mask[t + 1] == 1``). ``positions`` ``[n]`` (int32,
   ``t`` in the row as the collator produced it), and with ``top_k = k``: ``topk_values`` ``[n, k]`` (the ``k``
-  largest raw logits, descending, ``values_dtype``), ``topk_indices`` ``[n, k]`` (int32) and ``tail`` ``[n]``
+  largest raw logits, descending, ``values_dtype``), ``topk_indices`` ``[n, k]`` (uint16 up to a 65,536-token
+  vocabulary, else int32: :func:`index_dtype`) and ``tail`` ``[n]``
   (float32, the log of the probability mass outside the top ``k`` at temperature 1, see :func:`tail_log_mass`);
   with ``top_k = None``: ``logits`` ``[n, V]``, the full logits;
 - every row: ``fingerprint``, the first 16 hex digits of the sha256 of the row's input columns in canonical JSON
@@ -123,21 +124,28 @@ def _batch_columns(logits: torch.Tensor, batch: dict[str, torch.Tensor], task: s
         values = {"logits": rows.numpy().astype(dtype)}
     else:
         top, indices = rows.topk(top_k, dim=-1)
-        values = {"topk_values": top.numpy().astype(dtype), "topk_indices": indices.numpy().astype(np.int32),
+        values = {"topk_values": top.numpy().astype(dtype),
+                  "topk_indices": indices.numpy().astype(index_dtype(logits.shape[-1])),
                   "tail": tail_log_mass(rows, indices).numpy()}
     columns: dict[str, list[np.ndarray]] = {name: np.split(array, np.cumsum(counts)[:-1])
                                             for name, array in values.items()}
     return {**columns, "positions": positions}
 
 
-def _features(task: str, top_k: int | None, values_dtype: str) -> datasets.Features:
+def index_dtype(width: int) -> str:
+    """Token ids of a vocabulary of ``width``: ``uint16`` up to 65,536 (2 bytes per id), else ``int32``."""
+    return "uint16" if width <= 2 ** 16 else "int32"
+
+
+def _features(task: str, top_k: int | None, values_dtype: str, width: int) -> datasets.Features:
     rows = datasets.List(datasets.List(datasets.Value(values_dtype)))
     if task == "classification":
         columns = {"logits": datasets.List(datasets.Value(values_dtype))}
     elif top_k is None:
         columns = {"logits": rows, "positions": datasets.List(datasets.Value("int32"))}
     else:
-        columns = {"topk_values": rows, "topk_indices": datasets.List(datasets.List(datasets.Value("int32"))),
+        columns = {"topk_values": rows,
+                   "topk_indices": datasets.List(datasets.List(datasets.Value(index_dtype(width)))),
                    "tail": datasets.List(datasets.Value("float32")),
                    "positions": datasets.List(datasets.Value("int32"))}
     return datasets.Features({**columns, "fingerprint": datasets.Value("string")})
@@ -200,7 +208,7 @@ def cache_teacher_outputs(
     num_shards = -(-len(dataset) // rows_per_shard)
     shards = [staging / f"shard-{s:05d}" for s in range(num_shards)]
     done = next((s for s, shard in enumerate(shards) if not shard.is_dir()), num_shards)
-    features = _features(task, metadata["top_k"], values_dtype)
+    features = _features(task, metadata["top_k"], values_dtype, width)
     collate = data_collator or default_data_collator
     examples = dataset.select_columns(inputs)
     num_batches = -(-len(dataset) // batch_size)
