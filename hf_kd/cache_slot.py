@@ -128,12 +128,13 @@ class CacheSlot:
             raise ValueError("A causal-LM `teacher_cache` stores positions of right-padded rows, and this batch is "
                              "left-padded: train with tokenizer.padding_side='right' (as the cache was built).")
         length = batch["input_ids"].shape[1]
-        logits = torch.zeros(len(entries["positions"]), length, self.width, device=self.device)
-        for row, positions in enumerate(entries["positions"]):
-            if self.top_k is None:
-                values = entries["logits"][row].float()
-            else:
-                values = dense_logits(entries["topk_values"][row], entries["topk_indices"][row],
-                                      entries["tail"][row], self.width)
-            logits[row, positions.long()] = values.to(self.device)
+        positions = entries["positions"]  # per sample: the predicting positions it has cached rows for
+        samples = torch.repeat_interleave(torch.arange(len(positions)), torch.tensor([len(p) for p in positions]))
+        if self.top_k is None:
+            values = torch.cat(list(entries["logits"])).float()
+        else:
+            values = dense_logits(torch.cat(list(entries["topk_values"])), torch.cat(list(entries["topk_indices"])),
+                                  torch.cat(list(entries["tail"])), self.width)
+        logits = torch.zeros(len(positions), length, self.width, device=self.device)
+        logits[samples.to(self.device), torch.cat(list(positions)).long().to(self.device)] = values.to(self.device)
         return ModelView(model=None, task=self.task, logits=logits)
