@@ -82,7 +82,7 @@ def nonfinite_cause(student: ModelView, slots: Sequence[TeacherSlot], teachers: 
                 f"MSE are infinite by definition; use kl, jsd, tvd, skew_kl or skew_reverse_kl there, which take "
                 f"0 * log 0 = 0."
             )
-        if next(view.model.parameters()).dtype == torch.float16:
+        if view.model is not None and next(view.model.parameters()).dtype == torch.float16:  # None: a cache
             return (f"The {slot.role} runs in float16, whose logits overflow above 65504: fp16 overflow? Use "
                     f"teacher_dtype='bfloat16' (or float32).")
     out = student.logits if student.logits is not None else student.head_input

@@ -163,6 +163,7 @@ class TeacherSlot:
         device: Where it runs when that is not the student's device (``teacher_device``): its inputs are moved there
             and its outputs back to ``student_device``; None: where the student is.
         student_device: The student's device (where a teacher on ``device`` returns its outputs).
+        cached: False: a model runs (a :class:`~hf_kd.cache_slot.CacheSlot`, which reads a cache, says True).
     """
 
     index: int
@@ -178,6 +179,7 @@ class TeacherSlot:
     accepts: Callable[[str], bool]
     device: torch.device | None = None
     student_device: torch.device | None = None
+    cached: bool = False
 
     @classmethod
     def build(cls, model: nn.Module, index: int, count: int, readers: Sequence[Distiller],

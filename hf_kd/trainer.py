@@ -154,8 +154,6 @@ class DistillationTrainer(Trainer):
         engine = teacher_engine(args.teacher_sharding, self.accelerator)  # a sharded teacher never comes whole
         self.teachers = [prepare_teacher(t, self.accelerator, args.teacher_torch_dtype, args.teacher_device,
                                          place=engine == "none") for t in teachers]  # to the device
-
-        self.teacher = self.teachers[0] if self.teachers else None  # the first (or only) teacher
         bare_teachers = [unwrap(t) for t in self.teachers]
         roles = [("student", student)] + [(teacher_role(i, len(teachers)), t) for i, t in enumerate(bare_teachers)]
         readers = [readers_of(self.distillers, index) for index in range(len(teachers))]
@@ -181,22 +179,23 @@ class DistillationTrainer(Trainer):
         self._teacher_trained = bool(self._teacher_params)
         check_shardable(engine, self._teacher_params)
         self.teachers = place_teachers(self.teachers, engine, self.accelerator, args.teacher_shard_modules)
-        self.teacher = self.teachers[0] if self.teachers else None
-        self._slots = [TeacherSlot.build(t, i, len(teachers), readers[i], self._teacher_params, args.device,
-                                         args.teacher_device, fused_head=engine != "deepspeed")
-                       for i, t in enumerate(self.teachers)]
+        self.teacher = self.teachers[0] if self.teachers else None  # the first (or only) teacher
         self._cached = cache is not None
         if cache is not None:
             rows, metadata = cache
             check_cache(metadata, rows, self.train_dataset, student, self.processing_class)
             self._slots = [CacheSlot.build(rows, metadata, readers_of(self.distillers, 0), args.device)]
+        else:
+            self._slots = [TeacherSlot.build(t, i, len(teachers), readers[i], self._teacher_params, args.device,
+                                             args.teacher_device, fused_head=engine != "deepspeed")
+                           for i, t in enumerate(self.teachers)]
         self._student_task = task_of(student)
         self._fused_lm = (
             args.fused_lm_loss
             and bool(self._slots or self._row_distillers)  # a teacher, or row terms that read none
             and self._student_task == "causal_lm"
             and output_head(student) is not None
-            and all(slot.head is not None or getattr(slot, "cached", False) for slot in self._slots)
+            and all(slot.head is not None or slot.cached for slot in self._slots)  # a cache gives logits
             and not self._teacher_trained
             and not any(d.requires.logits for _, d in self._other_distillers)
         )

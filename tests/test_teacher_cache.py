@@ -124,3 +124,21 @@ def test_every_cacheable_distiller_trains_from_a_full_cache_as_from_the_teacher(
     distillers = [{"name": name, **CASES[name].options}]
     cached = run(tmp_path, "cached", llama(seed=1), data, cache=str(tmp_path / "cache"), distillers=distillers)
     assert_same(run(tmp_path, "live", llama(seed=1), data, teacher=teacher, distillers=distillers), cached)
+
+
+def test_a_cached_run_names_the_cause_of_a_non_finite_loss_and_refuses_left_padding(tmp_path):
+    from hf_kd.capture import ModelView
+    from hf_kd.nonfinite import nonfinite_cause
+
+    data, teacher = lm_data(n=8), llama(layers=3, hidden=48, seed=2)
+    cache_teacher_outputs(teacher, data, tmp_path / "cache", top_k=None, values_dtype="float32")
+    trainer = DistillationTrainer(model=llama(seed=1), teacher_cache=str(tmp_path / "cache"),
+                                  args=training_args(tmp_path / "x", max_steps=1), train_dataset=data)
+    [slot] = trainer._slots
+    student = ModelView(model=trainer.model, task="causal_lm", logits=torch.full((1, 2, 3), float("nan")))
+    cached = ModelView(model=None, task="causal_lm", logits=torch.zeros(1, 2, 3))  # the cache's view: no model
+    assert nonfinite_cause(student, [slot], [cached]).startswith("The student's outputs are not finite")
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch["attention_mask"] = batch["attention_mask"].flip(-1)  # padding on the left
+    with pytest.raises(ValueError, match=r"batch is left-padded: train with tokenizer.padding_side='right'"):
+        slot.forward(batch, {}, fused=False, training=True)

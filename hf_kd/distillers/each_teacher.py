@@ -26,8 +26,6 @@ from ..capture import ModelView
 from .base import Distiller, build_distiller, weighted_losses
 from .composite import CompositeDistiller
 
-ALL_TEACHERS = "all"
-
 
 class EachTeacherDistiller(CompositeDistiller):
     """One copy of the distiller of ``spec`` per teacher (module docstring); built by ``build_distiller`` for a spec
@@ -67,7 +65,6 @@ class EachTeacherDistiller(CompositeDistiller):
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, teachers={len(self.components)}"
-
 
 
 def _unweighted(copy: Distiller) -> Distiller:
