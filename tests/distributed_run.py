@@ -29,6 +29,9 @@ CONFIGS = {
     "kl_padded_lm": dict(family="lm", distillers=[{"name": "kl", "temperature": 2.0}]),
     "hidden_states_projector": dict(family="text", distillers=[{"name": "hidden_states", "projector": "linear"}]),
     "atsc_online_teacher": dict(family="text", distillers=[{"name": "atsc"}]),
+    # Two teachers: a learned aggregation (its weights trained) and one projector per teacher.
+    "two_teachers_classifier": dict(family="text", teachers=2, distillers=[
+        {"name": "kl", "teacher_aggregation": "learned"}, {"name": "hidden_states", "teacher": "all"}]),
     # The teacher sharded over the processes (FSDP2), the student under DDP: the same run as replicated.
     "sharded_teacher_classifier": dict(family="text", args={"teacher_sharding": "fsdp2", "teacher_eval_metrics": True},
                                        evaluate=True, distillers=[
@@ -48,6 +51,8 @@ def run(config: str, per_device: int, accumulation: int, output_dir: str) -> dic
     spec = CONFIGS[config]
     if spec["family"] == "text":
         student, teacher, data = bert(seed=1), bert(layers=3, hidden=48, seed=2), text_classification_data(n=32)
+        if spec.get("teachers") == 2:
+            teacher = [teacher, bert(layers=2, hidden=24, seed=3)]
     else:
         student, teacher, data = llama(seed=1), llama(layers=3, hidden=48, seed=2), lm_data(n=32)
     args = DistillationArguments(

@@ -1,7 +1,8 @@
 """Two real processes (torchrun, gloo, CPU) give what one process gives on the same global batches: the logged losses,
 the final student, the projector and the teacher-side weights, for logit KD on a classifier and on a padded causal
-LM, hidden states through a projector, ATSC's online teacher, every relation distiller of the registry, and a teacher
-sharded over the processes with FSDP2 (``teacher_sharding="fsdp2"``, the fused causal-LM path included). Default
+LM, hidden states through a projector, ATSC's online teacher, every relation distiller of the registry, two teachers
+(learned aggregation, a projector per teacher), and a teacher sharded over the processes with FSDP2
+(``teacher_sharding="fsdp2"``, the fused causal-LM path included). Default
 TrainingArguments (``average_tokens_across_devices=True``); 2 processes x 4 and 2 processes x 2 x accumulation 2 vs
 1 process x 8, or, for relation distillers, vs 1 process running the same micro-batches (distributed_run.REFERENCES).
 """
@@ -76,6 +77,8 @@ def test_two_processes_match_one_process(config, two_process_results, tmp_path, 
         assert {"eval_loss", "eval_loss/kl", "eval_teacher_loss"} <= reference["eval"].keys()
     if config == "sharded_teacher_fused_lm":
         assert result["fused"] and reference["fused"], "the fused causal-LM path must run with a sharded teacher"
+    if config == "two_teachers_classifier":
+        assert reference["distillers"]["0.aggregation.logits"].abs().sum() > 0, "the teacher weights must train"
     if config == "hidden_states_projector":
         assert reference["distillers"], "the projector must be trained"
     if config == "atsc_online_teacher":
