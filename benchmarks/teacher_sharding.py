@@ -57,6 +57,7 @@ def worker(cli: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from hf_kd import DistillationArguments, DistillationTrainer
+    from hf_kd.processes import close_process_group
     from hf_kd.sharding import local_parameter_share
 
     torch.set_num_threads(1)
@@ -94,6 +95,7 @@ def worker(cli: argparse.Namespace) -> None:
     figures = {"teacher_param_bytes": share * teacher_bytes, "teacher_share": share, "fused": trainer._fused_lm,
                "step_s": probe.median(cli.warmup), **memory}
     Path(f"{cli.out}.{os.environ['RANK']}").write_text(json.dumps(figures))
+    close_process_group()
 
 
 def run_setting(cli: argparse.Namespace, sharding: str, teacher: str, folder: Path) -> list[dict]:

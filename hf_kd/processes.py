@@ -19,6 +19,14 @@ def rank_and_count() -> tuple[int, int]:
     return 0, 1
 
 
+def close_process_group() -> None:
+    """Destroy the default process group, if one is up: the last call of a script that ran on several processes.
+    Without it gloo's worker threads outlive the interpreter and a process can abort (SIGABRT) while exiting, after
+    its work is done. Call it only when every process finished normally: it waits for the others."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """The rows of ``tensor`` from every process, concatenated in rank order (``tensor`` itself with one process).
     Processes may hold different numbers of rows. Not differentiable: for state updates."""

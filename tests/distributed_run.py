@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from conftest import bert, llama, lm_data, text_classification_data  # noqa: E402
 from hf_kd import DistillationArguments, DistillationTrainer  # noqa: E402
 from hf_kd.distillers.base import _REGISTRY  # noqa: E402
+from hf_kd.processes import close_process_group  # noqa: E402
 from hf_kd.sharding import local_parameter_share  # noqa: E402
 
 STEPS, GLOBAL_BATCH = 4, 8
@@ -115,6 +116,7 @@ def main(path: str) -> None:
             results[(config, per_device, accumulation)] = run(config, per_device, accumulation, out)
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(results, path)
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..arguments import DistillationArguments
+from ..processes import close_process_group
 
 RECIPE_KEY = "recipe"
 
@@ -260,8 +261,11 @@ class Recipe:
         return config
 
     def main(self, argv: list[str] | None = None) -> dict:
-        """Parse the command line and run the recipe: the body of ``if __name__ == "__main__"``."""
-        return self.run(*self.parse_argv(argv))
+        """Parse the command line and run the recipe: the body of ``if __name__ == "__main__"``. Under a launcher of
+        several processes the process group is closed once the run is done (see ``close_process_group``)."""
+        output = self.run(*self.parse_argv(argv))
+        close_process_group()
+        return output
 
 
 def coerce(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
