@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -79,26 +78,6 @@ def tail_log_mass(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     computed stably as ``logsumexp_{i not in top-k} z_i - logsumexp_i z_i``; ``-inf`` when ``k = V``."""
     outside = logits.scatter(-1, indices, float("-inf"))
     return outside.logsumexp(-1) - logits.logsumexp(-1)
-
-
-def dense_logits(values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor, width: int) -> torch.Tensor:
-    """Logits ``[N, V]`` (``V = width``) whose softmax is the cached distribution: the top-k set and one tail
-    bucket spread evenly over the other ``V - k`` entries. With ``lse = logsumexp(values) - log(1 - exp(tail))`` (the
-    teacher's ``logsumexp`` over all ``V`` logits, recovered from the top-k values and the tail mass)::
-
-        z_i = values_i                               i in the top k (the teacher's own logits)
-        z_j = lse + tail - log(V - k)                every other j (each gets exp(tail) / (V - k) of the mass)
-
-    so the top-k probabilities are the teacher's exactly and the tail mass is kept whole; with ``k = V`` (tail
-    ``-inf``) ``z`` is the teacher's logits. A temperature ``T`` then applies to this ``z``: the top-k logits are
-    the teacher's, the tail bucket's entries share one value, which is the approximation of a top-k cache."""
-    values, tail = values.float(), tail.float()
-    k = values.shape[-1]
-    if k == width:
-        return values.new_empty(values.shape).scatter_(-1, indices.long(), values)
-    lse = values.logsumexp(-1) - torch.log1p(-tail.exp())
-    rest = (lse + tail - math.log(width - k)).unsqueeze(-1)
-    return rest.expand(*values.shape[:-1], width).clone().scatter_(-1, indices.long(), values)
 
 
 def _predicting_positions(batch: dict[str, torch.Tensor], length: int) -> torch.Tensor:

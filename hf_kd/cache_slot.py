@@ -4,9 +4,9 @@ from the cache rows of its samples.
 Rows are matched by the train dataset's sample index (:mod:`hf_kd.sample_index`), so any sampler order, any number
 of epochs and a resumed run read the right row; before training :func:`check_cache` compares every train row's
 fingerprint with the cache's, so a cache of other data, tokenization or truncation is refused. The view holds the
-teacher's logits (:func:`~hf_kd.cache.dense_logits` for a top-k cache), so every logit distiller and the fused
-causal-LM path of the student read it as they read a live teacher; distillers that need more than the teacher's
-logits are refused.
+teacher's logits, or for a top-k cache the :class:`~hf_kd.sparse_logits.SparseLogits` of its rows (``[B, T, k]``:
+no ``[B, T, V]`` tensor is formed), so every logit distiller and the fused causal-LM path of the student read it as
+they read a live teacher; distillers that need more than the teacher's logits are refused.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from .architecture import SAMPLE_INDEX, Task, logits_width
-from .cache import dense_logits, load_teacher_cache, row_fingerprint, tokenizer_hash
+from .cache import load_teacher_cache, row_fingerprint, tokenizer_hash
 from .capture import ModelView
+from .row_loss import causal_lm_rows
+from .sparse_logits import SparseLogits
 
 
 def open_cache(cache: str | Path | datasets.Dataset) -> tuple[datasets.Dataset, dict[str, Any]]:
@@ -44,7 +46,8 @@ def check_cache(metadata: Mapping[str, Any], rows: datasets.Dataset, train_datas
     if metadata["logits_width"] != width:
         raise ValueError(f"`teacher_cache` holds logits of width {metadata['logits_width']} and the student has "
                          f"{width}; build the cache with a teacher of the student's classes / vocabulary.")
-    if tokenizer is not None and metadata.get("tokenizer_sha256") not in (None, tokenizer_hash(tokenizer)):
+    built_with = metadata.get("tokenizer_sha256")  # None: built without a tokenizer (an image processor's run)
+    if tokenizer is not None and built_with is not None and built_with != tokenizer_hash(tokenizer):
         raise ValueError("`teacher_cache` was built with another tokenizer than this trainer's processing_class; "
                          "rebuild it with cache_teacher_outputs(..., tokenizer=<this tokenizer>).")
     if train_dataset is None or len(train_dataset) != metadata["num_rows"]:
@@ -127,14 +130,30 @@ class CacheSlot:
         if mask is not None and bool((mask[:, 0] == 0).any()):
             raise ValueError("A causal-LM `teacher_cache` stores positions of right-padded rows, and this batch is "
                              "left-padded: train with tokenizer.padding_side='right' (as the cache was built).")
-        length = batch["input_ids"].shape[1]
+        shape = batch["input_ids"].shape
         positions = entries["positions"]  # per sample: the predicting positions it has cached rows for
         samples = torch.repeat_interleave(torch.arange(len(positions)), torch.tensor([len(p) for p in positions]))
+        cached = (samples * shape[1] + torch.cat(list(positions)).long()).to(self.device)  # into the [B * T] rows
+        self._check_rows(batch, shape, cached)
         if self.top_k is None:
-            values = torch.cat(list(entries["logits"])).float()
-        else:
-            values = dense_logits(torch.cat(list(entries["topk_values"])), torch.cat(list(entries["topk_indices"])),
-                                  torch.cat(list(entries["tail"])), self.width)
-        logits = torch.zeros(len(positions), length, self.width, device=self.device)
-        logits[samples.to(self.device), torch.cat(list(positions)).long().to(self.device)] = values.to(self.device)
-        return ModelView(model=None, task=self.task, logits=logits)
+            logits = torch.zeros(shape.numel(), self.width, device=self.device)
+            logits[cached] = torch.cat(list(entries["logits"])).float().to(self.device)
+            return ModelView(model=None, task=self.task, logits=logits.view(*shape, self.width))
+        top = SparseLogits.from_tail(*(torch.cat(list(entries[c])).to(self.device)
+                                       for c in ("topk_values", "topk_indices", "tail")), self.width)
+        rows = SparseLogits(top.values.new_zeros(shape.numel(), self.top_k),
+                            top.indices.new_zeros(shape.numel(), self.top_k), top.rest.new_zeros(shape.numel()),
+                            self.width)
+        rows.values[cached], rows.indices[cached], rows.rest[cached] = top.values, top.indices, top.rest
+        return ModelView(model=None, task=self.task, sparse_logits=SparseLogits(
+            rows.values.view(*shape, -1), rows.indices.view(*shape, -1), rows.rest.view(shape), self.width))
+
+    def _check_rows(self, batch: Mapping[str, Any], shape: torch.Size, cached: torch.Tensor) -> None:
+        """Every token the losses read has a cached teacher row."""
+        read, _ = causal_lm_rows(batch.get("labels"), batch.get("attention_mask"), batch.get("input_ids"), shape)
+        covered = torch.zeros(shape.numel(), dtype=torch.bool, device=self.device)
+        covered[cached] = True
+        if not bool(covered[read.to(self.device)].all()):
+            raise ValueError("`teacher_cache` has no teacher output for some predicted tokens of this batch: its rows "
+                             "were cached from other labels or padding. Build it with the data_collator this "
+                             "trainer uses (cache_teacher_outputs(..., data_collator=...)).")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .architecture import Task, find_module
+from .sparse_logits import SparseLogits
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ class ModelView:
     """The outputs of one model on one batch, as distillers read them.
 
     ``logits`` is ``[B, C]`` for classifiers and ``[B, T, V]`` for causal LMs. On the fused causal-LM path
-    ``logits`` is ``None`` and ``head_input`` (``[B, T, H]``) plus ``head`` stand in for it. ``hidden_states`` and
+    ``logits`` is ``None`` and ``head_input`` (``[B, T, H]``) plus ``head`` stand in for it; a teacher read from a
+    top-k cache has ``sparse_logits`` (``[B, T, k]``) instead. ``hidden_states`` and
     ``attentions`` are filled only when some distiller requires them; ``features`` holds the hooked module
     outputs that distillers asked for (see :class:`FeatureSpec`). Teacher tensors carry no autograd history.
     """
@@ -69,6 +71,7 @@ class ModelView:
     head_input: torch.Tensor | None = None
     head: nn.Linear | None = None
     features: dict[FeatureSpec, torch.Tensor] = field(default_factory=dict)
+    sparse_logits: SparseLogits | None = None
 
     @classmethod
     def from_outputs(

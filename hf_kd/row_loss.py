@@ -6,7 +6,9 @@ evaluates any number of them (plus the student's own cross-entropy) in **one** p
 - rows are picked first (the causal shift and ``labels == -100`` for LMs), so padding costs nothing;
 - each chunk is upcast to fp32 on its own, so no ``[B, T, V]`` fp32 tensor ever exists;
 - logits may come from a logits tensor or be formed chunk by chunk from the input of a linear output head, so on
-  the fused causal-LM path neither model holds ``[B, T, V]`` logits at all;
+  the fused causal-LM path neither model holds ``[B, T, V]`` logits at all; a teacher read from a top-k cache is
+  :class:`~hf_kd.sparse_logits.SparseLogits`, handed as it is to the terms that read it so (``sparse_teacher``) and
+  made dense one chunk at a time for the others;
 - gradients are taken chunk by chunk during the forward pass and handed out in backward (no recomputation, no
   saved per-chunk activations): peak memory is one chunk, and the work equals the unchunked computation.
 
@@ -22,6 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from .sparse_logits import SparseLogits
+
 if TYPE_CHECKING:
     from .capture import ModelView
 
@@ -32,12 +36,15 @@ RowFn = Callable[[torch.Tensor, "torch.Tensor | list[torch.Tensor] | None", "tor
 class RowTerm:
     """One per-row loss with its current weight; ``fn(student, teacher, targets)`` returns ``[n]``. With several
     teachers (a list of sources) ``teacher`` is the list of their chunk logits. ``parameters`` are tensors the loss
-    reads besides the logits (e.g. learned teacher weights): they get their gradients too."""
+    reads besides the logits (e.g. learned teacher weights): they get their gradients too. ``sparse_teacher``: ``fn``
+    reads a top-k teacher (:class:`~hf_kd.sparse_logits.SparseLogits`) as it is; otherwise it gets the dense logits
+    that stands for."""
 
     name: str
     fn: RowFn
     weight: float
     parameters: tuple[torch.Tensor, ...] = ()
+    sparse_teacher: bool = False
 
 
 @dataclass
@@ -98,15 +105,28 @@ def rows_per_chunk(vocab_size: int, chunk_size: int | None = None) -> int:
     return chunk_size if chunk_size is not None else max(1, ELEMENTS_PER_CHUNK // vocab_size)
 
 
-def _chunk_logits(values, weight, bias, chunk, vocab_size):
-    """``(x, z)``: the chunk's rows of ``values`` and their fp32 logits, without autograd history."""
+def _source_tensors(source: LogitSource | SparseLogits | None) -> tuple[torch.Tensor | None, ...]:
+    """The three tensors a source enters the row pass as: a sparse one's values, indices and rest, row-flattened."""
+    if source is None:
+        return (None, None, None)
+    if isinstance(source, SparseLogits):
+        flat = source.flat()
+        return (flat.values, flat.indices, flat.rest)
+    return source.tensors()
+
+
+def _chunk_logits(values, weight, bias, chunk, vocab_size, sparse_width):
+    """``(x, z)``: the chunk's rows of ``values`` and their fp32 logits, without autograd history; for a sparse source
+    (``sparse_width`` set; ``weight`` and ``bias`` are its indices and rest) ``z`` is the chunk's ``SparseLogits``."""
+    if sparse_width is not None:
+        return None, SparseLogits(values[chunk].float(), weight[chunk], bias[chunk], sparse_width)
     with torch.no_grad():
         x = values[chunk]
         z = x if weight is None else F.linear(x, weight[:vocab_size], None if bias is None else bias[:vocab_size])
         return x, z[..., :vocab_size].float()
 
 
-def _row_pass(terms, sources, rows, targets, vocab_size, chunk_size, normalizer, grads, multi, param_grads):
+def _row_pass(terms, sources, rows, targets, vocab_size, chunk_size, normalizer, grads, multi, param_grads, sparse):
     """Evaluate all terms chunk by chunk: per-term sums / normalizer.
 
     ``sources`` are the student's ``(values, head_weight, head_bias)`` and then each teacher's (``multi``: the terms
@@ -114,6 +134,7 @@ def _row_pass(terms, sources, rows, targets, vocab_size, chunk_size, normalizer,
     (``None`` where no gradient is wanted); ``param_grads`` one per term parameter (or ``None``). Each chunk's
     gradient is taken with respect to its fp32 logits only and pushed back by hand: ``dvalues[rows] = g @ W`` (or
     ``g`` itself for logits), ``dW += g^T x``, ``db += sum g`` — so nothing of full size is built per chunk.
+    ``sparse`` holds, per source, the width of a sparse (top-k) source, else None.
     """
     sums = torch.zeros(len(terms), dtype=torch.float32, device=rows.device)
     weights = torch.tensor([term.weight for term in terms], dtype=torch.float32, device=rows.device)
@@ -123,12 +144,16 @@ def _row_pass(terms, sources, rows, targets, vocab_size, chunk_size, normalizer,
     for begin in range(0, rows.numel(), chunk_size):
         chunk = rows[begin : begin + chunk_size]
         chunk_targets = None if targets is None else targets[begin : begin + chunk_size]
-        chunks = [_chunk_logits(*source, chunk, vocab_size) if source[0] is not None else (None, None)
-                  for source in sources]
+        chunks = [_chunk_logits(*source, chunk, vocab_size, width) if source[0] is not None else (None, None)
+                  for source, width in zip(sources, sparse)]
         logits = [z.requires_grad_() if want else z for (_, z), want in zip(chunks, wanted)]
         teacher = logits[1:] if multi else logits[1]
+        dense = teacher
+        if any(not term.sparse_teacher for term in terms) and any(w is not None for w in sparse[1:]):
+            dense = [_dense(z) for z in teacher] if multi else _dense(teacher)
         with torch.enable_grad() if any(wanted) or wanted_params else torch.no_grad():
-            per_term = torch.stack([term.fn(logits[0], teacher, chunk_targets).sum() for term in terms])
+            per_term = torch.stack([term.fn(logits[0], teacher if term.sparse_teacher else dense, chunk_targets).sum()
+                                    for term in terms])
             weighted = (per_term * weights).sum() / normalizer
         sums += per_term.detach()
         if not any(wanted) and not wanted_params:
@@ -143,6 +168,10 @@ def _row_pass(terms, sources, rows, targets, vocab_size, chunk_size, normalizer,
             if grad is not None:
                 accumulator += grad
     return sums / normalizer
+
+
+def _dense(z):
+    return z.dense() if isinstance(z, SparseLogits) else z
 
 
 def _accumulate(g, x, weight, chunk, vocab_size, grad_values, grad_weight, grad_bias):
@@ -163,13 +192,13 @@ class _RowLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec, *inputs):
-        terms, rows, targets, vocab_size, chunk_size, normalizer, multi, n_sources = spec
+        terms, rows, targets, vocab_size, chunk_size, normalizer, multi, n_sources, sparse = spec
         sources = [inputs[i : i + 3] for i in range(0, 3 * n_sources, 3)]
         params = inputs[3 * n_sources :]
         grads = [[_zeros_for(t) if t is not None and t.requires_grad else None for t in source] for source in sources]
         param_grads = [_zeros_for(p) if p.requires_grad else None for p in params]
         values = _row_pass(terms, sources, rows, targets, vocab_size, chunk_size, normalizer, grads, multi,
-                           param_grads)
+                           param_grads, sparse)
         ctx.grads = [g for source_grads in grads for g in source_grads] + param_grads
         ctx.dtypes = [None if t is None else t.dtype for t in inputs]
         ctx.mark_non_differentiable(values)
@@ -191,7 +220,7 @@ def _zeros_for(tensor: torch.Tensor) -> torch.Tensor:
 def row_losses(
     terms: Sequence[RowTerm],
     student: LogitSource,
-    teacher: LogitSource | Sequence[LogitSource] | None,
+    teacher: LogitSource | SparseLogits | Sequence[LogitSource | SparseLogits] | None,
     rows: torch.Tensor,
     targets: torch.Tensor | None,
     vocab_size: int,
@@ -202,7 +231,8 @@ def row_losses(
 
     ``rows`` index the flattened leading dimensions of the sources; ``targets`` (one per row) are the labels the
     terms may read. ``teacher`` is one source, or a list of sources whose chunk logits the terms receive as a list
-    (several teachers). Gradients flow to every source tensor that requires grad (the student's logits or head input
+    (several teachers); a teacher may be :class:`~hf_kd.sparse_logits.SparseLogits` (a top-k cache) of width
+    ``vocab_size``. Gradients flow to every source tensor that requires grad (the student's logits or head input
     and head weights; a teacher's too when it is trained online) and to the terms' ``parameters``. ``chunk_size``
     rows per chunk (default: as many as fit ``ELEMENTS_PER_CHUNK`` logits).
     """
@@ -213,15 +243,18 @@ def row_losses(
         normalizer = normalizer.to(rows.device, torch.float32)
     multi = isinstance(teacher, Sequence)
     teachers = list(teacher) if multi else [teacher]
-    inputs = tuple(t for source in (student, *teachers)
-                   for t in (source.tensors() if source is not None else (None, None, None)))
+    sparse = tuple(s.width if isinstance(s, SparseLogits) else None for s in (student, *teachers))
+    if any(width not in (None, vocab_size) for width in sparse):
+        raise ValueError(f"A top-k teacher of width {max(w for w in sparse if w)} cannot be read over a vocabulary of "
+                         f"{vocab_size}: the student's logits and the cache must have the same width.")
+    inputs = tuple(t for source in (student, *teachers) for t in _source_tensors(source))
     params = tuple(p for term in terms for p in term.parameters)
     weights = [t.weight for t in terms]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*inputs, *params))
     n_sources = len(inputs) // 3
     if not needs_grad:
         values = _row_pass(terms, [inputs[i : i + 3] for i in range(0, len(inputs), 3)], rows, targets, vocab_size,
-                           chunk_size, normalizer, [[None] * 3] * n_sources, multi, [None] * len(params))
+                           chunk_size, normalizer, [[None] * 3] * n_sources, multi, [None] * len(params), sparse)
         total = (values * values.new_tensor(weights)).sum()
     elif all(inputs[i + 1] is None for i in range(0, len(inputs), 3)) and rows.numel() <= chunk_size:
         # One small chunk of logits (classifiers): plain autograd is cheaper than the chunked machinery.
@@ -231,7 +264,7 @@ def row_losses(
         per_term = torch.stack([term.fn(logits[0], t_logits, targets).sum() for term in terms]) / normalizer
         total, values = (per_term * per_term.new_tensor(weights)).sum(), per_term.detach()
     else:
-        spec = (list(terms), rows, targets, vocab_size, chunk_size, normalizer, multi, n_sources)
+        spec = (list(terms), rows, targets, vocab_size, chunk_size, normalizer, multi, n_sources, sparse)
         total, values = _RowLossFunction.apply(spec, *inputs, *params)
     return total, {term.name: value for term, value in zip(terms, values.unbind())}
 
@@ -242,7 +275,7 @@ class RowBatch:
     one source, or a list with several teachers)."""
 
     student: LogitSource
-    teacher: LogitSource | list[LogitSource] | None
+    teacher: LogitSource | SparseLogits | list[LogitSource | SparseLogits] | None
     rows: torch.Tensor
     targets: torch.Tensor | None
     vocab_size: int
@@ -266,7 +299,9 @@ def rows_from_views(student: ModelView, teacher: ModelView | Sequence[ModelView]
     return RowBatch(source_s, source_t, rows, targets, min(widths))
 
 
-def _source(view: ModelView) -> LogitSource:
+def _source(view: ModelView) -> LogitSource | SparseLogits:
+    if view.sparse_logits is not None:
+        return view.sparse_logits
     if view.logits is not None:
         return LogitSource(view.logits)
     if view.head_input is None or view.head is None:
@@ -275,4 +310,6 @@ def _source(view: ModelView) -> LogitSource:
 
 
 def _width(view: ModelView) -> int:
+    if view.sparse_logits is not None:
+        return view.sparse_logits.width
     return view.logits.shape[-1] if view.logits is not None else view.head.out_features

@@ -329,10 +329,11 @@ class DistillationTrainer(Trainer):
         groups: dict[tuple[int | None, bool] | None, list[RowTerm]] = {}  # (teacher index, None: all; trained)
         for key, distiller, group in self._row_distillers if with_distillers else ():
             groups.setdefault(group, []).append(
-                RowTerm(key, distiller.row_loss, distiller.weight, tuple(distiller.parameters())))
+                RowTerm(key, distiller.row_loss, distiller.weight, tuple(distiller.parameters()),
+                        distiller.reads_sparse_teacher))
         if hard_as_row:
             groups.setdefault(next(iter(groups), None), []).insert(
-                0, RowTerm("hard", self._cross_entropy, self.args.hard_label_weight)
+                0, RowTerm("hard", self._cross_entropy, self.args.hard_label_weight, sparse_teacher=True)
             )
         for group, terms in groups.items():
             teacher = None

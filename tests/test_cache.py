@@ -9,7 +9,8 @@ import torch
 from transformers import default_data_collator
 
 from conftest import bert, frozen, llama, lm_data, text_classification_data
-from hf_kd.cache import METADATA, cache_teacher_outputs, dense_logits, load_teacher_cache, tail_log_mass
+from hf_kd.cache import METADATA, cache_teacher_outputs, load_teacher_cache, tail_log_mass
+from hf_kd.sparse_logits import SparseLogits
 
 
 def teacher_logits(model, data) -> torch.Tensor:
@@ -135,7 +136,7 @@ def test_the_tokenizer_is_part_of_the_metadata(tmp_path):
         cache_teacher_outputs(teacher, data, tmp_path / "cache", tokenizer=Vocabulary({"a": 0, "c": 1}))
 
 
-def test_dense_logits_from_top_k_and_tail_by_hand():
+def test_sparse_logits_from_top_k_and_tail_by_hand():
     """V = 5, k = 2: the top-2 logits are the teacher's; the tail mass is spread evenly over the other 3 entries;
     the softmax keeps the teacher's top-2 probabilities and its tail mass exactly; k = V gives the logits back."""
     z = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0]])
@@ -143,11 +144,12 @@ def test_dense_logits_from_top_k_and_tail_by_hand():
     tail = tail_log_mass(z, top.indices)
     p = z.softmax(-1)[0]
     assert tail.exp().item() == pytest.approx((p[1] + p[2] + p[4]).item(), rel=1e-6)
-    dense = dense_logits(top.values, top.indices, tail, 5)
+    dense = SparseLogits.from_tail(top.values, top.indices, tail, 5).dense()
     q = dense.softmax(-1)[0]
     assert dense[0, 3].item() == 3.0 and dense[0, 0].item() == 2.0  # the teacher's own top-2 logits
     assert [q[3].item(), q[0].item()] == pytest.approx([p[3].item(), p[0].item()], rel=1e-6)
     for j in (1, 2, 4):
         assert q[j].item() == pytest.approx((p[1] + p[2] + p[4]).item() / 3, rel=1e-6)
     full = z.topk(5, dim=-1)
-    torch.testing.assert_close(dense_logits(full.values, full.indices, tail_log_mass(z, full.indices), 5), z)
+    torch.testing.assert_close(SparseLogits.from_tail(full.values, full.indices, tail_log_mass(z, full.indices),
+                                                5).dense(), z)

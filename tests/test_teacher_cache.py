@@ -18,9 +18,11 @@ KL = [{"name": "kl", "temperature": 2.0}]
 
 
 def run(tmp_path, name, student, data, teacher=None, cache=None, distillers=KL, resume=None, **overrides):
+    """Plain SGD: the runs compared differ by float rounding (the teacher ran on other batches), and Adam would turn
+    the rounding of gradients that are zero in exact arithmetic (attention key biases) into full-size updates."""
     args = training_args(tmp_path / name, **{"num_train_epochs": 2, "per_device_train_batch_size": 4,
                                              "gradient_accumulation_steps": 2, "logging_steps": 1, "seed": 0,
-                                             "learning_rate": 1e-2, **overrides})
+                                             "learning_rate": 1e-1, "optim": "sgd", **overrides})
     trainer = DistillationTrainer(model=student, teacher_model=teacher, teacher_cache=cache, args=args,
                                   train_dataset=data, distillers=distillers)
     trainer.train(resume_from_checkpoint=resume)
@@ -34,7 +36,7 @@ def assert_same(live, cached):
     for want, got in zip(live_logs, cached_logs):
         assert got.keys() == want.keys()
         for key, value in want.items():
-            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key  # teacher batches differ: rounding
     for (name, want), got in zip(live_trainer.model.named_parameters(), cached_trainer.model.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
 

@@ -255,6 +255,8 @@ class Distiller(nn.Module):
     teacher_train_mode: ClassVar[bool] = False  # run the teacher in train mode (dropout, BN) while training
     multi_teacher: ClassVar[bool] = False  # setup/forward receive every teacher (lists) instead of one
     batch_level: ClassVar[bool] = False  # the loss is defined on the batch as a whole (see hf_kd.normalization)
+    # ``row_loss`` reads a top-k cached teacher as it is (hf_kd.sparse_logits.SparseLogits), not as dense logits
+    reads_sparse_teacher: bool = False
     # Each training batch carries its samples' train-dataset positions as batch[SAMPLE_INDEX] (hf_kd.sample_index),
     # and ``dataset_size`` (the train dataset's length) is set before ``setup``.
     needs_sample_index: ClassVar[bool] = False

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import sparse_logits
+
 
 def kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """``KL(p || q)`` per row from log-probabilities; entries where ``p = 0`` (``log_p = -inf``) contribute 0."""
@@ -30,12 +32,17 @@ def kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 
 def forward_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """``KL(p_t || p_s)``: mode-covering (Hinton et al., 2015)."""
+    """``KL(p_t || p_s)``: mode-covering (Hinton et al., 2015). A top-k teacher (``SparseLogits``) is read in O(k)."""
+    if isinstance(teacher, sparse_logits.SparseLogits):
+        return sparse_logits.forward_kl(student, teacher)
     return kl_from_log_probs(teacher.log_softmax(-1), student.log_softmax(-1))
 
 
 def reverse_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """``KL(p_s || p_t)``: mode-seeking (MiniLLM, Gu et al., 2024)."""
+    """``KL(p_s || p_t)``: mode-seeking (MiniLLM, Gu et al., 2024). A top-k teacher (``SparseLogits``) is read in
+    O(k)."""
+    if isinstance(teacher, sparse_logits.SparseLogits):
+        return sparse_logits.reverse_kl(student, teacher)
     return kl_from_log_probs(student.log_softmax(-1), teacher.log_softmax(-1))
 
 

@@ -54,6 +54,8 @@ class LogitDistiller(Distiller):
     family = "logit"
 
     requires = Requirements(logits=True)
+    # ``divergence`` reads a top-k teacher (SparseLogits) in O(k) per row: forward and reverse KL
+    sparse_divergence: bool = False
 
     def __init__(self, weight: Knob = 1.0, temperature: Knob = 1.0,
                  teacher_aggregation: str | Mapping[str, Any] | None = None, rectify: bool = False) -> None:
@@ -80,6 +82,12 @@ class LogitDistiller(Distiller):
 
     def divergence(self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+    @property
+    def reads_sparse_teacher(self) -> bool:
+        """A top-k cached teacher is read without making it dense: the divergence supports it, and no aggregation or
+        rectification reshapes the teacher's logits first."""
+        return self.sparse_divergence and self.aggregation is None and not self.rectify
 
     def row_loss(self, student: torch.Tensor, teacher: torch.Tensor | Sequence[torch.Tensor],
                  targets: torch.Tensor | None) -> torch.Tensor:
@@ -108,7 +116,7 @@ class LogitDistiller(Distiller):
         """The loss averaged over rows (samples, or valid tokens of a causal LM) of the step's global batch."""
         rows = rows_from_views(student, teacher, batch)
         total, _ = row_losses(
-            [RowTerm(self.name, self.row_loss, 1.0, tuple(self.parameters()))],
+            [RowTerm(self.name, self.row_loss, 1.0, tuple(self.parameters()), self.reads_sparse_teacher)],
             rows.student,
             rows.teacher,
             rows.rows,
@@ -128,6 +136,8 @@ class KLDistiller(LogitDistiller):
     """Forward KL ``T^2 * KL(p_t^T || p_s^T)`` — Hinton et al., "Distilling the Knowledge in a Neural Network",
     https://huggingface.co/papers/1503.02531."""
 
+    sparse_divergence = True
+
     def divergence(self, student, teacher, targets):
         return divergences.forward_kl(student, teacher)
 
@@ -136,6 +146,8 @@ class KLDistiller(LogitDistiller):
 class ReverseKLDistiller(LogitDistiller):
     """Reverse KL ``T^2 * KL(p_s^T || p_t^T)`` (mode-seeking; MiniLLM, Gu et al., ICLR 2024,
     https://huggingface.co/papers/2306.08543, token-level form)."""
+
+    sparse_divergence = True
 
     def divergence(self, student, teacher, targets):
         return divergences.reverse_kl(student, teacher)
