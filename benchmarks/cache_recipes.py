@@ -10,7 +10,7 @@ Every run has no baseline and no periodic evaluation, one epoch over ``steps x b
 ``cache_dir`` under ``--output_dir`` (the text teacher's fine-tuning, capped by ``max_steps``, runs once there).
 Run::
 
-    python benchmarks/cache_recipes.py --json benchmarks/results/cache_recipes.json     # ~10 min on 2 CPU cores
+    python benchmarks/cache_recipes.py --json benchmarks/results/cache_recipes.json     # ~14 min on 2 CPU cores
     python benchmarks/cache_recipes.py --lm_steps 2 --text_steps 2                      # smoke test
 """
 
@@ -41,13 +41,13 @@ def run(recipe, settings: dict, label: str, root: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lm_steps", type=int, default=40)
-    parser.add_argument("--text_steps", type=int, default=60)
+    parser.add_argument("--lm_steps", type=int, default=30)
+    parser.add_argument("--text_steps", type=int, default=50)
     parser.add_argument("--top_k", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--output_dir", default=None, help="Default: a temporary folder.")
     parser.add_argument("--json", default=None)
     cli = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(2)  # the teachers' forwards use both cores
     root = Path(cli.output_dir or tempfile.mkdtemp(prefix="cache_recipes-"))
 
     # (a) + (b) causal LM: the live teacher, then one cache per k (each built once, its build timed apart)
