@@ -249,6 +249,7 @@ def run(args: CausalLMArguments, training_args: DistillationArguments) -> dict:
         extra=lambda model: {"sample": greedy_sample(model, tokenizer, args.sample_prompt, args.sample_tokens)},
         dataset=dataset, notes=notes, plot_metric="perplexity", timer=timer, assistants=assistants,
         base_model=(args.teacher or TEACHER_HUB_ID) if truncate else None,
+        recipe_args=args,
     )
 
 

@@ -250,6 +250,7 @@ def run(args: TextClassificationArguments, training_args: DistillationArguments)
         labels={"baseline": "baseline (CE only)", "student": "student (distilled)"}, dataset=dataset, notes=notes,
         plot_metric="accuracy", timer=timer, assistants=assistants,
         base_model=args.student if args.student and not Path(args.student).exists() else None,
+        recipe_args=args,
     )
 
 

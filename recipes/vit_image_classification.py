@@ -282,7 +282,7 @@ def run(args: ViTArguments, training_args: DistillationArguments) -> dict:
         latency_batch={"pixel_values": evaluation[:32]["pixel_values"]},
         labels={"baseline": "baseline (no KD)", "student": "student (KD)"},
         dataset=args.dataset or "scikit-learn digits", notes=notes, plot_metric="accuracy", timer=timer,
-        assistants=assistants,
+        assistants=assistants, recipe_args=args,
     )
 
 

@@ -12,10 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from torch.nn.modules.module import register_module_forward_hook
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
+from hf_kd.cache import METADATA
 from hf_kd.cli import main as cli_main
 from hf_kd.recipes import RunOutput, load_config, load_recipe
+from hf_kd.recipes import run as run_module
 
 CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "causal_lm.yaml"
 RECIPE = load_recipe(CONFIG)
@@ -176,3 +186,76 @@ class TestRealAssets:
             "The capital of France is", return_tensors="pt")["input_ids"].tolist()
         with torch.no_grad():
             assert torch.equal(cached(ids).logits, gguf(ids).logits)
+
+
+def count_forwards(monkeypatch, layers: dict[int, str]) -> dict[str, int]:
+    """Forwards of the models with these decoder depths (``{3: "teacher", 2: "student"}``) inside a cached
+    distillation phase (``train_model(..., teacher_cache=...)``), counted by a global forward hook."""
+    counts = dict.fromkeys(layers.values(), 0)
+    train_model = run_module.train_model
+
+    def counting(*args, teacher_cache=None, **kwargs):
+        def hook(module, inputs, output):
+            role = layers.get(getattr(getattr(module, "config", None), "num_hidden_layers", None))
+            if role and isinstance(module, PreTrainedModel) and hasattr(module, "lm_head"):
+                counts[role] += 1
+
+        handle = register_module_forward_hook(hook) if teacher_cache is not None else None
+        try:
+            return train_model(*args, teacher_cache=teacher_cache, **kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    monkeypatch.setattr(run_module, "train_model", counting)
+    return counts
+
+
+def test_teacher_cache_auto(tiny, tmp_path, monkeypatch, capsys):
+    """``teacher_cache: auto`` builds the cache once, the distillation phase never runs the teacher, a second run
+    reuses the folder, other settings get another folder, and an exact cache (all logits, float32) trains the
+    student the live teacher trains; ``hf-kd cache`` builds and prints the same folder."""
+    exact = {"baseline": False, "teacher_cache_top_k": None, "teacher_cache_dtype": "float32"}
+    live = MODULE.run(*RECIPE.parse_dict(tiny_config(tiny, tmp_path / "live", **exact)))
+    assert live["teacher_cache"] is None
+    counts = count_forwards(monkeypatch, {3: "teacher", 2: "student"})
+    config = tiny_config(tiny, tmp_path, teacher_cache="auto", **exact)
+    cached = MODULE.run(*RECIPE.parse_dict(config))
+    assert counts["teacher"] == 0 and counts["student"] >= 2  # 2 steps (+ evaluations), never the teacher
+    folder = Path(cached["teacher_cache"])
+    assert folder.parent == tmp_path / "cache" and (folder / METADATA).is_file()
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["teacher"]["metrics"]["perplexity"] > 1
+    assert "built teacher cache at" in capsys.readouterr().out
+    for a, b in zip(live["student"].parameters(), cached["student"].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+    built = (folder / METADATA).stat().st_mtime_ns
+    again = MODULE.run(*RECIPE.parse_dict(config))
+    assert again["teacher_cache"] == str(folder) and (folder / METADATA).stat().st_mtime_ns == built
+    assert "reusing teacher cache at" in capsys.readouterr().out
+
+    overrides = [f"{key}={json.dumps(value)}" for key, value in config.items()]
+    folders = []
+    for extra in ([], ["teacher_cache_top_k=4"], ["max_train_samples=6"], ["teacher_cache_dtype=float16"]):
+        assert cli_main(["cache", str(CONFIG), *overrides, *extra, f"output_dir={tmp_path / 'cli'}"]) == 0
+        printed = capsys.readouterr().out.strip().splitlines()[-1]
+        assert printed.startswith("teacher cache: ")
+        folders.append(printed.removeprefix("teacher cache: "))
+    assert folders[0] == str(folder) and (folder / METADATA).stat().st_mtime_ns == built
+    assert len(set(folders)) == 4 and all((Path(f) / METADATA).is_file() for f in folders)
+    assert json.loads((Path(folders[1]) / METADATA).read_text())["top_k"] == 4
+    assert not (tmp_path / "cli" / "student").exists()  # the students were not trained
+
+
+def test_teacher_cache_auto_refuses_assistants_and_uncached_distillers(tiny, tmp_path):
+    args, training_args = RECIPE.parse_dict(tiny_config(tiny, tmp_path, teacher_cache="auto",
+                                                        assistants=[str(tiny["teacher"])]))
+    with pytest.raises(ValueError, match="`teacher_cache: auto` caches one teacher.*`assistants`"):
+        MODULE.run(args, training_args)
+    args, training_args = RECIPE.parse_dict(tiny_config(tiny, tmp_path, teacher_cache="auto",
+                                                        distillers=[{"name": "hidden_states"}]))
+    with pytest.raises(ValueError, match="hidden states, which `teacher_cache` does not hold"):
+        MODULE.run(args, training_args)
+    assert not (tmp_path / "cache").exists()  # refused before any work
+    with pytest.raises(ValueError, match="`teacher_cache_dtype` must be one of 'float16', 'float32'"):
+        RECIPE.parse_dict({"teacher_cache_dtype": "bfloat16"})

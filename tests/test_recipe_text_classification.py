@@ -4,16 +4,26 @@ tiny random BERT teacher with a tiny csv dataset (always), through the recipe's 
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel, BertTokenizer
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    BertTokenizer,
+)
 
+from hf_kd.cache import METADATA
 from hf_kd.cli import main as cli_main
 from hf_kd.recipes import RunOutput, load_config, load_recipe
+from hf_kd.recipes import run as run_module
 
 CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "text_classification.yaml"
 RECIPE = load_recipe(CONFIG)
@@ -160,3 +170,51 @@ def test_shared_checks_run_too(tmp_path):
         RECIPE.parse_dict({"dataset": "./no_such.csv"})
     with pytest.raises(ValueError, match="`eval_fraction` must lie in"):
         RECIPE.parse_argv(["--eval_fraction", "1.5"])
+
+
+def test_teacher_cache_auto(tiny, tmp_path, monkeypatch, capsys):
+    """``teacher_cache: auto``: the fine-tuned teacher's logits cached once (the teacher never runs while the student
+    distils), reused by a second run, another folder for other data, the live run's student with an exact (float32)
+    cache, and ``hf-kd cache`` prints the folder ``auto`` uses."""
+    argv = [*tiny_argv(tiny, tmp_path), "--no_baseline", "--teacher_cache_dtype", "float32"]
+    live = RECIPE.main(argv)
+    calls = {"teacher": 0, "distilling": 0, "student": 0}
+    teacher_forward, train_model = BertForSequenceClassification.forward, run_module.train_model
+
+    @functools.wraps(teacher_forward)  # Trainer reads the signature
+    def forward(self, *args, **kwargs):
+        role = "teacher" if self.config.hidden_size == 32 else "student"  # the tiny teacher's width; the student's 16
+        calls[role] += calls["distilling"]
+        return teacher_forward(self, *args, **kwargs)
+
+    def distil(*args, teacher_cache=None, **kwargs):
+        calls["distilling"] = int(teacher_cache is not None)
+        try:
+            return train_model(*args, teacher_cache=teacher_cache, **kwargs)
+        finally:
+            calls["distilling"] = 0
+
+    monkeypatch.setattr(BertForSequenceClassification, "forward", forward)
+    monkeypatch.setattr(run_module, "train_model", distil)
+    cached = RECIPE.main([*argv, "--teacher_cache", "auto"])
+    assert calls["teacher"] == 0 and calls["student"] >= 2  # 2 steps (+ evaluations), never the teacher
+    folder = Path(cached["teacher_cache"])
+    assert "built teacher cache at" in capsys.readouterr().out
+    for a, b in zip(live["student"].parameters(), cached["student"].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert check_run(cached, baseline=False)["student"]["metrics"] == check_run(live, baseline=False)["student"][
+        "metrics"]
+
+    built = (folder / METADATA).stat().st_mtime_ns
+    again = RECIPE.main([*argv, "--teacher_cache", "auto"])
+    assert again["teacher_cache"] == str(folder) and (folder / METADATA).stat().st_mtime_ns == built
+    assert "reusing teacher cache at" in capsys.readouterr().out
+    overrides = ["max_steps=2", f"teacher={tiny['teacher']}", f"dataset={tiny['dataset']}", "text_column=sentence",
+                 "label_column=topic", "per_device_train_batch_size=4", "per_device_eval_batch_size=8",
+                 "teacher_cache_dtype=float32", f"cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'cli'}"]
+    printed = []
+    for extra in ([], ["max_train_samples=30"]):
+        assert cli_main(["cache", str(CONFIG), *overrides, *extra]) == 0
+        printed.append(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("teacher cache: "))
+    assert printed[0] == str(folder) and printed[1] != printed[0] and (Path(printed[1]) / METADATA).is_file()
+    assert not (tmp_path / "cli" / "student").exists()

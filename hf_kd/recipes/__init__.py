@@ -21,11 +21,12 @@ from .report import (
     size_on_disk,
     write_results,
 )
-from .run import RunOutput, run_recipe
+from .run import CacheOutput, RunOutput, run_recipe
 from .teacher import Teacher, train_teacher
 from .timer import PhaseTimer
 
 __all__ = [
+    "CacheOutput",
     "Classes",
     "ModelResult",
     "PhaseTimer",

@@ -27,6 +27,8 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..arguments import DistillationArguments
+from ..cache import ValuesDtype
+from ..choices import check_choice
 from ..processes import close_process_group
 
 RECIPE_KEY = "recipe"
@@ -104,7 +106,23 @@ class RecipeArguments:
     )
     cache_dir: str = field(
         default="~/.cache/hf_kd",
-        metadata={"help": "Where fine-tuned teachers and converted models are cached (outside the repository)."},
+        metadata={"help": "Where fine-tuned teachers, converted models and teacher caches are cached (outside the "
+                  "repository)."},
+    )
+    teacher_cache_top_k: int | None = field(
+        default=64,
+        metadata={"help": "With `teacher_cache: auto`: the logits a causal-LM teacher's cache keeps per token (plus "
+                  "the tail mass); None keeps all (exact, V values per token). Classifiers keep all logits."},
+    )
+    teacher_cache_dtype: str = field(
+        default="float16",
+        metadata={"help": "With `teacher_cache: auto`: the dtype of the cached logits, float16 or float32 (with "
+                  "teacher_cache_top_k None: the live teacher's run exactly)."},
+    )
+    teacher_cache_only: bool = field(
+        default=False,
+        metadata={"help": "Build the teacher cache of `teacher_cache: auto` (preparing the teacher as the run "
+                  "does) and stop before the students; `hf-kd cache` sets it."},
     )
 
     def __post_init__(self) -> None:
@@ -118,6 +136,7 @@ class RecipeArguments:
                     f"`{name}`={value!r} looks like a local path, and it does not exist (from {Path.cwd()}). Give an "
                     f"existing file or folder, or a Hub id such as `glue` / `org/name`."
                 )
+        check_choice("recipe", "teacher_cache_dtype", self.teacher_cache_dtype, ValuesDtype)
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"`eval_fraction` must lie in (0, 1), got {self.eval_fraction}.")
 

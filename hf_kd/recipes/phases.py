@@ -91,18 +91,20 @@ def train_model(
     args: DistillationArguments,
     *,
     teacher: nn.Module | list[nn.Module] | None = None,
+    teacher_cache: str | Path | None = None,
     train_dataset: Any,
     eval_dataset: Any,
     compute_metrics: Callable | None,
     data_collator: Any = None,
     processing_class: Any = None,
 ) -> Trainer:
-    """Train ``model``: with plain ``transformers.Trainer`` when ``teacher`` is None (the baseline, a teacher's own
-    fine-tuning), else distilling ``teacher`` into it with ``args.distillers``; returns the trained trainer."""
+    """Train ``model``: with plain ``transformers.Trainer`` when neither ``teacher`` nor ``teacher_cache`` is given
+    (the baseline, a teacher's own fine-tuning), else distilling ``teacher`` (or the cached teacher outputs in the
+    folder ``teacher_cache``) into it with ``args.distillers``; returns the trained trainer."""
     inputs = dict(args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, compute_metrics=compute_metrics,
                   data_collator=data_collator, processing_class=processing_class)
-    trainer = (Trainer(model=model, **inputs) if teacher is None
-               else DistillationTrainer(model=model, teacher_model=teacher, **inputs))
+    trainer = (Trainer(model=model, **inputs) if teacher is None and teacher_cache is None
+               else DistillationTrainer(model=model, teacher_model=teacher, teacher_cache=teacher_cache, **inputs))
     trainer.train()
     return trainer
 

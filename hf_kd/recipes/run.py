@@ -8,10 +8,15 @@ A recipe script prepares the pieces (data, teacher, student, how to measure a mo
     results.json     {role: name, params, size_on_disk_bytes, latency_ms, metrics, train_seconds, extra fields}
     results.md       the same as a table, then the notes, the compression and the wall seconds per phase
     history.png      training loss components and the plotted eval metric over steps, per phase
+
+With ``teacher_cache: auto`` (and the recipe's arguments given as ``recipe_args``) the teacher's outputs over the
+train data are cached once in ``cache_dir`` (:mod:`hf_kd.recipes.teacher_cache`) and the distillation phase trains
+from that folder; the teacher is still evaluated and reported. ``teacher_cache_only`` stops after building it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
@@ -23,9 +28,11 @@ from transformers import Trainer
 
 from ..arguments import DistillationArguments
 from .card import write_model_card
+from .config import RecipeArguments
 from .phases import evaluate_model, phase_arguments, train_model
 from .report import ModelResult, count_parameters, measure_latency, plot_history, saved_size, write_results
 from .teacher import Teacher
+from .teacher_cache import AUTO, auto_teacher_cache, check_auto_cache
 from .timer import PhaseTimer
 
 ROLES = ("teacher", "baseline", "student")
@@ -46,6 +53,14 @@ class RunOutput(TypedDict):
     results_md: str
     plot: str
     model_card: str
+    teacher_cache: str | None  # the folder the distillation phase read the teacher from (teacher_cache: auto)
+
+
+class CacheOutput(TypedDict):
+    """What :func:`run_recipe` returns with ``teacher_cache_only``: the cache folder and the seconds of its build."""
+
+    teacher_cache: str
+    seconds: dict[str, float]
 
 
 def run_recipe(
@@ -72,7 +87,8 @@ def run_recipe(
     base_model: str | None = None,
     timer: PhaseTimer | None = None,
     assistants: Sequence[Teacher] = (),
-) -> RunOutput:
+    recipe_args: RecipeArguments | None = None,
+) -> RunOutput | CacheOutput:
     """Evaluate ``teacher``, train ``baseline`` without distillation, distil ``teacher`` into ``student``, and write
     the results, the history plot and the student with its model card (see the module docstring).
 
@@ -102,8 +118,26 @@ def run_recipe(
         timer: The run's timer, started where the recipe began (its own phases already recorded); None: a new one.
         assistants: More prepared teachers: evaluated and reported like the teacher (roles ``assistant_<i>``) and
             distilled from after it, ``teacher_model=[teacher, *assistants]``.
+        recipe_args: The recipe's arguments: ``cache_dir`` and the ``teacher_cache_*`` settings of
+            ``teacher_cache: auto`` (required with it).
     """
     timer = timer or PhaseTimer()
+    distillation_args = distillation_args or training_args
+    cache = None
+    if distillation_args.teacher_cache == AUTO:
+        if recipe_args is None:
+            raise ValueError("`teacher_cache: auto` builds the cache in the recipe's `cache_dir`: pass "
+                             "run_recipe(..., recipe_args=args).")
+        check_auto_cache(distillation_args, assistants)
+        with timer.phase("teacher_cache"):
+            cache = auto_teacher_cache(recipe, recipe_args, training_args, teacher.model, teacher.path, train_dataset,
+                                       data_collator, processing_class)
+        if recipe_args.teacher_cache_only:
+            return CacheOutput(teacher_cache=str(cache), seconds=dict(timer.seconds))
+        distillation_args = dataclasses.replace(distillation_args, teacher_cache=str(cache))
+    elif recipe_args is not None and recipe_args.teacher_cache_only:
+        raise ValueError("`teacher_cache_only` builds the cache of `teacher_cache: auto`; set `teacher_cache: auto` "
+                         "too (hf-kd cache does), or drop `teacher_cache_only`.")
     if not callable(metrics):
         metrics = _named(metrics)
     output_dir = Path(training_args.output_dir)
@@ -121,13 +155,14 @@ def run_recipe(
                            extra(model) if extra else {})
 
     def train(role: str, phase: str, model: nn.Module, args: DistillationArguments,
-              distil_from: nn.Module | list[nn.Module] | None) -> Trainer:
-        """Train ``model`` (plainly, or distilling ``distil_from`` into it), save, evaluate and report it."""
+              distil_from: nn.Module | list[nn.Module] | None, teacher_cache: Path | None = None) -> Trainer:
+        """Train ``model`` (plainly, or distilling ``distil_from`` or ``teacher_cache`` into it), save, evaluate and
+        report it."""
         folder = output_dir / role
         args = phase_arguments(args, output_dir=folder, train_size=len(train_dataset))
         data = dict(train_dataset=train_dataset, eval_dataset=eval_dataset, **inputs)
         with timer.phase(phase):
-            trainer = train_model(model, args, teacher=distil_from, **data)
+            trainer = train_model(model, args, teacher=distil_from, teacher_cache=teacher_cache, **data)
         trainer.save_model(str(folder))
         histories[phase] = _with_metrics(trainer.state.log_history, metrics)
         scores = evaluate(trainer.model, role) if plain_evaluation else trainer.evaluate()
@@ -143,8 +178,8 @@ def run_recipe(
     if baseline is not None:
         train("baseline", "baseline", baseline, training_args, None)
     models = [t.model for t in teachers.values()]
-    trainer = train("student", "distillation", student, distillation_args or training_args,
-                    models if assistants else teacher.model)
+    live = None if cache is not None else models if assistants else teacher.model
+    trainer = train("student", "distillation", student, distillation_args, live, cache)
 
     seconds = {**timer.seconds, "total": timer.elapsed()}
     student_dir = output_dir / "student"
@@ -157,14 +192,15 @@ def run_recipe(
         json_path, md_path = write_results(output_dir, results, lines)
         plot = plot_history(histories, output_dir / "history.png", plot_metric)
         card = write_model_card(student_dir, recipe=recipe, teacher=", ".join(t.name for t in teachers.values()),
-                                dataset=dataset, distillers=(distillation_args or training_args).distillers or [],
+                                dataset=dataset, distillers=distillation_args.distillers or [],
                                 results=results, base_model=base_model)
         print(md_path.read_text() + f"\nStudent saved to {student_dir}.")
         reports = [str(json_path), str(md_path), str(plot), str(card)]
     json_path, md_path, plot, card = broadcast_object_list([reports])[0]
     return RunOutput(results=results, student=trainer.model, histories=histories, seconds=seconds,
                      output_dir=str(output_dir), teacher_path=str(teacher.path), student_path=str(student_dir),
-                     results_json=json_path, results_md=md_path, plot=plot, model_card=card)
+                     results_json=json_path, results_md=md_path, plot=plot, model_card=card,
+                     teacher_cache=None if cache is None else str(cache))
 
 
 def _named(names: Sequence[str]) -> Metrics:
