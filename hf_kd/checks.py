@@ -74,10 +74,18 @@ def check_same_inputs(student: nn.Module, teachers: Roles) -> None:
 def check_logit_widths(student: nn.Module, teachers: Sequence[nn.Module], readers: Sequence[Sequence[Distiller]],
                        tokenizer: Any = None) -> None:
     """Each teacher some distiller reads logits of shares its logits with the student (:func:`shared_logit_width`);
-    ``readers[i]``: the distillers that read ``teachers[i]``."""
-    for teacher, reading in zip(teachers, readers):
-        if any(d.requires.logits for d in reading):
+    ``readers[i]``: the distillers that read ``teachers[i]``. With several teachers the error names the one."""
+    for index, (teacher, reading) in enumerate(zip(teachers, readers)):
+        logit_readers = [d.name for d in reading if d.requires.logits]
+        if not logit_readers:
+            continue
+        try:
             shared_logit_width(student, teacher, tokenizer)
+        except ValueError as error:
+            if len(teachers) == 1:
+                raise
+            raise ValueError(f"teacher_model[{index}] (read by {logit_readers}): {error} Or leave that teacher to "
+                             "the representation distillers (`teacher`: the other indices).") from None
 
 
 def position_limits(models: Roles) -> list[tuple[str, int]]:

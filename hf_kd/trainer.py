@@ -275,7 +275,10 @@ class DistillationTrainer(Trainer):
         # A cache covers the train rows: evaluation with it runs the student alone too.
         student_only = not model.training and (self._student_only or not self.args.eval_distillation_losses
                                                 or self._cached)
-        teachers = [slot.forward(batch, self._flags, fused, training) if slot.runs and not student_only else None
+        read = set() if student_only else {
+            slot.index for slot in self._slots if slot.runs
+            and any(slot.index in d.teachers_read(len(self._slots), model.training) for d in slot.readers)}
+        teachers = [slot.forward(batch, self._flags, fused, training) if slot.index in read else None
                     for slot in self._slots]
 
         components: dict[str, torch.Tensor] = {}

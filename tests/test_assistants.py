@@ -123,21 +123,36 @@ def test_dgkd_needs_fewer_drops_than_guides(output_dir):
         dgkd(student, [g0, g1], {})
 
 
-def dgkd_run(output_dir, resume=None):
+def count_forwards(models):
+    """One list per model, one entry per forward pass it ran."""
+    calls = [[] for _ in models]
+    for model, seen in zip(models, calls):
+        model.register_forward_hook(lambda module, args, output, seen=seen: seen.append(None))
+    return calls
+
+
+def dgkd_run(output_dir, resume=None, forwards=None):
     guides = [bert(seed=2, layers=3, hidden=32), bert(seed=3, hidden=24), bert(seed=4, hidden=16)]
+    calls = count_forwards(guides)
     args = training_args(output_dir, max_steps=4, logging_steps=1, save_strategy="steps", save_steps=1, seed=0,
                          per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3)
     trainer = DistillationTrainer(model=bert(seed=1, hidden=16), teacher_model=guides, args=args,
                                   train_dataset=text_classification_data(), distillers=[{"name": "dgkd", "seed": 1}])
     trainer.train(resume_from_checkpoint=resume)
+    if forwards is not None:
+        forwards.extend(len(c) for c in calls)
     return {log["step"]: {k: v for k, v in log.items() if k.startswith("loss")}
             for log in trainer.state.log_history if "loss" in log}
 
 
 def test_dgkd_drops_the_same_guides_after_a_resume(tmp_path):
-    straight = dgkd_run(str(tmp_path / "straight"))
+    forwards = []
+    straight = dgkd_run(str(tmp_path / "straight"), forwards=forwards)
     dgkd = build_distiller({"name": "dgkd", "seed": 1})
     assert sorted(straight) == [1, 2, 3, 4]
+    # A dropped guide does not run: each guide ran in both micro-batches of the steps that kept it, and only those.
+    assert forwards == [2 * sum(k not in dgkd.dropped(3, step) for step in range(4)) for k in range(3)]
+    assert sum(forwards) == 2 * 4 * 2  # two guides kept per step
     for step, log in straight.items():  # step s ran at global_step s - 1; one guide dropped in both micro-batches
         assert [log[f"loss/dgkd/dropped_{k}"] for k in range(3)] == [
             float(k in dgkd.dropped(3, step - 1)) for k in range(3)], step
@@ -176,6 +191,23 @@ def test_ces_kd_routes_each_row_to_the_smallest_correct_expert():
         kl_rows(z_s, guides[0], 2.0).mean().item(), rel=1e-5)
     second = build_distiller({"name": "ces_kd", "pace": 1.0, "selection": lambda logits, targets: targets * 0 + 1})
     assert second(student, experts, batch)[1]["routed_1"].item() == 1.0  # index 1 of smallest-first: the big one
+
+
+def test_ces_kd_selection_is_pluggable_by_name():
+    from hf_kd.distillers import register_ces_selection
+
+    @register_ces_selection("test_second_smallest")
+    def second_smallest(logits, targets):
+        return torch.ones_like(targets, dtype=torch.long)
+
+    z_s, guides, batch = routed_batch()
+    student, *experts = views([z_s, *guides])
+    loss, parts = build_distiller({"name": "ces_kd", "pace": 1.0, "temperature": 2.0,
+                                   "selection": "test_second_smallest"})(student, experts, batch)
+    assert parts["routed_1"].item() == 1.0  # the ladder is smallest first: index 1 is the big assistant
+    assert loss.item() == pytest.approx(kl_rows(z_s, guides[1], 2.0).mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match=r"unknown `selection` 'no_such'. Valid names: .*test_second_smallest"):
+        build_distiller({"name": "ces_kd", "selection": "no_such"})
 
 
 def test_ces_kd_pacing_opens_the_ladder_from_the_smallest_expert():
@@ -230,6 +262,7 @@ def test_ces_kd_with_one_teacher_is_kl(output_dir):
 
 def test_ces_kd_logs_routing_and_pacing_in_training(output_dir):
     experts = [bert(seed=2, layers=3, hidden=32), bert(seed=3, hidden=24), bert(seed=4, hidden=16)]
+    calls = count_forwards(experts)
     trainer = DistillationTrainer(model=bert(seed=1, hidden=16), teacher_model=experts,
                                   distillers=[{"name": "ces_kd"}], train_dataset=text_classification_data(),
                                   args=training_args(output_dir, max_steps=3, logging_steps=1,
@@ -237,6 +270,8 @@ def test_ces_kd_logs_routing_and_pacing_in_training(output_dir):
     trainer.train()
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert [log["loss/ces_kd/open_experts"] for log in logs] == [1.0, 2.0, 3.0]
+    # An expert runs from the step that opens it (2 micro-batches per step): the teacher in the last step only.
+    assert [len(c) for c in calls] == [2, 4, 6]
     for log in logs:
         shares = [log[f"loss/ces_kd/routed_{k}"] for k in range(3)]
         assert sum(shares) == pytest.approx(1.0)

@@ -161,6 +161,16 @@ def test_different_vocab_sizes(tmp_path):
                             distillers=[{"name": "kl"}])
 
 
+def test_a_teacher_of_another_vocabulary_among_several_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"teacher_model\[1\] \(read by \['kl'\]\): Student vocabulary size 97 "
+                                         r"and teacher vocabulary size 200 differ"):
+        DistillationTrainer(model=llama(vocab=97), teacher_model=[llama(vocab=97), llama(vocab=200)],
+                            args=make_args(tmp_path), distillers=[{"name": "kl", "teacher_aggregation": "mean"}])
+    # a representation distiller may still read it
+    DistillationTrainer(model=llama(vocab=97), teacher_model=[llama(vocab=97), llama(vocab=200)],
+                        args=make_args(tmp_path), distillers=[{"name": "kl"}, {"name": "hidden_states", "teacher": 1}])
+
+
 class FakeTokenizer:
     def __init__(self, size):
         self.size = size

@@ -101,6 +101,14 @@ def test_load_recipe_and_parse_dict(toy):
     assert training_args.output_dir.endswith("out")
 
 
+def test_a_list_of_teachers_is_the_teacher_and_its_assistants(toy):
+    recipe, config_path = toy
+    args, _ = recipe.parse_dict(load_config(config_path, ["teacher=[t/a, t/b, t/c]", "assistants=[t/d]"]))
+    assert (args.teacher, args.assistants) == ("t/a", ["t/b", "t/c", "t/d"])
+    args, _ = recipe.parse_dict(load_config(config_path, ["teacher=[t/a]"]))
+    assert (args.teacher, args.assistants) == ("t/a", [])
+
+
 def test_unknown_keys_are_named_with_suggestions(toy):
     recipe, _ = toy
     with pytest.raises(ValueError) as error:

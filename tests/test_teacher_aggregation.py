@@ -160,6 +160,7 @@ def test_the_fused_lm_path_with_two_teachers_equals_the_unfused_one(tmp_path, on
     fused = make_trainer(tmp_path / "f", teachers, [spec], "lm", fused_lm_loss=True, loss_chunk_size=5)
     plain = make_trainer(tmp_path / "p", teachers, [spec], "lm", fused_lm_loss=False)
     got, want = losses(fused), losses(plain)
+    assert fused._fused_lm and not plain._fused_lm  # the comparison is of the two paths
     for g, w in zip(got, want):
         assert g == pytest.approx(w, rel=1e-5)
     for (name, p), q in zip(fused.model.named_parameters(), plain.model.parameters()):

@@ -74,6 +74,7 @@ CONTRACT_HOOKS: dict[str, str] = {
     "student_features": "union",
     "teacher_features": "union",
     "teacher_parameters": "union",
+    "teachers_read": "union",
     "student_forward_context": "nested",
     "teacher_forward_context": "nested",
 }
@@ -351,6 +352,13 @@ class Distiller(nn.Module):
         runs under ``torch.inference_mode()``.
         """
         return ()
+
+    def teachers_read(self, count: int, training: bool) -> Iterable[int]:
+        """The teachers (positions in ``teacher_model``, of ``count``) this distiller reads in the coming forward
+        pass; all by default. A method that leaves some out at some steps (dgkd's dropped guides, ces_kd's experts
+        its curriculum has not opened) names the ones it reads: a teacher that no distiller reads at a step does not
+        run, and its view is ``None``."""
+        return range(count)
 
     def on_step_end(self) -> None:
         """Called after every optimizer step."""

@@ -83,7 +83,8 @@ class CESKDDistiller(Distiller):
     - **Curriculum** (``pace``, a number in ``[0, 1]`` or a schedule): of ``G`` experts the ``min(G, floor(pace * G)
       + 1)`` smallest are open, so ``pace`` walks up the ladder in equal strata. The default, a linear schedule from
       0 to 1 over the training's steps, starts with the smallest assistant alone and opens one larger expert per
-      ``1/G`` of the training, the teacher in the last ``1/G``. ``pace=1`` opens every expert from the start.
+      ``1/G`` of the training, the teacher in the last ``1/G``. ``pace=1`` opens every expert from the start. An expert
+      not yet open does not run (:meth:`teachers_read`), unless another distiller reads it.
 
     Needs labels (the selection reads the true class): the trainer refuses a batch without them before it runs.
     Logged per expert ``k`` (its position in ``teacher_model``): ``routed_<k>``, the fraction of the step's rows
@@ -133,13 +134,14 @@ class CESKDDistiller(Distiller):
         """How many of ``count`` experts (the smallest first) are open at the current ``pace``."""
         return min(count, math.floor(self.pace * count + 1e-9) + 1)  # 1e-9: a stratum's edge is not lost to rounding
 
-    def route(self, teachers: Sequence[ModelView], rows: Sequence[RowBatch]) -> torch.Tensor:
-        """Each row's expert, as its position in ``teacher_model`` (``[n]``)."""
-        targets = rows[0].targets
+    def route(self, teachers: Sequence[ModelView | None], rows: Sequence[RowBatch | None]) -> torch.Tensor:
+        """Each row's expert, as its position in ``teacher_model`` (``[n]``), among the open experts (whose
+        ``teachers`` and ``rows`` are set; a closed expert's are ``None``)."""
+        targets = rows[-1].targets
         if targets is None:
             raise ValueError("ces_kd needs `labels` in every batch: the selection reads each row's true class.")
-        width = min(r.vocab_size for r in rows)
         ladder = list(range(len(teachers) - 1, -1, -1))[: self.open_experts(len(teachers))]  # smallest first
+        width = min(rows[k].vocab_size for k in ladder)
         logits = []
         for k in ladder:
             if teachers[k].logits is None:
@@ -157,10 +159,15 @@ class CESKDDistiller(Distiller):
                              "experts, smallest first).")
         return torch.tensor(ladder, device=choice.device)[choice.long()]
 
-    def forward(self, student: ModelView, teachers: Sequence[ModelView], batch: Mapping[str, Any]):
-        rows = [rows_from_views(student, teacher, batch) for teacher in teachers]
-        route = self.route(teachers, rows)
+    def teachers_read(self, count: int, training: bool) -> list[int]:
+        """The open experts: one the curriculum has not opened does not run."""
+        return list(range(count - self.open_experts(count), count))
+
+    def forward(self, student: ModelView, teachers: Sequence[ModelView | None], batch: Mapping[str, Any]):
         open_count = self.open_experts(len(teachers))
+        rows = [None if k < len(teachers) - open_count else rows_from_views(student, teacher, batch)
+                for k, teacher in enumerate(teachers)]
+        route = self.route(teachers, rows)
         total = sum(kl_to_guide(rows[k], batch, self.temperature, keep=route == k)
                     for k in range(len(teachers) - open_count, len(teachers)))
         count = denominator(batch, "rows", route.numel())

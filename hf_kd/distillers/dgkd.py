@@ -36,7 +36,8 @@ class DGKDDistiller(Distiller):
     drawn uniformly without replacement. It is a pure function of ``(seed, step)``
     (:meth:`~hf_kd.step_random.StepRandom.keyed`): every micro-batch and every process of a step drops the same
     guides, and a run resumed from a checkpoint drops what the uninterrupted run dropped (the reference code draws a
-    new set per mini-batch, which is one optimizer step there). Evaluation drops nothing.
+    new set per mini-batch, which is one optimizer step there). A dropped guide does not run that step
+    (:meth:`teachers_read`), unless another distiller reads it. Evaluation drops nothing.
 
     ``drop_num`` must be below the number of guides (at least one guide stays), which :meth:`setup` checks before
     training: with a single teacher nothing can be dropped, so ``drop_num=0`` (and the loss is ``kl``'s). With
@@ -94,7 +95,12 @@ class DGKDDistiller(Distiller):
         order = torch.randperm(count, generator=self.random.keyed(step, 0))
         return sorted(order[: self.drop_num].tolist())
 
-    def forward(self, student: ModelView, teachers: Sequence[ModelView], batch: Mapping[str, Any]):
+    def teachers_read(self, count: int, training: bool) -> list[int]:
+        """The guides kept this step: a dropped guide does not run."""
+        dropped = self.dropped(count, self.global_step) if training else []
+        return [k for k in range(count) if k not in dropped]
+
+    def forward(self, student: ModelView, teachers: Sequence[ModelView | None], batch: Mapping[str, Any]):
         dropped = self.dropped(len(teachers), self.global_step) if student.model.training else []
         kept = [teacher for k, teacher in enumerate(teachers) if k not in dropped]
         total = sum(kl_to_guide(rows_from_views(student, teacher, batch), batch, self.temperature)

@@ -258,6 +258,10 @@ class Recipe:
                 f"(`python recipes/{self.name}.py --help` lists them all)."
             )
         merged = {**self.defaults, **config}
+        if isinstance(merged.get("teacher"), list | tuple) and "assistants" in recipe_keys and merged["teacher"]:
+            # Several teachers, written as one list: the first is `teacher`, the others go first among `assistants`.
+            first, *others = merged["teacher"]
+            merged.update(teacher=first, assistants=[*others, *(merged.get("assistants") or [])])
         args = self.arguments(**coerce(self.arguments, {k: v for k, v in merged.items() if k in recipe_keys}))
         training_args = DistillationArguments(
             **coerce(DistillationArguments, {k: v for k, v in merged.items() if k in training_keys})
