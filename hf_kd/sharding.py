@@ -98,14 +98,20 @@ def shard_teacher(teacher: nn.Module, device: torch.device, class_names: Sequenc
 
 
 def is_sharded(model: nn.Module) -> bool:
+    """An FSDP2-sharded module or a DeepSpeed engine (:func:`deepspeed_teacher`): both gather parameters into
+    buffers they reuse, so such a teacher runs under ``no_grad``, never ``inference_mode``."""
+    return _is_fsdp2(model) or type(model).__module__.startswith("deepspeed")
+
+
+def _is_fsdp2(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
 
 
 def release(model: nn.Module) -> None:
-    """Free the gathered root parameters of a sharded teacher (no-op for any other model)."""
-    if is_sharded(model):
+    """Free the gathered root parameters of an FSDP2-sharded teacher (no-op for any other model)."""
+    if _is_fsdp2(model):
         model.reshard()
 
 

@@ -83,30 +83,30 @@ def forward_kl(student: torch.Tensor, teacher: SparseLogits) -> torch.Tensor:
         KL = sum_i p_i (log p_i - log q_i) + c * sum_tail (log c - log q_j)
         sum_tail log q_j = sum_V log q - sum_i log q_i
 
-    so the teacher side costs O(k) and the student's O(V) terms are one ``logsumexp`` and one sum. The gradient is
+    so the teacher side costs O(k) and the student's O(V) terms are one ``log_softmax`` and one sum. The gradient is
     written out, ``dKL / dz_s = s q - p~`` with ``p~`` the dense teacher distribution (``p_i`` on the top k, ``c``
     elsewhere) and ``s = sum_i p_i + (V - k) c`` (1 up to rounding): one ``exp`` over ``[n, V]`` in the backward
-    pass instead of autograd's chain through ``logsumexp``, ``gather`` and ``sum``. A teacher whose tensors require
-    grad (trained online) takes the autograd form, which also differentiates the teacher side."""
+    pass instead of autograd's chain through ``log_softmax``, ``gather`` and ``sum``. A teacher whose tensors
+    require grad (trained online) takes the autograd form, which also differentiates the teacher side."""
     if teacher.values.requires_grad or teacher.rest.requires_grad:
         return _forward_kl(student, teacher)[0]
     return _SparseForwardKL.apply(student, teacher.values, teacher.indices, teacher.rest, teacher.width)
 
 
 def _forward_kl(student: torch.Tensor, teacher: SparseLogits) -> tuple[torch.Tensor, ...]:
-    """``(KL, lse, p, c, s)``: the loss and what its gradient reads (``lse`` the student's ``logsumexp``)."""
+    """``(KL, log q, p, c, s)``: the loss and what its gradient reads."""
     log_p, log_c = teacher.log_probs()
     p, c = log_p.exp(), log_c.exp()
-    lse = student.logsumexp(-1, keepdim=True)
-    log_q_top = student.gather(-1, teacher.indices) - lse
+    log_q = student.log_softmax(-1)
+    log_q_top = log_q.gather(-1, teacher.indices)
     loss = (p * (log_p - log_q_top)).sum(-1)
     others = teacher.width - teacher.k
     if others == 0:
-        return loss, lse, p, torch.zeros_like(c), p.sum(-1)
+        return loss, log_q, p, torch.zeros_like(c), p.sum(-1)
     c = torch.where(c > 0, c, torch.zeros_like(c))
-    log_q_tail = (student.sum(-1) - teacher.width * lse.squeeze(-1)) - log_q_top.sum(-1)
+    log_q_tail = log_q.sum(-1) - log_q_top.sum(-1)
     tail = torch.where(c > 0, others * c * log_c - c * log_q_tail, torch.zeros_like(c))
-    return loss + tail, lse, p, c, p.sum(-1) + others * c
+    return loss + tail, log_q, p, c, p.sum(-1) + others * c
 
 
 class _SparseForwardKL(torch.autograd.Function):
@@ -114,14 +114,14 @@ class _SparseForwardKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, values, indices, rest, width):
-        loss, lse, p, c, s = _forward_kl(student, SparseLogits(values, indices, rest, width))
-        ctx.save_for_backward(student, lse, p, c, s, indices)
+        loss, log_q, p, c, s = _forward_kl(student, SparseLogits(values, indices, rest, width))
+        ctx.save_for_backward(log_q, p, c, s, indices)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        student, lse, p, c, s, indices = ctx.saved_tensors
-        g = (student - lse).exp_().mul_(s.unsqueeze(-1)).sub_(c.unsqueeze(-1))  # s q - c everywhere
+        log_q, p, c, s, indices = ctx.saved_tensors
+        g = log_q.exp().mul_(s.unsqueeze(-1)).sub_(c.unsqueeze(-1))  # s q - c everywhere
         g.scatter_add_(-1, indices, c.unsqueeze(-1) - p)  # s q - p_i on the top k
         return g.mul_(grad.unsqueeze(-1)), None, None, None, None
 

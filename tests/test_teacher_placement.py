@@ -85,6 +85,24 @@ def test_a_sharded_teacher_that_a_distiller_trains_is_refused():
     check_shardable("fsdp2", [])
 
 
+def test_the_trainer_refuses_an_online_distiller_on_a_sharded_teacher_when_built(tmp_path, monkeypatch):
+    """The refusal comes from DistillationTrainer(...), before any model is sharded or trained (the engine is
+    forced to fsdp2, which one process would not choose)."""
+    monkeypatch.setattr("hf_kd.trainer.teacher_engine", lambda sharding, accelerator: "fsdp2")
+    with pytest.raises(ValueError, match=r"teacher_sharding='none'"):
+        DistillationTrainer(model=bert(seed=1), teacher_model=bert(seed=2), distillers=[{"name": "atsc"}],
+                            args=training_args(tmp_path, max_steps=1), train_dataset=text_classification_data())
+
+
+def test_a_deepspeed_teacher_engine_runs_under_no_grad_not_inference_mode():
+    """ZeRO-3 gathers partitioned parameters into reused buffers, as FSDP2 does: is_sharded says so by the
+    engine's module (deepspeed itself is not installed here)."""
+    from hf_kd.sharding import is_sharded
+
+    engine_class = type("DeepSpeedEngine", (nn.Module,), {"__module__": "deepspeed.runtime.engine"})
+    assert is_sharded(engine_class()) and not is_sharded(nn.Linear(1, 1))
+
+
 def test_the_blocks_sharded_one_unit_each():
     model = llama(layers=3)
     assert block_modules(model) == list(reversed(model.model.layers))  # _no_split_modules, innermost first
