@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import nn
 
@@ -112,7 +115,7 @@ class CacheSlot:
             "topk_values", "topk_indices", "tail"]
         if metadata["task"] == "causal_lm":
             columns.append("positions")
-        return cls(tuple(readers), rows.with_format("torch", columns=columns), metadata["task"],
+        return cls(tuple(readers), rows.with_format("arrow", columns=columns), metadata["task"],
                    metadata["logits_width"], metadata["top_k"], device)
 
     @property
@@ -123,24 +126,27 @@ class CacheSlot:
         if SAMPLE_INDEX not in batch:
             raise ValueError("A cached teacher is read by the train rows' sample index; this batch has none (an "
                              "evaluation batch: evaluation with teacher_cache runs the student alone).")
-        entries = self.rows[batch[SAMPLE_INDEX].tolist()]
+        entries = self.rows[batch[SAMPLE_INDEX].tolist()]  # a pyarrow Table: its columns are read flat
         if self.task == "classification":
-            return ModelView(model=None, task=self.task, logits=entries["logits"].float().to(self.device))
+            logits = _flat(entries, "logits", 1).view(-1, self.width)
+            return ModelView(model=None, task=self.task, logits=logits.float().to(self.device))
         mask = batch.get("attention_mask")
         if mask is not None and bool((mask[:, 0] == 0).any()):
             raise ValueError("A causal-LM `teacher_cache` stores positions of right-padded rows, and this batch is "
                              "left-padded: train with tokenizer.padding_side='right' (as the cache was built).")
         shape = batch["input_ids"].shape
-        positions = entries["positions"]  # per sample: the predicting positions it has cached rows for
-        samples = torch.repeat_interleave(torch.arange(len(positions)), torch.tensor([len(p) for p in positions]))
-        cached = (samples * shape[1] + torch.cat(list(positions)).long()).to(self.device)  # into the [B * T] rows
+        # per sample: how many predicting positions it has cached rows for, and which
+        counts = torch.from_numpy(pc.list_value_length(entries.column("positions")).to_numpy().astype(np.int64))
+        samples = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        cached = (samples * shape[1] + _flat(entries, "positions", 1).long()).to(self.device)  # into the [B * T] rows
         self._check_rows(batch, shape, cached)
         if self.top_k is None:
             logits = torch.zeros(shape.numel(), self.width, device=self.device)
-            logits[cached] = torch.cat(list(entries["logits"])).float().to(self.device)
+            logits[cached] = _flat(entries, "logits", 2).view(-1, self.width).float().to(self.device)
             return ModelView(model=None, task=self.task, logits=logits.view(*shape, self.width))
-        top = SparseLogits.from_tail(*(torch.cat(list(entries[c])).to(self.device)
-                                       for c in ("topk_values", "topk_indices", "tail")), self.width)
+        top = SparseLogits.from_tail(_flat(entries, "topk_values", 2).view(-1, self.top_k).to(self.device),
+                                     _flat(entries, "topk_indices", 2).view(-1, self.top_k).to(self.device),
+                                     _flat(entries, "tail", 1).to(self.device), self.width)
         rows = SparseLogits(top.values.new_zeros(shape.numel(), self.top_k),
                             top.indices.new_zeros(shape.numel(), self.top_k), top.rest.new_zeros(shape.numel()),
                             self.width)
@@ -157,3 +163,12 @@ class CacheSlot:
             raise ValueError("`teacher_cache` has no teacher output for some predicted tokens of this batch: its rows "
                              "were cached from other labels or padding. Build it with the data_collator this "
                              "trainer uses (cache_teacher_outputs(..., data_collator=...)).")
+
+
+def _flat(table: pa.Table, column: str, depth: int) -> torch.Tensor:
+    """The values of a list column nested ``depth`` deep, flattened in row order (one copy, no per-row tensors)."""
+    values = table.column(column)
+    for _ in range(depth):
+        values = pc.list_flatten(values)
+    array = values.to_numpy()
+    return torch.from_numpy(array.astype(np.int64) if array.dtype == np.uint16 else array)

@@ -97,6 +97,11 @@ class TextClassificationArguments(RecipeArguments):
     student_hidden_size: int = field(metadata={"help": "Width of the random-init student."})
     student_heads: int = field(metadata={"help": "Attention heads of the random-init student."})
     student_intermediate_size: int = field(metadata={"help": "MLP width of the random-init student."})
+    student_dropout: float | None = field(
+        metadata={"help": "Dropout of the student (and of the baseline): hidden states and attention probabilities. "
+                  "None: the model's own (BERT's 0.1). 0: none, so a run on several processes equals one process "
+                  "exactly (each process draws its own dropout masks)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -191,8 +196,22 @@ def load_teacher(path: str | None, args: TextClassificationArguments, training_a
 
 def build_student(args: TextClassificationArguments, teacher: PreTrainedModel, classes: Classes,
                   tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
-    """The student before training: ``args.student``, a truncated teacher or a random-init BERT (``student_*``)."""
+    """The student before training: ``args.student``, a truncated teacher or a random-init BERT (``student_*``),
+    with ``student_dropout`` applied."""
     torch.manual_seed(seed)
+    student = initial_student(args, teacher, classes, tokenizer)
+    if args.student_dropout is not None:
+        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+            if hasattr(student.config, key):
+                setattr(student.config, key, args.student_dropout)
+        for module in student.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = args.student_dropout
+    return student
+
+
+def initial_student(args: TextClassificationArguments, teacher: PreTrainedModel, classes: Classes,
+                    tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     if args.student is not None:
         options = {} if is_finetuned(args.student, classes) else classes.config
         student = AutoModelForSequenceClassification.from_pretrained(args.student, attn_implementation="eager",
