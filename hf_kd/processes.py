@@ -24,6 +24,7 @@ def close_process_group() -> None:
     Without it gloo's worker threads outlive the interpreter and a process can abort (SIGABRT) while exiting, after
     its work is done. Call it only when every process finished normally: it waits for the others."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no process tears its connections down while another still talks to it
         dist.destroy_process_group()
 
 
