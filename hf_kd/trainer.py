@@ -488,7 +488,7 @@ class DistillationTrainer(Trainer):
         """The trained teacher-side parameters by name (``<teacher index>.<name>`` when there are several)."""
         trained = {id(p) for p in self._teacher_params}
         state = {}
-        for slot in self._slots:
+        for slot in self._slots if trained else ():  # none trained (a cache's slot has no model)
             prefix = f"{slot.index}." if len(self._slots) > 1 else ""
             state.update({prefix + n: p.detach() for n, p in slot.bare.named_parameters() if id(p) in trained})
         return state

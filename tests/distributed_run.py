@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 from conftest import bert, llama, lm_data, text_classification_data  # noqa: E402
-from hf_kd import DistillationArguments, DistillationTrainer  # noqa: E402
+from hf_kd import DistillationArguments, DistillationTrainer, cache_teacher_outputs  # noqa: E402
 from hf_kd.distillers.base import _REGISTRY  # noqa: E402
 from hf_kd.processes import close_process_group  # noqa: E402
 from hf_kd.sharding import local_parameter_share  # noqa: E402
@@ -39,6 +39,8 @@ CONFIGS = {
         {"name": "kl", "temperature": 2.0}, {"name": "hidden_states", "projector": "linear"}]),
     "sharded_teacher_fused_lm": dict(family="lm", args={"teacher_sharding": "fsdp2"},
                                      distillers=[{"name": "kl", "temperature": 2.0}]),
+    # No teacher run: a top-k offline cache, its rows found by sample index under the distributed sampler.
+    "cached_teacher_lm": dict(family="lm", cache_top_k=8, distillers=[{"name": "kl", "temperature": 2.0}]),
 }
 RELATIONS = sorted(n for n, c in _REGISTRY.items() if c.family == "relation" and c.__module__.startswith("hf_kd."))
 CONFIGS.update({f"relation_{name}": dict(family="text", distillers=[{"name": name}]) for name in RELATIONS})
@@ -63,8 +65,13 @@ def run(config: str, per_device: int, accumulation: int, output_dir: str) -> dic
         per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
         optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, **spec.get("args", {}),
     )
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
-                                  distillers=spec["distillers"])
+    cache = None
+    if "cache_top_k" in spec:  # each process builds its own copy (the same rows), as a run reading a shared folder
+        cache = os.path.join(output_dir, f"cache-{os.environ.get('RANK', '0')}")
+        cache_teacher_outputs(teacher, data, cache, top_k=spec["cache_top_k"])
+        teacher = None
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, teacher_cache=cache, args=args,
+                                  train_dataset=data, distillers=spec["distillers"])
     trainer.train()
     # Evaluation runs the (sharded) teacher too: distiller terms and the teacher's own metrics.
     metrics = trainer.evaluate(text_classification_data(n=8, seed=7)) if spec.get("evaluate") else {}
@@ -80,7 +87,7 @@ def run(config: str, per_device: int, accumulation: int, output_dir: str) -> dic
         "checkpoint": saved,
         "processes": trainer.accelerator.num_processes,
         "state_agrees": state_agrees(trainer.distillers.state_dict()),
-        "teacher_shares": every_process(local_parameter_share(trainer.teacher)),
+        "teacher_shares": every_process(local_parameter_share(trainer.teacher) if trainer.teacher else 0.0),
         "fused": trainer._fused_lm,
         "eval": {k: v for k, v in metrics.items() if "loss" in k},
     }

@@ -2,7 +2,8 @@
 the final student, the projector and the teacher-side weights, for logit KD on a classifier and on a padded causal
 LM, hidden states through a projector, ATSC's online teacher, every relation distiller of the registry, two teachers
 (learned aggregation, a projector per teacher), and a teacher sharded over the processes with FSDP2
-(``teacher_sharding="fsdp2"``, the fused causal-LM path included). Default
+(``teacher_sharding="fsdp2"``, the fused causal-LM path included), and no teacher at all: a top-k offline cache
+read by sample index under the distributed sampler. Default
 TrainingArguments (``average_tokens_across_devices=True``); 2 processes x 4 and 2 processes x 2 x accumulation 2 vs
 1 process x 8, or, for relation distillers, vs 1 process running the same micro-batches (distributed_run.REFERENCES).
 """

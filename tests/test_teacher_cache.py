@@ -101,6 +101,27 @@ def test_caches_that_do_not_fit_the_run_are_refused(tmp_path):
     with pytest.raises(ValueError, match="Give `teacher_model` or `teacher_cache`, not both"):
         DistillationTrainer(model=bert(seed=1), teacher_model=teacher, teacher_cache=cache, args=args,
                             train_dataset=data)
+    # the same texts tokenized to another max_length: every row's fingerprint differs
+    shorter = data.map(lambda row: {k: row[k][:8] for k in ("input_ids", "attention_mask")})
+    with pytest.raises(ValueError, match=r"does not match train row 0.*max_length"):
+        DistillationTrainer(model=bert(seed=1), teacher_cache=cache, args=args, train_dataset=shorter)
+
+
+def test_a_cache_built_with_another_tokenizer_is_refused(tmp_path):
+    from transformers import BertTokenizer
+
+    def tokenizer(words):
+        return BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])})
+
+    data, teacher = text_classification_data(n=8), bert(layers=3, hidden=48, seed=2)
+    cache = str(tmp_path / "cache")
+    cache_teacher_outputs(teacher, data, cache, tokenizer=tokenizer(["a", "b"]))
+    args = training_args(tmp_path / "x", max_steps=1)
+    with pytest.raises(ValueError, match=r"`teacher_cache` was built with another tokenizer than this trainer's"):
+        DistillationTrainer(model=bert(seed=1), teacher_cache=cache, args=args, train_dataset=data,
+                            processing_class=tokenizer(["a", "c"]))
+    DistillationTrainer(model=bert(seed=1), teacher_cache=cache, args=args, train_dataset=data,
+                        processing_class=tokenizer(["a", "b"]))  # the same vocabulary: accepted
 
 
 def cacheable() -> list[str]:
