@@ -140,7 +140,8 @@ def test_cli_run_with_overrides_and_truncated_student(tiny, tmp_path):
     out = tmp_path / "cli"
     assert cli_main(["run", str(CONFIG), "max_steps=2", f"teacher={tiny['teacher']}", f"dataset={tiny['dataset']}",
                      "text_column=sentence", "label_column=topic", "student_init=truncate_first", "student_layers=1",
-                     "student_dropout=0.0", "baseline=false", "per_device_train_batch_size=4", "eval_steps=1", "logging_steps=1",
+                     "student_dropout=0.0", "baseline=false", "per_device_train_batch_size=4", "eval_steps=1",
+                     "logging_steps=1",
                      f"output_dir={out}", f"cache_dir={tmp_path / 'cache'}",
                      "distillers=[{name: kl, temperature: 4.0}]"]) == 0
     data = json.loads((out / "results.json").read_text())
