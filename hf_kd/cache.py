@@ -13,12 +13,22 @@ task_of`):
   vocabulary, else int32: :func:`index_dtype`) and ``tail`` ``[n]``
   (float32, the log of the probability mass outside the top ``k`` at temperature 1, see :func:`tail_log_mass`);
   with ``top_k = None``: ``logits`` ``[n, V]``, the full logits;
+- with ``hidden_states=[l, ...]`` (layers as indices of the model's ``hidden_states`` tuple: 0 the embeddings, -1
+  the last layer): ``hidden_<l>`` per layer (``l`` made non-negative), in ``values_dtype``. With
+  ``hidden_pooling="tokens"`` the row's tokens ``[n, H]``, its first ``n`` positions where ``n`` is its number of
+  non-padding tokens (right padding), for distillers that compare tokens (``hidden_states``); with ``"cls"``,
+  ``"mean"`` or ``"last"`` one vector ``[H]`` per row, pooled as
+  :func:`~hf_kd.distillers.representation.select_tokens` pools (``mean`` over non-padding tokens), for the
+  relation distillers' ``embedding`` of that name and ``hidden_states`` with ``tokens`` of that name: about
+  ``T`` times smaller;
 - every row: ``fingerprint``, the first 16 hex digits of the sha256 of the row's input columns in canonical JSON
   (:func:`row_fingerprint`), so a reader checks cheaply that cache row ``i`` belongs to dataset row ``i``.
 
-The metadata names the format version, the teacher (class, ``_name_or_path``, a hash of its config), the task, the
-logits width, ``top_k``, ``values_dtype``, the fingerprinted columns, the number of rows, a hash of all row
-fingerprints, the longest input and, when given, a hash of the tokenizer. The teacher's weights are not hashed: a
+The metadata names the format version, the teacher (class, ``_name_or_path``, its config and a hash of it: a reader
+builds a weightless stand-in of the teacher from it, so distillers size projectors and layer maps and the class
+order is checked), the task, the logits width, ``top_k``, ``values_dtype``, the cached hidden layers and pooling,
+the fingerprinted columns, the number of rows, a hash of all row fingerprints, the longest input and, when given, a
+hash of the tokenizer. The teacher's weights are not hashed: a
 teacher fine-tuned further under the same path and config must get a new ``output_dir``.
 
 The build is resumable: it writes shards of ``shard_batches`` batches under ``<output_dir>.building/``, each saved
@@ -43,14 +53,16 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import default_data_collator
 
-from .architecture import accepted_inputs, logits_width, model_inputs, task_of, unwrap
+from .architecture import accepted_inputs, logits_width, model_inputs, num_layers, task_of, unwrap
 from .choices import check_choice
+from .distillers.representation import select_tokens
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA = "hf_kd_cache.json"
 _BUILDING = "building.json"  # the staging folder's arguments, for resuming
 
 ValuesDtype = Literal["float16", "float32"]
+HiddenPooling = Literal["tokens", "cls", "mean", "last"]
 
 
 # ---- hashes ---------------------------------------------------------------------------------------------------
@@ -90,6 +102,27 @@ def _predicting_positions(batch: dict[str, torch.Tensor], length: int) -> torch.
     return torch.ones(batch["input_ids"].shape[0], length - 1, dtype=torch.bool)
 
 
+def hidden_column(layer: int) -> str:
+    """The cache column of hidden layer ``layer`` (a non-negative index of the ``hidden_states`` tuple)."""
+    return f"hidden_{layer}"
+
+
+def _hidden_columns(hidden_states: Sequence[torch.Tensor], batch: dict[str, torch.Tensor], layers: Sequence[int],
+                    pooling: str, dtype: np.dtype) -> dict[str, list[np.ndarray]]:
+    """The ``hidden_<l>`` columns of one batch: each row's non-padding tokens, or its pooled vector."""
+    mask = batch.get("attention_mask")
+    if pooling != "tokens":
+        return {hidden_column(layer): list(select_tokens(hidden_states[layer].float(), mask, pooling).cpu().numpy()
+                                           .astype(dtype)) for layer in layers}
+    shape = hidden_states[0].shape
+    if mask is not None and bool((mask[:, 0] == 0).any()):
+        raise ValueError("cache_teacher_outputs(hidden_pooling='tokens') stores each row's first tokens and this batch "
+                         "is left-padded: pad on the right (tokenizer.padding_side='right').")
+    lengths = (mask.sum(-1) if mask is not None else torch.full(shape[:1], shape[1])).tolist()
+    return {hidden_column(layer): [row[:n].numpy().astype(dtype) for row, n in
+                                   zip(hidden_states[layer].float().cpu(), lengths)] for layer in layers}
+
+
 def _batch_columns(logits: torch.Tensor, batch: dict[str, torch.Tensor], task: str, top_k: int | None,
                    dtype: np.dtype) -> dict[str, list[np.ndarray]]:
     """The cache columns of one batch's float32 ``logits`` (one list entry per example)."""
@@ -116,8 +149,11 @@ def index_dtype(width: int) -> str:
     return "uint16" if width <= 2 ** 16 else "int32"
 
 
-def _features(task: str, top_k: int | None, values_dtype: str, width: int) -> datasets.Features:
+def _features(task: str, top_k: int | None, values_dtype: str, width: int, layers: Sequence[int],
+              pooling: str) -> datasets.Features:
     rows = datasets.List(datasets.List(datasets.Value(values_dtype)))
+    hidden = {hidden_column(layer): rows if pooling == "tokens" else datasets.List(datasets.Value(values_dtype))
+              for layer in layers}
     if task == "classification":
         columns = {"logits": datasets.List(datasets.Value(values_dtype))}
     elif top_k is None:
@@ -127,7 +163,7 @@ def _features(task: str, top_k: int | None, values_dtype: str, width: int) -> da
                    "topk_indices": datasets.List(datasets.List(datasets.Value(index_dtype(width)))),
                    "tail": datasets.List(datasets.Value("float32")),
                    "positions": datasets.List(datasets.Value("int32"))}
-    return datasets.Features({**columns, "fingerprint": datasets.Value("string")})
+    return datasets.Features({**columns, **hidden, "fingerprint": datasets.Value("string")})
 
 
 # ---- the cache ------------------------------------------------------------------------------------------------
@@ -142,20 +178,27 @@ def cache_teacher_outputs(
     data_collator: Callable[[list[dict]], dict] | None = None,
     fingerprint_columns: Sequence[str] | None = None,
     tokenizer: Any = None,
+    hidden_states: Sequence[int] | None = None,
+    hidden_pooling: HiddenPooling = "tokens",
     shard_batches: int = 16,
 ) -> datasets.Dataset:
     """Run the frozen ``teacher`` once over ``dataset`` (in order, ``batch_size`` rows per batch through
     ``data_collator``, default ``transformers.default_data_collator`` for equal-length rows) and save its outputs
     to ``output_dir`` in the format of this module's docstring; returns the cache as a ``datasets.Dataset``.
 
-    ``top_k`` (causal LMs): the logits kept per position, ``None`` for all. ``fingerprint_columns``: the columns
+    ``top_k`` (causal LMs): the logits kept per position, ``None`` for all. ``hidden_states``: the hidden layers
+    to keep too (indices of the teacher's ``hidden_states`` tuple, e.g. ``[-1]``), per token or pooled
+    (``hidden_pooling``, module docstring), for the representation and relation distillers that read them.
+    ``fingerprint_columns``: the columns
     each row's fingerprint covers, by default every column ``teacher.forward`` accepts plus ``labels``. A complete
     cache at ``output_dir`` with the same metadata is loaded without running the teacher; one with other metadata
     is refused. An interrupted build restarted with the same arguments continues after its last complete shard.
     Run it in one process (the teacher on its own device); training runs then read the folder from every process.
     """
     check_choice("cache_teacher_outputs", "values_dtype", values_dtype, ValuesDtype)
+    check_choice("cache_teacher_outputs", "hidden_pooling", hidden_pooling, HiddenPooling)
     task = task_of(teacher)
+    layers = _hidden_layers(teacher, hidden_states)
     if task not in ("classification", "causal_lm"):
         raise ValueError(f"cache_teacher_outputs caches classifiers and causal LMs; {type(unwrap(teacher)).__name__} "
                          "is neither.")
@@ -169,6 +212,7 @@ def cache_teacher_outputs(
     fingerprints = [row_fingerprint(row, columns) for row in dataset.select_columns(columns)]
     metadata = _metadata(teacher, dataset, task, width, None if task == "classification" else top_k, values_dtype,
                          columns, fingerprints, tokenizer)
+    metadata.update(hidden_states=layers, hidden_pooling=hidden_pooling if layers else None)
 
     output_dir = Path(output_dir)
     staging = output_dir.parent / f"{output_dir.name}.building"
@@ -187,7 +231,7 @@ def cache_teacher_outputs(
     num_shards = -(-len(dataset) // rows_per_shard)
     shards = [staging / f"shard-{s:05d}" for s in range(num_shards)]
     done = next((s for s, shard in enumerate(shards) if not shard.is_dir()), num_shards)
-    features = _features(task, metadata["top_k"], values_dtype, width)
+    features = _features(task, metadata["top_k"], values_dtype, width, layers, hidden_pooling)
     collate = data_collator or default_data_collator
     examples = dataset.select_columns(inputs)
     num_batches = -(-len(dataset) // batch_size)
@@ -200,7 +244,8 @@ def cache_teacher_outputs(
             shard: dict[str, list] = {name: [] for name in features}
             for first in range(start, stop, batch_size):
                 batch = collate([examples[i] for i in range(first, min(first + batch_size, stop))])
-                for name, values in _run(teacher, batch, task, metadata["top_k"], np.dtype(values_dtype)).items():
+                for name, values in _run(teacher, batch, task, metadata["top_k"], np.dtype(values_dtype), layers,
+                                         hidden_pooling).items():
                     shard[name].extend(values)
                 progress.update()
             shard["fingerprint"] = fingerprints[start:stop]
@@ -232,13 +277,31 @@ def load_teacher_cache(path: str | Path) -> tuple[datasets.Dataset, dict[str, An
     return datasets.load_from_disk(str(path)), json.loads((path / METADATA).read_text())
 
 
-def _run(teacher: nn.Module, batch: dict[str, Any], task: str, top_k: int | None,
-         dtype: np.dtype) -> dict[str, list[np.ndarray]]:
+def _run(teacher: nn.Module, batch: dict[str, Any], task: str, top_k: int | None, dtype: np.dtype,
+         layers: Sequence[int], pooling: str) -> dict[str, list[np.ndarray]]:
     """One batch through the teacher, as cache columns."""
     device = next(teacher.parameters()).device
+    inputs = {k: v.to(device) for k, v in model_inputs(batch, teacher).items()}
     with torch.inference_mode():
-        logits = teacher(**{k: v.to(device) for k, v in model_inputs(batch, teacher).items()}).logits
-    return _batch_columns(logits.float().cpu(), batch, task, top_k, dtype)
+        outputs = teacher(**inputs, **({"output_hidden_states": True} if layers else {}))
+    columns = _batch_columns(outputs.logits.float().cpu(), batch, task, top_k, dtype)
+    if layers:
+        columns.update(_hidden_columns(outputs.hidden_states, batch, layers, pooling, dtype))
+    return columns
+
+
+def _hidden_layers(teacher: nn.Module, layers: Sequence[int] | None) -> list[int]:
+    """``layers`` as sorted non-negative indices of the teacher's ``hidden_states`` tuple (``num_layers + 1``
+    entries), or an error naming the valid range."""
+    if not layers:
+        return []
+    count = num_layers(teacher) + 1
+    bad = [layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, int)
+           or not -count <= layer < count]
+    if bad:
+        raise ValueError(f"`hidden_states` takes indices of the teacher's {count} hidden states (0: the embeddings, "
+                         f"-1 or {count - 1}: the last layer); got {bad}.")
+    return sorted({layer % count for layer in layers})
 
 
 def _save_shard(shard: datasets.Dataset, path: Path) -> None:
@@ -268,6 +331,7 @@ def _metadata(teacher: nn.Module, dataset: datasets.Dataset, task: str, width: i
         "format_version": FORMAT_VERSION,
         "teacher_class": type(unwrap(teacher)).__name__,
         "teacher_name_or_path": getattr(config, "_name_or_path", ""),
+        "teacher_config": config_dict,
         "teacher_config_sha256": _sha256(config_dict),
         "task": task,
         "logits_width": width,

@@ -12,7 +12,7 @@ they read a live teacher; distillers that need more than the teacher's logits ar
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+import transformers
 from torch import nn
 
-from .architecture import SAMPLE_INDEX, Task, logits_width
-from .cache import load_teacher_cache, row_fingerprint, tokenizer_hash
-from .capture import ModelView
+from .architecture import SAMPLE_INDEX, Task, logits_width, num_layers
+from .cache import hidden_column, load_teacher_cache, row_fingerprint, tokenizer_hash
+from .capture import CachedLayers, ModelView
 from .row_loss import causal_lm_rows
 from .sparse_logits import SparseLogits
 
@@ -72,22 +73,40 @@ def check_cache(metadata: Mapping[str, Any], rows: datasets.Dataset, train_datas
             )
 
 
-def refuse_uncached(named: Sequence[tuple[str, nn.Module]]) -> None:
-    """Only distillers that read the teacher's logits alone can train from a cache."""
+def refuse_uncached(named: Sequence[tuple[str, nn.Module]], metadata: Mapping[str, Any] | None = None) -> None:
+    """Only distillers that read the teacher's logits, and its hidden states when the cache holds some
+    (``metadata["hidden_states"]``; which layers is checked when they are read), can train from a cache."""
+    has_hidden = bool(metadata and metadata.get("hidden_states"))
     for key, distiller in named:
         if not distiller.requires.teacher:
             continue
-        needs = [what for what, on in (("hidden states", distiller.requires.hidden_states),
+        needs = [what for what, on in (("hidden states", distiller.requires.hidden_states and not has_hidden),
                                        ("attention maps", distiller.requires.attentions),
                                        ("module features", bool(distiller.teacher_features())),
                                        ("several teachers", distiller.multi_teacher),
                                        ("trainable teacher parameters", bool(list(distiller.teacher_parameters()))
                                         or distiller.family == "online"))
                  if on]
-        if needs or not hasattr(distiller, "row_loss"):
+        if needs or not (hasattr(distiller, "row_loss") or has_hidden):
             what = ", ".join(needs) or "more than its logits"
+            hint = (" Hidden states can be cached: cache_teacher_outputs(..., hidden_states=[layers])."
+                    if needs == ["hidden states"] else "")
             raise ValueError(f"Distiller {key!r} reads the teacher's {what}, which `teacher_cache` does not hold (it "
-                             "holds logits); train it with teacher_model=..., or leave it out of this run.")
+                             f"holds logits{' and hidden states' if has_hidden else ''}); train it with "
+                             f"teacher_model=..., or leave it out of this run.{hint}")
+
+
+def stand_in_teacher(metadata: Mapping[str, Any]) -> nn.Module | None:
+    """A weightless copy of the cached teacher (its transformers class built from the stored config on the meta
+    device), for what needs only its shape: distillers' ``setup`` (projector widths, layer maps) and the class-order
+    and vocabulary checks. ``None`` for a teacher that is not a transformers model."""
+    model_class = getattr(transformers, metadata.get("teacher_class", ""), None)
+    config = metadata.get("teacher_config")
+    if model_class is None or config is None or not hasattr(model_class, "config_class"):
+        return None
+    config = transformers.AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        return model_class(config)
 
 
 @dataclass(eq=False)
@@ -101,22 +120,29 @@ class CacheSlot:
     width: int
     top_k: int | None
     device: torch.device
+    model: nn.Module | None = None  # the stand-in (weightless): views carry its config; it never runs
+    hidden_layers: tuple[int, ...] = ()
+    hidden_pooling: str | None = None
+    hidden_count: int = 0  # entries of the teacher's hidden_states tuple
     index: int = 0
     role: str = "teacher (cache)"
-    model: None = None
     bare: None = None
     head: None = None
     cached: bool = True
 
     @classmethod
     def build(cls, rows: datasets.Dataset, metadata: Mapping[str, Any], readers: Sequence[nn.Module],
-              device: torch.device) -> CacheSlot:
+              device: torch.device, stand_in: nn.Module | None = None) -> CacheSlot:
         columns = ["logits"] if metadata["task"] == "classification" or metadata["top_k"] is None else [
             "topk_values", "topk_indices", "tail"]
         if metadata["task"] == "causal_lm":
             columns.append("positions")
+        layers = tuple(metadata.get("hidden_states") or ())
+        columns += [hidden_column(layer) for layer in layers]
+        count = num_layers(stand_in) + 1 if stand_in is not None else max(layers, default=-1) + 1
         return cls(tuple(readers), rows.with_format("arrow", columns=columns), metadata["task"],
-                   metadata["logits_width"], metadata["top_k"], device)
+                   metadata["logits_width"], metadata["top_k"], device, stand_in, layers,
+                   metadata.get("hidden_pooling"), count)
 
     @property
     def runs(self) -> bool:
@@ -127,9 +153,43 @@ class CacheSlot:
             raise ValueError("A cached teacher is read by the train rows' sample index; this batch has none (an "
                              "evaluation batch: evaluation with teacher_cache runs the student alone).")
         entries = self.rows[batch[SAMPLE_INDEX].tolist()]  # a pyarrow Table: its columns are read flat
+        view = self._logits_view(batch, entries)
+        if not self.hidden_layers:
+            return view
+        return replace(view, **self._hidden(batch, entries))
+
+    def _hidden(self, batch: Mapping[str, Any], entries: pa.Table) -> dict[str, Any]:
+        """The view's ``hidden_states`` (:class:`~hf_kd.capture.CachedLayers`) and ``pooled_hidden``."""
+        pooled = self.hidden_pooling != "tokens"
+        what = (f"layers {list(self.hidden_layers)} of its {self.hidden_count} hidden states"
+                + (f", pooled ({self.hidden_pooling!r})" if pooled else ", per token"))
+        missing = ("`teacher_cache` holds the teacher's " + what + ", and a distiller reads hidden state {layer}"
+                   + (" per token" if pooled else "") + ". Rebuild it with cache_teacher_outputs(..., hidden_states="
+                   "[...], hidden_pooling=...) covering what the distillers read.")
+        layers: list[torch.Tensor | None] = [None] * self.hidden_count
+        if pooled:
+            values = {(layer, self.hidden_pooling): _flat(entries, hidden_column(layer), 1).view(len(entries), -1)
+                      .float().to(self.device) for layer in self.hidden_layers}
+            return {"hidden_states": CachedLayers(layers, missing), "pooled_hidden": values}
+        batch_size, length = batch["input_ids"].shape[:2] if "input_ids" in batch else (len(entries), None)
+        for layer in self.hidden_layers:
+            column = hidden_column(layer)
+            counts = torch.from_numpy(pc.list_value_length(entries.column(column)).to_numpy().astype(np.int64))
+            tokens = _flat(entries, column, 2).float()
+            width = tokens.numel() // max(int(counts.sum()), 1)
+            length = length if length is not None else int(counts.max())
+            hidden = torch.zeros(batch_size * length, width)
+            rows = torch.repeat_interleave(torch.arange(batch_size), counts)
+            starts = torch.cumsum(counts, 0) - counts
+            positions = torch.arange(len(rows)) - torch.repeat_interleave(starts, counts)
+            hidden[rows * length + positions] = tokens.view(-1, width)  # each row's first tokens; padding stays 0
+            layers[layer] = hidden.view(batch_size, length, width).to(self.device)
+        return {"hidden_states": CachedLayers(layers, missing)}
+
+    def _logits_view(self, batch: Mapping[str, Any], entries: pa.Table) -> ModelView:
         if self.task == "classification":
             logits = _flat(entries, "logits", 1).view(-1, self.width)
-            return ModelView(model=None, task=self.task, logits=logits.float().to(self.device))
+            return ModelView(model=self.model, task=self.task, logits=logits.float().to(self.device))
         mask = batch.get("attention_mask")
         if mask is not None and bool((mask[:, 0] == 0).any()):
             raise ValueError("A causal-LM `teacher_cache` stores positions of right-padded rows, and this batch is "
@@ -143,7 +203,7 @@ class CacheSlot:
         if self.top_k is None:
             logits = torch.zeros(shape.numel(), self.width, device=self.device)
             logits[cached] = _flat(entries, "logits", 2).view(-1, self.width).float().to(self.device)
-            return ModelView(model=None, task=self.task, logits=logits.view(*shape, self.width))
+            return ModelView(model=self.model, task=self.task, logits=logits.view(*shape, self.width))
         top = SparseLogits.from_tail(_flat(entries, "topk_values", 2).view(-1, self.top_k).to(self.device),
                                      _flat(entries, "topk_indices", 2).view(-1, self.top_k).to(self.device),
                                      _flat(entries, "tail", 1).to(self.device), self.width)
@@ -151,7 +211,7 @@ class CacheSlot:
                             top.indices.new_zeros(shape.numel(), self.top_k), top.rest.new_zeros(shape.numel()),
                             self.width)
         rows.values[cached], rows.indices[cached], rows.rest[cached] = top.values, top.indices, top.rest
-        return ModelView(model=None, task=self.task, sparse_logits=SparseLogits(
+        return ModelView(model=self.model, task=self.task, sparse_logits=SparseLogits(
             rows.values.view(*shape, -1), rows.indices.view(*shape, -1), rows.rest.view(shape), self.width))
 
     def _check_rows(self, batch: Mapping[str, Any], shape: torch.Size, cached: torch.Tensor) -> None:

@@ -59,7 +59,9 @@ class ModelView:
     ``logits`` is ``None`` and ``head_input`` (``[B, T, H]``) plus ``head`` stand in for it; a teacher read from a
     top-k cache has ``sparse_logits`` (``[B, T, k]``) instead. ``hidden_states`` and
     ``attentions`` are filled only when some distiller requires them; ``features`` holds the hooked module
-    outputs that distillers asked for (see :class:`FeatureSpec`). Teacher tensors carry no autograd history.
+    outputs that distillers asked for (see :class:`FeatureSpec`). A cached teacher's ``pooled_hidden`` holds, by
+    ``(layer, pooling)``, hidden states the cache stored pooled (``[B, H]``); distillers read them through
+    :func:`~hf_kd.distillers.representation.layer_tokens`. Teacher tensors carry no autograd history.
     """
 
     model: nn.Module
@@ -72,6 +74,7 @@ class ModelView:
     head: nn.Linear | None = None
     features: dict[FeatureSpec, torch.Tensor] = field(default_factory=dict)
     sparse_logits: SparseLogits | None = None
+    pooled_hidden: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_outputs(
@@ -137,13 +140,34 @@ class ModelView:
         def each(value):
             if isinstance(value, torch.Tensor):
                 return function(value)
+            if isinstance(value, CachedLayers):
+                return CachedLayers((each(v) for v in value), value.missing)
             return tuple(each(v) for v in value) if isinstance(value, tuple) else value
 
         return replace(
             self, logits=each(self.logits), hidden_states=each(self.hidden_states), attentions=each(self.attentions),
             loss=each(self.loss), head_input=each(self.head_input),
             features={spec: each(value) for spec, value in self.features.items()},
+            pooled_hidden={key: each(value) for key, value in self.pooled_hidden.items()},
         )
+
+
+class CachedLayers(tuple):
+    """The ``hidden_states`` of a teacher read from a cache: the layers it stored, ``None`` for the others, and
+    reading one of those is an error that says what the cache holds and how to rebuild it (``missing``)."""
+
+    missing: str
+
+    def __new__(cls, entries, missing: str) -> CachedLayers:
+        layers = super().__new__(cls, entries)
+        layers.missing = missing
+        return layers
+
+    def __getitem__(self, index):
+        value = super().__getitem__(index)
+        if value is None:
+            raise ValueError(self.missing.format(layer=index))
+        return value
 
 
 def _copies(tensors: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:

@@ -30,7 +30,7 @@ from transformers.utils import ModelOutput
 
 from .architecture import SAMPLE_INDEX, accepted_inputs, output_head, task_of, unwrap
 from .arguments import DEFAULT_DISTILLERS, DistillationArguments
-from .cache_slot import CacheSlot, check_cache, open_cache, refuse_uncached
+from .cache_slot import CacheSlot, check_cache, open_cache, refuse_uncached, stand_in_teacher
 from .callbacks import StepCallback
 from .capture import ModelView, Requirements, capture_features, capture_head_input
 from .checkpoints import (
@@ -129,7 +129,10 @@ class DistillationTrainer(Trainer):
             raise ValueError("Give `teacher_model` or `teacher_cache`, not both: a cached run never runs the teacher.")
         cache = open_cache(teacher_cache) if teacher_cache is not None else None
         if cache is not None:
-            refuse_uncached(self._named)
+            refuse_uncached(self._named, cache[1])
+            if args.teacher_eval_metrics:
+                raise ValueError("teacher_eval_metrics=True evaluates the teacher model, and a `teacher_cache` run has "
+                                 "none; set teacher_eval_metrics=False (or train with teacher_model=...).")
         if model is not None and any(t is model for t in teachers):
             raise ValueError(
                 "The student (`model`) and a teacher (`teacher_model`) are the same object. The teacher is frozen in "
@@ -154,9 +157,14 @@ class DistillationTrainer(Trainer):
         engine = teacher_engine(args.teacher_sharding, self.accelerator)  # a sharded teacher never comes whole
         self.teachers = [prepare_teacher(t, self.accelerator, args.teacher_torch_dtype, args.teacher_device,
                                          place=engine == "none") for t in teachers]  # to the device
-        bare_teachers = [unwrap(t) for t in self.teachers]
-        roles = [("student", student)] + [(teacher_role(i, len(teachers)), t) for i, t in enumerate(bare_teachers)]
-        readers = [readers_of(self.distillers, index) for index in range(len(teachers))]
+        # A cache's teacher is a weightless stand-in built from its config: the checks and setup read its shape.
+        stand_in = None
+        if cache is not None:
+            check_cache(cache[1], cache[0], self.train_dataset, student, self.processing_class)
+            stand_in = stand_in_teacher(cache[1])
+        bare_teachers = [unwrap(t) for t in self.teachers] or ([stand_in] if stand_in is not None else [])
+        roles = [("student", student)] + [(teacher_role(i, len(bare_teachers)), t) for i, t in enumerate(bare_teachers)]
+        readers = [readers_of(self.distillers, index) for index in range(len(bare_teachers))]
         check_outputs_available(self.requirements, roles)
         check_same_inputs(student, roles[1:])
         check_logit_widths(student, bare_teachers, readers, self.processing_class)
@@ -183,8 +191,7 @@ class DistillationTrainer(Trainer):
         self._cached = cache is not None
         if cache is not None:
             rows, metadata = cache
-            check_cache(metadata, rows, self.train_dataset, student, self.processing_class)
-            self._slots = [CacheSlot.build(rows, metadata, readers_of(self.distillers, 0), args.device)]
+            self._slots = [CacheSlot.build(rows, metadata, readers_of(self.distillers, 0), args.device, stand_in)]
         else:
             self._slots = [TeacherSlot.build(t, i, len(teachers), readers[i], self._teacher_params, args.device,
                                              args.teacher_device, fused_head=engine != "deepspeed")

@@ -153,3 +153,35 @@ def test_sparse_logits_from_top_k_and_tail_by_hand():
     full = z.topk(5, dim=-1)
     torch.testing.assert_close(SparseLogits.from_tail(full.values, full.indices, tail_log_mass(z, full.indices),
                                                 5).dense(), z)
+
+
+def test_hidden_states_per_token_and_pooled_are_the_teachers(tmp_path):
+    """``hidden_states=[0, -1]``: each row's first n (non-padding) tokens of those layers; pooled ``mean``: the
+    masked mean; an index outside the model and a left-padded batch (tokens) are refused."""
+    teacher, data = frozen(bert(layers=2)), text_classification_data(n=7)
+    batch = default_data_collator([data[i] for i in range(len(data))])
+    with torch.inference_mode():
+        hidden = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         output_hidden_states=True).hidden_states
+    tokens = cache_teacher_outputs(teacher, data, tmp_path / "t", values_dtype="float32", batch_size=3,
+                                   hidden_states=[0, -1])
+    _, metadata = load_teacher_cache(tmp_path / "t")
+    assert (metadata["hidden_states"], metadata["hidden_pooling"]) == ([0, 2], "tokens")
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    assert lengths[0] == 6 and lengths[1] == 12  # padded rows keep their tokens only
+    for i, row in enumerate(tokens):
+        for layer in (0, 2):
+            np.testing.assert_allclose(np.array(row[f"hidden_{layer}"]), hidden[layer][i, : lengths[i]].numpy(),
+                                       atol=1e-5)
+    pooled = cache_teacher_outputs(teacher, data, tmp_path / "p", values_dtype="float32", hidden_states=[-1],
+                                   hidden_pooling="mean")
+    mask = batch["attention_mask"].float()
+    mean = (hidden[2] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    np.testing.assert_allclose(np.array(pooled["hidden_2"]), mean.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match=r"`hidden_states` takes indices of the teacher's 3 hidden states.*\[3\]"):
+        cache_teacher_outputs(teacher, data, tmp_path / "bad", hidden_states=[3])
+    left = data.map(lambda row: {"attention_mask": row["attention_mask"][::-1]})
+    with pytest.raises(ValueError, match=r"hidden_pooling='tokens'.*left-padded"):
+        cache_teacher_outputs(teacher, left, tmp_path / "left", hidden_states=[-1])
+    cache_teacher_outputs(teacher, left, tmp_path / "left_pooled", hidden_states=[-1], hidden_pooling="cls")
+

@@ -4,9 +4,11 @@ exactly, and caches of other data or heads, and distillers that need more than l
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from test_global_batch import BUILTIN, CASES
+from test_global_batch import BUILTIN, CASES, models_and_data
 
 from conftest import bert, llama, lm_data, text_classification_data, training_args
 from hf_kd import DistillationTrainer, build_distiller
@@ -101,6 +103,15 @@ def test_caches_that_do_not_fit_the_run_are_refused(tmp_path):
     with pytest.raises(ValueError, match="Give `teacher_model` or `teacher_cache`, not both"):
         DistillationTrainer(model=bert(seed=1), teacher_model=teacher, teacher_cache=cache, args=args,
                             train_dataset=data)
+    with pytest.raises(ValueError, match=r"teacher_eval_metrics=True evaluates the teacher model.*teacher_cache"):
+        DistillationTrainer(model=bert(seed=1), teacher_cache=cache, train_dataset=data,
+                            args=training_args(tmp_path / "x", max_steps=1, teacher_eval_metrics=True))
+    # the cache keeps the teacher's config: a student naming its classes in another order is refused
+    named = bert(layers=3, hidden=48, seed=2, id2label={0: "sport", 1: "music", 2: "money"})
+    cache_teacher_outputs(named, data, tmp_path / "named")
+    with pytest.raises(ValueError, match=r"sport.*money|money.*sport"):
+        DistillationTrainer(model=bert(seed=1, id2label={0: "money", 1: "music", 2: "sport"}), args=args,
+                            teacher_cache=str(tmp_path / "named"), train_dataset=data)
     # the same texts tokenized to another max_length: every row's fingerprint differs
     shorter = data.map(lambda row: {k: row[k][:8] for k in ("input_ids", "attention_mask")})
     with pytest.raises(ValueError, match=r"does not match train row 0.*max_length"):
@@ -147,6 +158,57 @@ def test_every_cacheable_distiller_trains_from_a_full_cache_as_from_the_teacher(
     distillers = [{"name": name, **CASES[name].options}]
     cached = run(tmp_path, "cached", llama(seed=1), data, cache=str(tmp_path / "cache"), distillers=distillers)
     assert_same(run(tmp_path, "live", llama(seed=1), data, teacher=teacher, distillers=distillers), cached)
+
+
+def hidden_cacheable() -> list[str]:
+    """Every built-in distiller that reads the teacher's hidden states and a cache holding them can serve."""
+    from hf_kd.cache_slot import refuse_uncached
+
+    names = []
+    for name in BUILTIN:
+        distiller = build_distiller({"name": name, **CASES[name].options})
+        try:
+            refuse_uncached([(name, distiller)], {"hidden_states": [0]})
+        except ValueError:
+            continue
+        if distiller.requires.teacher and distiller.requires.hidden_states:
+            names.append(name)
+    return names
+
+
+def test_the_hidden_state_readers_a_cache_serves():
+    assert {"hidden_states", "rkd", "sp", "pkt", "fsp", "topology", "crd"} <= set(hidden_cacheable())
+    assert not {"attention", "tinybert", "minilm_relation", "feature"} & set(hidden_cacheable())
+
+
+@pytest.mark.parametrize("name", hidden_cacheable())
+def test_every_hidden_state_distiller_trains_from_a_full_cache_as_from_the_teacher(name, tmp_path):
+    """Logits and every hidden layer cached per token in float32: the same losses and student as the live teacher
+    (the stand-in teacher sizes projectors and layer maps as the real one does)."""
+    student, teacher, _ = models_and_data(CASES[name])
+    data = text_classification_data(n=16)
+    cache_teacher_outputs(teacher, data, tmp_path / "cache", values_dtype="float32", hidden_states=list(range(5)))
+    distillers = [{"name": name, **CASES[name].options}]
+    cached = run(tmp_path, "cached", copy.deepcopy(student), data, cache=str(tmp_path / "cache"),
+                 distillers=distillers)
+    assert_same(run(tmp_path, "live", student, data, teacher=teacher, distillers=distillers), cached)
+
+
+def test_a_pooled_cache_serves_pooled_embeddings_and_names_what_it_lacks(tmp_path):
+    """A mean-pooled last layer trains rkd (embedding=mean) and hidden_states (tokens=mean) as the live teacher;
+    a distiller reading a token-level or another layer is stopped at its first batch, naming what the cache holds."""
+    data, teacher = text_classification_data(n=16), bert(layers=3, hidden=48, seed=2)
+    cache = str(tmp_path / "cache")
+    cache_teacher_outputs(teacher, data, cache, values_dtype="float32", hidden_states=[-1], hidden_pooling="mean")
+    pooled = [{"name": "rkd", "embedding": "mean"},
+              {"name": "hidden_states", "tokens": "mean", "layer_map": {2: 3}, "projector": "linear"}]
+    assert_same(run(tmp_path, "live", bert(seed=1), data, teacher=teacher, distillers=pooled),
+                run(tmp_path, "cached", bert(seed=1), data, cache=cache, distillers=pooled))
+    for distillers, reads in (([{"name": "rkd", "embedding": "cls"}], "-1 per token"),
+                              ([{"name": "hidden_states", "tokens": "mean"}], "1")):
+        with pytest.raises(ValueError, match=r"holds the teacher's layers \[3\] of its 4 hidden states, pooled "
+                                             rf"\('mean'\), and a distiller reads hidden state {reads}"):
+            run(tmp_path, "bad", bert(seed=1), data, cache=cache, distillers=distillers)
 
 
 def test_a_cached_run_names_the_cause_of_a_non_finite_loss_and_refuses_left_padding(tmp_path):

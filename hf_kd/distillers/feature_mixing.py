@@ -95,7 +95,7 @@ class FeatureMixingDistiller(HiddenStatesDistiller):
         return decoder(mixed)
 
     def forward(self, student: ModelView, teacher: ModelView, batch: Mapping[str, Any]):
-        mask = token_mask(teacher.hidden_states[0], batch.get("attention_mask"))
+        mask = token_mask(student.hidden_states[0], batch.get("attention_mask"))
         generator = self.random.generator(self.global_step if student.model.training else None)
         per_layer = {}
         for s, t in self.pairs():

@@ -88,7 +88,7 @@ class FSPDistiller(Distiller):
                                          for s in self.layers})
 
     def forward(self, student: ModelView, teacher: ModelView, batch: Mapping[str, Any]):
-        mask = token_mask(teacher.hidden_states[0], batch.get("attention_mask")).float()
+        mask = token_mask(student.hidden_states[0], batch.get("attention_mask")).float()
         features_s, features_t = [], []
         for s, t in self.layers.items():
             h_s = project(self.projectors[str(s)], student.hidden_states[s]).float()

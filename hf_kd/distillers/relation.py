@@ -28,7 +28,7 @@ from ..architecture import find_module, hidden_size, logits_width, module_width,
 from ..capture import FeatureSpec, ModelView, Requirements
 from ..schedules import Knob
 from .base import Distiller, register_distiller
-from .representation import select_tokens
+from .representation import layer_tokens, select_tokens
 
 POOLED = {"cls": "cls", "mean": "mean", "last_token": "last"}  # embedding -> select_tokens' name
 _EPS = 1e-7
@@ -94,8 +94,7 @@ class RelationDistiller(Distiller):
         """``[B, D]`` fp32 embeddings of ``view``'s samples."""
         mask = batch.get("attention_mask")
         if self.embedding in POOLED:
-            hidden = view.hidden_states[self.layer]
-            return select_tokens(hidden, mask, POOLED[self.embedding]).float()
+            return layer_tokens(view, self.layer, mask, POOLED[self.embedding]).float()
         if self.embedding == "logits":
             logits = view.logits
             if logits is None:
@@ -261,7 +260,7 @@ class PKTDistiller(RelationDistiller):
         for s, t in sorted(self.layers.items()):
             e_s = select_tokens(student.hidden_states[s], mask, pooled).float()
             with torch.no_grad():
-                e_t = select_tokens(teacher.hidden_states[t], mask, pooled).float()
+                e_t = layer_tokens(teacher, t, mask, pooled).float()
             parts[f"layer_{s}"] = pkt_divergence(e_s, e_t)
             total = total + (1.0 if s == last else self.intermediate_weight) * parts[f"layer_{s}"]
         return total, {k: v.detach() for k, v in parts.items()}

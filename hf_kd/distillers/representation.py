@@ -77,6 +77,16 @@ def select_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor | None, tok
     raise ValueError(f"Unknown `tokens` {tokens!r}; choose one of {', '.join(choices_of(Tokens))}.")
 
 
+def layer_tokens(view: ModelView, layer: int, attention_mask: torch.Tensor | None, tokens: Tokens) -> torch.Tensor:
+    """:func:`select_tokens` of ``view``'s hidden state ``layer``, or the copy a teacher cache stored pooled that
+    way (``view.pooled_hidden``)."""
+    if view.pooled_hidden and tokens != "all":
+        pooled = view.pooled_hidden.get((layer % len(view.hidden_states), tokens))
+        if pooled is not None:
+            return pooled
+    return select_tokens(view.hidden_states[layer], attention_mask, tokens)
+
+
 class LayerMappedDistiller(Distiller):
     """Base of distillers that compare student layer ``s`` with teacher layer ``layer_map[s]``.
 
@@ -175,7 +185,7 @@ class HiddenStatesDistiller(LayerMappedDistiller):
         per_layer = {}
         for s, t in self.pairs():
             hs = select_tokens(self.project(s, student.hidden_states[s]), mask, self.tokens)
-            ht = select_tokens(teacher.hidden_states[t], mask, self.tokens)
+            ht = layer_tokens(teacher, t, mask, self.tokens)
             per_layer[f"layer_{s}"] = batch_mean(feature_loss(hs, ht.to(hs.dtype), self.loss), batch)
         return self.mean_over_layers(per_layer, student.hidden_states[0].device), per_layer
 
