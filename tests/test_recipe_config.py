@@ -383,3 +383,19 @@ def test_yaml_syntax_error_is_one_line_with_file_line_and_column(toy, tmp_path):
     config_path.write_text("max_steps: 3\ndistillers: [{name: kl\n")
     with pytest.raises(ValueError, match=rf"{config_path}:3:1: YAML syntax error"):
         load_config(config_path)
+
+
+def test_the_auto_teacher_cache_folder_follows_the_teacher_dtype(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import default_data_collator
+
+    from conftest import bert, text_classification_data
+    from hf_kd.recipes.teacher_cache import cache_folder
+
+    args = SimpleNamespace(cache_dir=str(tmp_path), teacher_cache_top_k=64, teacher_cache_dtype="float16")
+    data, teacher = text_classification_data(n=4), bert()
+    fp32 = cache_folder("toy", args, teacher, "t", data, default_data_collator, None)
+    assert cache_folder("toy", args, teacher, "t", data, default_data_collator, None) == fp32
+    assert cache_folder("toy", args, teacher.to(torch.bfloat16), "t", data, default_data_collator, None) != fp32
+

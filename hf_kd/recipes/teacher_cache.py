@@ -4,8 +4,9 @@ distillation phase trained from that folder instead of running the teacher.
 The folder is ``cache_dir/teacher_cache-<recipe>-<key>``, where the key is a sha256 of what changes the cached
 outputs: the teacher (its path and a hash of its config), the train rows (a hash of every row's
 :func:`~hf_kd.cache.row_fingerprint`, so other data, ``max_train_samples``, tokenization or ``max_length`` give another
-folder), the tokenizer, the data collator's class and the cache settings (``teacher_cache_top_k``,
-``teacher_cache_dtype``). A later run with the same key reuses the folder (``cache_teacher_outputs`` loads a complete
+folder), the tokenizer, the data collator's class, the cache settings (``teacher_cache_top_k``,
+``teacher_cache_dtype``) and the dtype the teacher runs in (``teacher_dtype``, applied before the build as a live
+run applies it). A later run with the same key reuses the folder (``cache_teacher_outputs`` loads a complete
 cache without running the teacher). The teacher's weights are not hashed: a recipe's fine-tuned teacher lives under a
 path that holds its own training settings, and a teacher changed in place under the same path needs a new
 ``cache_dir``.
@@ -66,6 +67,7 @@ def cache_folder(recipe: str, args: RecipeArguments, teacher: nn.Module, teacher
         "tokenizer": tokenizer and tokenizer_hash(tokenizer),
         "collator": getattr(collator, "__qualname__", type(collator).__qualname__),  # a function's, or a class's
         "top_k": args.teacher_cache_top_k, "dtype": args.teacher_cache_dtype,
+        "teacher_dtype": str(next(unwrap(teacher).parameters()).dtype),  # the dtype the teacher runs in
     }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Path(args.cache_dir).expanduser() / f"teacher_cache-{recipe}-{digest}"
@@ -77,8 +79,9 @@ def auto_teacher_cache(recipe: str, args: RecipeArguments, training_args: Distil
     waiting for it (torchrun / accelerate launch), then read by all; the teacher runs on the training device."""
     collator = build_collator(data_collator, processing_class)
     tokenizer = processing_class if isinstance(processing_class, PreTrainedTokenizerBase) else None
+    # where, and in the dtype (`teacher_dtype`), a live teacher would run: the cache holds what it would give
+    teacher.to(training_args.device, training_args.teacher_torch_dtype)
     folder = cache_folder(recipe, args, teacher, teacher_path, train_dataset, collator, tokenizer)
-    teacher.to(training_args.device)  # where the evaluation and a live teacher would run it
     state = PartialState()
     with state.main_process_first():
         if state.is_main_process:
