@@ -112,6 +112,15 @@ class DistillationArguments(TrainingArguments):
             "predict() always runs the student alone."
         },
     )
+    eval_teacher_agreement: bool = field(
+        default=True,
+        metadata={
+            "help": "In evaluation with the teacher run (eval_distillation_losses), also report how closely the "
+            "student follows the (first) teacher, from the teacher pass the losses already make: "
+            "`eval_teacher_agreement` (top-1 agreement) and `eval_kl_to_teacher` (KL(teacher || student) at "
+            "temperature 1), means over all samples (classifiers) or predicted tokens (causal LMs)."
+        },
+    )
     nonfinite_loss: str = field(
         default="raise",
         metadata={

@@ -28,6 +28,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import ModelOutput
 
+from .agreement import agreement_metrics, agreement_sums
 from .architecture import SAMPLE_INDEX, accepted_inputs, output_head, task_of, unwrap
 from .arguments import DEFAULT_DISTILLERS, DistillationArguments
 from .cache_slot import CacheSlot, check_cache, open_cache, refuse_uncached, stand_in_teacher
@@ -220,6 +221,7 @@ class DistillationTrainer(Trainer):
         self._teacher_metrics: dict[str, dict[str, float]] = {}
         self._student_only = False  # predict(): the student alone
         self._evaluating_teacher = False
+        self._agreement: torch.Tensor | None = None  # evaluation: summed (agree, kl, rows), hf_kd.agreement
 
     # ---- the loss --------------------------------------------------------------------------------------------
     # compute_loss normalises over the optimizer step's global batch itself (hf_kd.normalization), so Trainer must
@@ -297,6 +299,10 @@ class DistillationTrainer(Trainer):
         for slot in self._slots:  # a sharded teacher's gathered root, kept for the fused head path, is freed
             release(slot.model)
         total = total + scale * distill_total
+        if not model.training and self.args.eval_teacher_agreement and teachers and teachers[0] is not None:
+            # the first teacher's view, already computed for the losses: summed over rows here, divided per eval set
+            sums = agreement_sums(student, teachers[0], batch, self.args.loss_chunk_size)
+            self._agreement = sums if self._agreement is None else self._agreement + sums
         components.update({name: value * scale for name, value in values.items()})
         if training:
             self._nonfinite.check(total, components, student, self._slots, teachers, self.state.global_step)
@@ -431,7 +437,11 @@ class DistillationTrainer(Trainer):
     # ---- evaluation ------------------------------------------------------------------------------------------
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval"):
+        self._agreement = None
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self._agreement is not None:  # row-weighted over the whole set: sums and counts added over processes
+            sums, self._agreement = self.accelerator.gather(self._agreement[None]).sum(0), None
+            output.metrics.update(agreement_metrics(sums, metric_key_prefix))
         for name, value in self.ledger.pop_eval(self._gather).items():
             key = f"{metric_key_prefix}_{name}" if name == OBJECTIVE else f"{metric_key_prefix}_loss/{name}"
             output.metrics[key] = value
