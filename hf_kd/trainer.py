@@ -522,6 +522,8 @@ class DistillationTrainer(Trainer):
             save_distillation_state(output_dir, manifest, states)
         for distiller in self.distillers:
             distiller.on_save(output_dir)
+        if output_dir != self._checkpoint_folder:  # save_model(): the student is published with its card
+            self.create_model_card(output_dir=output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
         self._checkpoint_folder = os.path.join(self._get_output_dir(trial),
@@ -539,6 +541,67 @@ class DistillationTrainer(Trainer):
             trained = self._trained_teacher_state() if self._teacher_trained else {}
             load_distillation_state(checkpoint, self.distillers, trained, self.args.device)
         super()._load_optimizer_and_scheduler(checkpoint)
+
+    # ---- publishing --------------------------------------------------------------------------------------------
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        output_dir: str | None = None,
+    ) -> None:
+        """Write the student's ``README.md`` with :func:`hf_kd.model_card.write_card` (``Trainer``'s arguments;
+        ``finetuned_from`` is the ``base_model``, by default the student's starting checkpoint; ``dataset_tags`` or
+        ``dataset`` the datasets; ``tasks`` and ``dataset_args`` are not used). Called by ``save_model`` on the main
+        process (into the folder saved, ``output_dir``; default ``args.output_dir``) and by ``push_to_hub``."""
+        if not self.is_world_process_zero():
+            return
+        from .model_card import trainer_card_inputs, write_card
+
+        inputs = trainer_card_inputs(self)
+        listed = lambda value: [value] if isinstance(value, str) else list(value or [])  # noqa: E731
+        write_card(output_dir or self.args.output_dir, **{
+            **inputs, "base_model": finetuned_from or inputs["base_model"], "tags": listed(tags),
+            "datasets": listed(dataset_tags) or listed(dataset), "language": language, "license": license,
+            "model_name": model_name})
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
+        """``Trainer.push_to_hub`` that uploads the student only: its weights, config, processing class, card and
+        the files distillers write for it (:func:`hf_kd.model_card.student_files`); never the distillers' or the
+        teacher's state, training arguments, checkpoints or caches. ``kwargs`` go to :meth:`create_model_card`."""
+        from transformers.utils import hf_api
+
+        from .model_card import student_files
+
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        model_name = kwargs.pop("model_name", None)
+        if model_name is None and self.args.should_save:
+            model_name = (self.args.hub_model_id or self.args.output_dir).rstrip("/").split("/")[-1]
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        model_tags = getattr(self.model, "model_tags", None)
+        if model_tags:
+            tags = kwargs.get("tags") or []
+            tags = [tags] if isinstance(tags, str) else list(tags)
+            kwargs["tags"] = tags + [t for t in model_tags if t not in tags]
+        self.create_model_card(model_name=model_name, **kwargs)
+        self._finish_current_push()
+        files = student_files(self.args.output_dir, self.processing_class, self.distillers)
+        return hf_api().upload_folder(
+            repo_id=self.hub_model_id, folder_path=self.args.output_dir, commit_message=commit_message, token=token,
+            run_as_future=not blocking, allow_patterns=files, ignore_patterns=[f"{PREFIX_CHECKPOINT_DIR}-*"],
+            revision=revision if revision is not None else self.args.hub_revision)
 
 
 @dataclass
