@@ -164,3 +164,26 @@ def test_push_to_hub_uploads_the_student_only(tmp_path, distiller, extra):
     assert not any(f.startswith("checkpoint-") or f.endswith(".pt") or f.endswith(".bin") for f in files)
     assert "training_args.bin" in os.listdir(tmp_path)  # written by the save, not uploaded
     assert ModelCard.load(tmp_path / "README.md").data.model_name == "student"
+
+
+def test_recipe_card_is_the_same_writer_with_its_results_table(tmp_path):
+    from hf_kd.recipes import write_model_card
+    from hf_kd.recipes.report import ModelResult
+
+    trainer = classifier_trainer(tmp_path, [{"name": "kl", "temperature": 4.0}])
+    trainer.save_model(str(tmp_path / "student"))
+    results = {"teacher": ModelResult("teacher", 32067, 130_000, 3.0, {"accuracy": 0.8}, None),
+               "student": ModelResult("student (KD)", 7411, 30_000, 1.5, {"accuracy": 0.6}, 1.0)}
+    path = write_model_card(tmp_path / "student", recipe="text_classification", teacher="org/teacher",
+                            dataset="glue", distillers=[{"name": "kl", "temperature": 4.0}], results=results,
+                            base_model="org/small", trainer=trainer)
+    card = ModelCard.load(path)
+    assert card.data.tags == ["hf-kd", "knowledge-distillation", "text_classification", "kl"]
+    assert (card.data.base_model, card.data.datasets, card.data.pipeline_tag) == ("org/small", ["glue"],
+                                                                                  "text-classification")
+    assert {(r.metric_name, r.metric_value) for r in card.data.eval_results} == {("accuracy", 0.6),
+                                                                                 ("teacher accuracy", 0.8)}
+    text = card.text
+    assert "| student (KD) | 7,411 |" in text and "2.00x speed-up" in text and "accuracy 75.0%" in text
+    assert "hf-kd run recipes/text_classification.yaml" in text and "learning_rate" in text
+    assert '[{"name": "kl", "temperature": 4.0}]' in text and "AutoModelForSequenceClassification" in text
