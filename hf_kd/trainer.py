@@ -603,6 +603,46 @@ class DistillationTrainer(Trainer):
             run_as_future=not blocking, allow_patterns=files, ignore_patterns=[f"{PREFIX_CHECKPOINT_DIR}-*"],
             revision=revision if revision is not None else self.args.hub_revision)
 
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """``Trainer``'s push while training (``push_to_hub=True``): the student of ``checkpoint_folder`` (its files,
+        copied to ``output_dir`` as Trainer does, with the card) and nothing else; the checkpoint folders hold the
+        distillers' and the teacher's state, so ``hub_strategy`` checkpoint / all_checkpoints push no checkpoint."""
+        import shutil
+
+        from transformers.trainer_utils import HubStrategy
+        from transformers.utils import PushInProgress, hf_api
+        from transformers.utils import logging as hf_logging
+
+        from .model_card import CARD_NAME, student_files
+
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            hf_logging.get_logger(__name__).warning_once(
+                f"hub_strategy={self.args.hub_strategy.value}: hf_kd pushes the student only, not the checkpoint "
+                "folders (they hold distiller and teacher-side state).")
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        output_dir = self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        for name in student_files(checkpoint_folder, self.processing_class, self.distillers):
+            if name != CARD_NAME:
+                os.makedirs(os.path.dirname(os.path.join(output_dir, name)), exist_ok=True)
+                shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(output_dir, name))
+        self.create_model_card(model_name=(self.args.hub_model_id or output_dir).rstrip("/").split("/")[-1])
+        step = (f"step {self.state.global_step}" if self.args.save_strategy == "steps"
+                else f"epoch {int(self.state.epoch or 0)}")
+        job = hf_api().upload_folder(
+            repo_id=self.hub_model_id, folder_path=output_dir, commit_message=f"Training in progress, {step}",
+            token=self.args.hub_token, run_as_future=True,
+            allow_patterns=student_files(output_dir, self.processing_class, self.distillers),
+            ignore_patterns=[f"{PREFIX_CHECKPOINT_DIR}-*"], revision=self.args.hub_revision)
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress([job])
+        else:
+            self.push_in_progress.jobs.append(job)
+
 
 @dataclass
 class DistillationOutput(ModelOutput):

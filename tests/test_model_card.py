@@ -187,3 +187,32 @@ def test_recipe_card_is_the_same_writer_with_its_results_table(tmp_path):
     assert "| student (KD) | 7,411 |" in text and "2.00x speed-up" in text and "accuracy 75.0%" in text
     assert "hf-kd run recipes/text_classification.yaml" in text and "learning_rate" in text
     assert '[{"name": "kl", "temperature": 4.0}]' in text and "AutoModelForSequenceClassification" in text
+
+
+def test_push_while_training_sends_the_student_and_no_checkpoint(tmp_path):
+    """push_to_hub=True with hub_strategy=checkpoint: each save pushes the student's files only."""
+    from concurrent.futures import Future
+
+    pushes = []
+
+    def upload_folder(self, *, folder_path, allow_patterns=None, ignore_patterns=None, path_in_repo=None, **kwargs):
+        files = sorted(str(p.relative_to(folder_path)).replace(os.sep, "/")
+                       for p in Path(folder_path).rglob("*") if p.is_file())
+        pushes.append((path_in_repo, list(filter_repo_objects(files, allow_patterns=allow_patterns,
+                                                                ignore_patterns=ignore_patterns))))
+        done = Future()
+        done.set_result("commit")
+        return done
+
+    with mock.patch.object(HfApi, "create_repo", lambda self, repo_id, **kw: SimpleNamespace(repo_id=repo_id)), \
+            mock.patch.object(HfApi, "upload_folder", upload_folder), \
+            mock.patch("huggingface_hub.hf_api.get_session", side_effect=AssertionError("network")):
+        trainer = classifier_trainer(tmp_path, [{"name": "atsc", "projector": "mlp"}], save_strategy="steps",
+                                     save_steps=1, push_to_hub=True, hub_model_id="me/student", hub_token="x",
+                                     hub_strategy="checkpoint", teacher_learning_rate=1e-3)
+        trainer.train()
+        trainer._finish_current_push()
+    assert len(pushes) == 2 and all(path is None for path, _ in pushes)
+    expected = sorted(["config.json", "model.safetensors", "README.md", SHARED_CLASSIFIER_CONFIG,
+                       SHARED_CLASSIFIER_WEIGHTS])
+    assert all(sorted(files) == expected for _, files in pushes)
