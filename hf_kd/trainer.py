@@ -532,6 +532,8 @@ class DistillationTrainer(Trainer):
             save_distillation_state(output_dir, manifest, states)
         for distiller in self.distillers:
             distiller.on_save(output_dir)
+        if output_dir != self._checkpoint_folder:  # save_model(): the student is published with its card
+            self.create_model_card(output_dir=output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
         self._checkpoint_folder = os.path.join(self._get_output_dir(trial),
@@ -549,6 +551,107 @@ class DistillationTrainer(Trainer):
             trained = self._trained_teacher_state() if self._teacher_trained else {}
             load_distillation_state(checkpoint, self.distillers, trained, self.args.device)
         super()._load_optimizer_and_scheduler(checkpoint)
+
+    # ---- publishing --------------------------------------------------------------------------------------------
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        output_dir: str | None = None,
+    ) -> None:
+        """Write the student's ``README.md`` with :func:`hf_kd.model_card.write_card` (``Trainer``'s arguments;
+        ``finetuned_from`` is the ``base_model``, by default the student's starting checkpoint; ``dataset_tags`` or
+        ``dataset`` the datasets; ``tasks`` and ``dataset_args`` are not used). Called by ``save_model`` on the main
+        process (into the folder saved, ``output_dir``; default ``args.output_dir``) and by ``push_to_hub``."""
+        if not self.is_world_process_zero():
+            return
+        from .model_card import trainer_card_inputs, write_card
+
+        inputs = trainer_card_inputs(self)
+        listed = lambda value: [value] if isinstance(value, str) else list(value or [])  # noqa: E731
+        write_card(output_dir or self.args.output_dir, **{
+            **inputs, "base_model": finetuned_from or inputs["base_model"], "tags": listed(tags),
+            "datasets": listed(dataset_tags) or listed(dataset), "language": language, "license": license,
+            "model_name": model_name})
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
+        """``Trainer.push_to_hub`` that uploads the student only: its weights, config, processing class, card and
+        the files distillers write for it (:func:`hf_kd.model_card.student_files`); never the distillers' or the
+        teacher's state, training arguments, checkpoints or caches. ``kwargs`` go to :meth:`create_model_card`."""
+        from transformers.utils import hf_api
+
+        from .model_card import student_files
+
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        model_name = kwargs.pop("model_name", None)
+        if model_name is None and self.args.should_save:
+            model_name = (self.args.hub_model_id or self.args.output_dir).rstrip("/").split("/")[-1]
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        model_tags = getattr(self.model, "model_tags", None)
+        if model_tags:
+            tags = kwargs.get("tags") or []
+            tags = [tags] if isinstance(tags, str) else list(tags)
+            kwargs["tags"] = tags + [t for t in model_tags if t not in tags]
+        self.create_model_card(model_name=model_name, **kwargs)
+        self._finish_current_push()
+        files = student_files(self.args.output_dir, self.processing_class, self.distillers)
+        return hf_api().upload_folder(
+            repo_id=self.hub_model_id, folder_path=self.args.output_dir, commit_message=commit_message, token=token,
+            run_as_future=not blocking, allow_patterns=files, ignore_patterns=[f"{PREFIX_CHECKPOINT_DIR}-*"],
+            revision=revision if revision is not None else self.args.hub_revision)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """``Trainer``'s push while training (``push_to_hub=True``): the student of ``checkpoint_folder`` (its files,
+        copied to ``output_dir`` as Trainer does, with the card) and nothing else; the checkpoint folders hold the
+        distillers' and the teacher's state, so ``hub_strategy`` checkpoint / all_checkpoints push no checkpoint."""
+        import shutil
+
+        from transformers.trainer_utils import HubStrategy
+        from transformers.utils import PushInProgress, hf_api
+        from transformers.utils import logging as hf_logging
+
+        from .model_card import CARD_NAME, student_files
+
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            hf_logging.get_logger(__name__).warning_once(
+                f"hub_strategy={self.args.hub_strategy.value}: hf_kd pushes the student only, not the checkpoint "
+                "folders (they hold distiller and teacher-side state).")
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        output_dir = self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        for name in student_files(checkpoint_folder, self.processing_class, self.distillers):
+            if name != CARD_NAME:
+                os.makedirs(os.path.dirname(os.path.join(output_dir, name)), exist_ok=True)
+                shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(output_dir, name))
+        self.create_model_card(model_name=(self.args.hub_model_id or output_dir).rstrip("/").split("/")[-1])
+        step = (f"step {self.state.global_step}" if self.args.save_strategy == "steps"
+                else f"epoch {int(self.state.epoch or 0)}")
+        job = hf_api().upload_folder(
+            repo_id=self.hub_model_id, folder_path=output_dir, commit_message=f"Training in progress, {step}",
+            token=self.args.hub_token, run_as_future=True,
+            allow_patterns=student_files(output_dir, self.processing_class, self.distillers),
+            ignore_patterns=[f"{PREFIX_CHECKPOINT_DIR}-*"], revision=self.args.hub_revision)
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress([job])
+        else:
+            self.push_in_progress.jobs.append(job)
 
 
 @dataclass

@@ -1,30 +1,16 @@
-"""A model card (``README.md``) for a distilled student: Hub front matter, how it was made, results, how to load."""
+"""A recipe's model card (``README.md``) for its distilled student: :func:`hf_kd.model_card.write_card` (the one card
+writer, also ``DistillationTrainer.create_model_card``'s) with the recipe's results table and reproduce command."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCardData
-from transformers.models.auto import modeling_auto
-
+from ..model_card import AUTO_CLASSES, auto_class_name, trainer_card_inputs, write_card
 from .report import ModelResult, results_table
 
-AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForSequenceClassification", "AutoModelForTokenClassification",
-                "AutoModelForQuestionAnswering", "AutoModelForImageClassification", "AutoModelForMaskedLM",
-                "AutoModelForSeq2SeqLM", "AutoModelForAudioClassification")
-
-
-def auto_class_name(output_dir: Path) -> str:
-    """The ``AutoModel*`` class that loads the saved model in ``output_dir`` (``AutoModel`` when none matches)."""
-    config = output_dir / "config.json"
-    architectures = (json.loads(config.read_text()).get("architectures") or []) if config.is_file() else []
-    for name in AUTO_CLASSES:
-        if set(architectures) & set(getattr(modeling_auto, name)._model_mapping._model_mapping.values()):
-            return name
-    return "AutoModel"
+__all__ = ["AUTO_CLASSES", "auto_class_name", "write_model_card"]
 
 
 def write_model_card(
@@ -36,38 +22,35 @@ def write_model_card(
     distillers: Sequence[Mapping[str, Any]],
     results: Mapping[str, ModelResult],
     base_model: str | None = None,
+    trainer: Any = None,
 ) -> Path:
-    """Write ``output_dir/README.md`` for the student saved there; returns its path."""
-    output_dir = Path(output_dir)
-    metrics = list(dict.fromkeys(name for result in results.values() for name in result.metrics))
-    card_data = ModelCardData(library_name="transformers", tags=["hf-kd", "knowledge-distillation", recipe],
-                              datasets=[dataset], metrics=metrics, base_model=base_model)
-    auto_class = auto_class_name(output_dir)
-    body = f"""# {output_dir.name}
+    """Write ``output_dir/README.md`` for the student saved there; returns its path.
 
-Distilled with the hf_kd recipe `{recipe}` from the teacher `{teacher}` on `{dataset}`.
-
-Distillers: `{json.dumps(list(distillers))}`
-
-Reproduce:
-
-```bash
-hf-kd run recipes/{recipe}.yaml    # or: python recipes/{recipe}.py
-```
-
-## Results
-
-{results_table(results)}
-
-## Use
-
-```python
-from transformers import {auto_class}
-
-model = {auto_class}.from_pretrained("path/to/{output_dir.name}")
-```
-"""
-    path = output_dir / "README.md"
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
-    return path
+    The model-index, ratios, speed-up and retention come from ``results["student"]`` and ``results["teacher"]``
+    (the recipe's own measurements); with the distillation ``trainer``, also the distiller names (tags), the built
+    distillers, the teacher's revision and the training hyperparameters.
+    """
+    student, teacher_result = results.get("student"), results.get("teacher")
+    inputs: dict[str, Any] = trainer_card_inputs(trainer) if trainer is not None else {}
+    inputs.pop("auto_class", None)  # the saved folder's config.json names it
+    latency = ({"student": student.latency_ms, "teacher": teacher_result.latency_ms}
+               if student is not None and teacher_result is not None else None)
+    return write_card(output_dir, **{
+        **inputs,
+        "teacher": teacher,
+        "distillers": list(distillers),
+        "base_model": base_model,
+        "datasets": [dataset],
+        "tags": [recipe],
+        "student_metrics": student.metrics if student is not None else {},
+        "teacher_metrics": teacher_result.metrics if teacher_result is not None else {},
+        "student_params": student.params if student is not None else None,
+        "teacher_params": teacher_result.params if teacher_result is not None else None,
+        "student_bytes": student.size_on_disk_bytes if student is not None else None,
+        "teacher_bytes": teacher_result.size_on_disk_bytes if teacher_result is not None else None,
+        "latency_ms": latency,
+        "results_table": results_table(results),
+        "intro": f"Distilled with the hf_kd recipe `{recipe}` from the teacher `{teacher}` on `{dataset}`.",
+        "sections": ["## Reproduce", "", "```bash",
+                     f"hf-kd run recipes/{recipe}.yaml    # or: python recipes/{recipe}.py", "```", ""],
+    })

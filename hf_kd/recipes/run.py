@@ -193,7 +193,7 @@ def run_recipe(
         plot = plot_history(histories, output_dir / "history.png", plot_metric)
         card = write_model_card(student_dir, recipe=recipe, teacher=", ".join(t.name for t in teachers.values()),
                                 dataset=dataset, distillers=distillation_args.distillers or [],
-                                results=results, base_model=base_model)
+                                results=results, base_model=base_model, trainer=trainer)
         print(md_path.read_text() + f"\nStudent saved to {student_dir}.")
         reports = [str(json_path), str(md_path), str(plot), str(card)]
     json_path, md_path, plot, card = broadcast_object_list([reports])[0]
