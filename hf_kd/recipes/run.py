@@ -30,7 +30,7 @@ from ..arguments import DistillationArguments
 from .card import write_model_card
 from .config import RecipeArguments
 from .phases import evaluate_model, phase_arguments, train_model
-from .report import ModelResult, count_parameters, measure_latency, plot_history, saved_size, write_results
+from .report import ModelResult, count_parameters, measure_latencies, plot_history, saved_size, write_results
 from .teacher import Teacher
 from .teacher_cache import AUTO, auto_teacher_cache, check_auto_cache
 from .timer import PhaseTimer
@@ -105,7 +105,8 @@ def run_recipe(
         metrics: The results' metrics of a model: the names of ``eval_*`` metrics to keep (``("accuracy",)``), or a
             function of the ``eval_*`` metrics (perplexity from ``eval_loss``), whose results are also added,
             ``eval_``-prefixed, to the eval entries of the histories, so derived metrics can be plotted.
-        latency_batch: The inputs of the forward whose median milliseconds (``measure_latency``) are reported.
+        latency_batch: The inputs of the forward whose median milliseconds and spread are reported, measured once
+            every model is trained, all models interleaved (``measure_latencies``).
         dataset: How the model card names the data.
         plot_metric: The eval metric plotted beside the losses (``eval_<plot_metric>`` in the histories).
         distillation_args: The distillation phase's arguments (e.g. other distillers); None: ``training_args``.
@@ -150,9 +151,9 @@ def run_recipe(
 
     def result(role: str, model: nn.Module, path: str | Path, scores: Mapping[str, float],
                train_seconds: float | None) -> ModelResult:
-        return ModelResult(names[role], count_parameters(model), saved_size(model, path),
-                           measure_latency(model, latency_batch), metrics(scores), train_seconds,
-                           extra(model) if extra else {})
+        timed[role] = model  # its latency: measured with the others' once all are trained
+        return ModelResult(names[role], count_parameters(model), saved_size(model, path), float("nan"),
+                           metrics(scores), train_seconds, extra(model) if extra else {})
 
     def train(role: str, phase: str, model: nn.Module, args: DistillationArguments,
               distil_from: nn.Module | list[nn.Module] | None, teacher_cache: Path | None = None) -> Trainer:
@@ -169,6 +170,7 @@ def run_recipe(
         results[role] = result(role, trainer.model, folder, scores, timer.seconds[phase])
         return trainer
 
+    timed: dict[str, nn.Module] = {}
     teachers = {"teacher": teacher, **{f"assistant_{i}": a for i, a in enumerate(assistants, 1)}}
     names.update({role: f"{role} ({t.name})" for role, t in teachers.items() if role not in names})
     with timer.phase("teacher_eval"):
@@ -180,6 +182,9 @@ def run_recipe(
     models = [t.model for t in teachers.values()]
     live = None if cache is not None else models if assistants else teacher.model
     trainer = train("student", "distillation", student, distillation_args, live, cache)
+    for role, latency in measure_latencies(timed, latency_batch).items():
+        results[role] = dataclasses.replace(results[role], latency_ms=latency.median_ms,
+                                            latency_spread_ms=latency.spread_ms)
 
     seconds = {**timer.seconds, "total": timer.elapsed()}
     student_dir = output_dir / "student"
