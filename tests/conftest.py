@@ -142,3 +142,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def save_tiny_bert_encoder(folder, words) -> str:
+    """A random-init 2-layer BERT encoder (no classifier head) with a word-level tokenizer over ``words``, saved in
+    ``folder``: a local stand-in for a Hub text teacher. Returns the folder."""
+    from transformers import BertModel, BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocab)})
+    torch.manual_seed(0)
+    teacher = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))
+    teacher.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+

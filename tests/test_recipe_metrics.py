@@ -15,8 +15,9 @@ import pytest
 import torch
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
-from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizer, EvalPrediction
+from transformers import AutoModelForSequenceClassification, EvalPrediction
 
+from conftest import save_tiny_bert_encoder
 from hf_kd.recipes import ModelResult, load_recipe, results_table
 from hf_kd.recipes.classification import Metrics, task_metrics
 from hf_kd.recipes.report import measure_latencies
@@ -111,13 +112,7 @@ def tiny(tmp_path_factory) -> dict[str, str]:
     """A random-init 2-layer BERT encoder with a word-level tokenizer; a CoLA-like csv (0/1) and an STS-B-like csv
     (a float score in [0, 5])."""
     folder = tmp_path_factory.mktemp("tiny")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocab)})
-    torch.manual_seed(0)
-    teacher = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))
-    teacher.save_pretrained(folder / "teacher")
-    tokenizer.save_pretrained(folder / "teacher")
+    save_tiny_bert_encoder(folder / "teacher", WORDS)
     generator = torch.Generator().manual_seed(0)
     files = {}
     for name, column in (("cola", "label"), ("stsb", "score")):

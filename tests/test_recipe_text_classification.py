@@ -14,12 +14,10 @@ import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertConfig,
     BertForSequenceClassification,
-    BertModel,
-    BertTokenizer,
 )
 
+from conftest import save_tiny_bert_encoder
 from hf_kd.cache import METADATA
 from hf_kd.cli import main as cli_main
 from hf_kd.recipes import RunOutput, load_config, load_recipe
@@ -42,13 +40,7 @@ def tiny(tmp_path_factory) -> dict[str, str]:
     """A random-init 2-layer BERT encoder (not a classifier) with a word-level tokenizer, and a 3-topic csv."""
     folder = tmp_path_factory.mktemp("tiny")
     words = sorted({w for text in TOPICS.values() for w in text.split()} | {"the", "a", "today"})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
-    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocab)})
-    torch.manual_seed(0)
-    teacher = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))
-    teacher.save_pretrained(folder / "teacher")
-    tokenizer.save_pretrained(folder / "teacher")
+    save_tiny_bert_encoder(folder / "teacher", words)
     generator = torch.Generator().manual_seed(0)
     rows = []
     for i in range(60):
