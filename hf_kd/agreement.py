@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from .capture import ModelView
 from .row_loss import RowTerm, row_losses, rows_from_views
 
+METRICS = ("teacher_agreement", "kl_to_teacher")  # their names after the eval prefix (the student's metrics)
+
 
 def top1_agreement(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
     """``[n]``: 1.0 where the student's top class equals the teacher's (``argmax s_r == argmax t_r``), else 0.0."""
@@ -61,4 +63,4 @@ def agreement_metrics(sums: torch.Tensor, prefix: str) -> dict[str, float]:
     agree, kl, count = sums.tolist()
     if not count:
         return {}
-    return {f"{prefix}_teacher_agreement": agree / count, f"{prefix}_kl_to_teacher": kl / count}
+    return {f"{prefix}_{name}": value / count for name, value in zip(METRICS, (agree, kl))}

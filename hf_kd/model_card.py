@@ -7,27 +7,32 @@ The card's front matter validates with ``huggingface_hub.ModelCard`` / ``ModelCa
   ``image-classification``, ``text-generation``),
 * ``tags``: ``hf-kd``, ``knowledge-distillation``, the caller's tags, the names of the distillers,
 * ``datasets``, ``metrics`` (the student's metric names),
-* ``model-index``: the student's eval metrics and the teacher's (``metric_name`` "teacher <metric>"), from the last
-  evaluation (``eval_*`` and ``eval_teacher_*`` keys of ``trainer.state.log_history``; the teacher's exist when
+* ``model-index``: the student's eval metrics (its teacher agreement and KL to the teacher among them) and each
+  teacher's (``metric_name`` "teacher <metric>"; with several teachers "teacher<i> <metric>", as their eval keys
+  ``eval_teacher<i>_*``), from the last evaluation in ``trainer.state.log_history`` (the teachers' exist when
   ``DistillationArguments.teacher_eval_metrics`` ran).
 
-Its body: the teacher (name, revision, parameters, size), the distillers (their specs: weights, temperatures, layer
-maps; and the built modules with their projectors), parameter and size ratio, the measured latency speed-up (when
-given), retention (student metric / teacher metric for each metric both have, losses left out: lower is better
-there), the recipe's results table (when given), training hyperparameters, library versions, and a load snippet with
-the right ``AutoModelFor*`` class.
+Its body: the teacher (name, revision, parameters, size; with several, each one's name and the first's size), the
+distillers (their specs: weights, temperatures, layer maps; and the built modules with their projectors), parameter
+and size ratio, the measured latency speed-up (when given), retention (student metric / the first teacher's metric
+for each metric both have, losses left out: lower is better there), the recipe's results table (when given),
+training hyperparameters, library versions, and a load snippet with the right ``AutoModelFor*`` class.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers.models.auto import modeling_auto
+
+from .agreement import METRICS as AGREEMENT
+from .trainer import OBJECTIVE
 
 CARD_NAME = "README.md"
 BASE_TAGS = ("hf-kd", "knowledge-distillation")
@@ -60,24 +65,32 @@ def auto_class_name(output_dir: str | Path | None = None, architectures: Sequenc
 
 
 def split_metrics(log_history: Sequence[Mapping[str, Any]], prefix: str = "eval") -> tuple[dict, dict]:
-    """The student's and the teacher's metrics of the last evaluation in ``log_history``, without prefixes:
-    ``eval_accuracy`` -> student ``accuracy``, ``eval_teacher_accuracy`` -> teacher ``accuracy`` (with several
-    teachers, ``eval_teacher<i>_*`` are kept as ``teacher<i>_*`` in the teacher's). Loss components
+    """The student's metrics and each teacher's of the last evaluation in ``log_history``, without prefixes.
+
+    ``eval_accuracy`` -> student ``accuracy``; the agreement metrics ``eval_teacher_agreement`` and
+    ``eval_kl_to_teacher`` are the student's (how closely it follows the teacher). The teachers' are keyed by the
+    label their eval keys carry: ``eval_teacher_accuracy`` -> ``{"teacher": {"accuracy": ...}}``, with several
+    teachers ``eval_teacher<i>_accuracy`` -> ``{"teacher<i>": {"accuracy": ...}}`` in teacher order. Loss components
     (``eval_loss/<name>``), the distillation objective and timings are left out."""
-    student, teacher = {}, {}
+    teacher_key = re.compile(rf"{re.escape(prefix)}_(teacher\d*)_(.+)")
+    student: dict[str, float] = {}
+    teachers: dict[str, dict[str, float]] = {}
     for entry in reversed(log_history):
-        if not student and f"{prefix}_loss" in entry:
-            student = {k[len(prefix) + 1:]: float(v) for k, v in entry.items() if k.startswith(f"{prefix}_")
-                       and "/" not in k and isinstance(v, int | float) and k != f"{prefix}_distillation_loss"}
-        if not teacher and any(k.startswith(f"{prefix}_teacher") for k in entry):
-            for key, value in entry.items():
-                if key.startswith(f"{prefix}_teacher") and "/" not in key and isinstance(value, int | float):
-                    name = key[len(prefix) + 1:]
-                    teacher[name[len("teacher_"):] if name.startswith("teacher_") else name] = float(value)
-        if student and teacher:
-            break
-    drop = lambda metrics: {k: v for k, v in metrics.items() if not k.endswith(NOT_METRICS)}  # noqa: E731
-    return drop(student), drop(teacher)
+        numbers = {k: float(v) for k, v in entry.items() if k.startswith(f"{prefix}_") and "/" not in k
+                   and isinstance(v, int | float) and not k.endswith(NOT_METRICS)}
+        found: dict[str, dict[str, float]] = {}
+        own: dict[str, float] = {}
+        for key, value in numbers.items():
+            match = teacher_key.fullmatch(key)
+            if match and key[len(prefix) + 1:] not in AGREEMENT:
+                found.setdefault(match[1], {})[match[2]] = value
+            elif key != f"{prefix}_{OBJECTIVE}":
+                own[key[len(prefix) + 1:]] = value
+        if not student and "loss" in own:
+            student = own
+        for label, metrics in found.items():
+            teachers.setdefault(label, metrics)  # the newest evaluation of each teacher
+    return student, dict(sorted(teachers.items(), key=lambda item: int(item[0][len("teacher"):] or 0)))
 
 
 def retention(student: Mapping[str, float], teacher: Mapping[str, float]) -> dict[str, float]:
@@ -99,7 +112,7 @@ def write_card(
     distiller_names: Sequence[str] = (),
     distiller_modules: Mapping[str, str] | None = None,
     student_metrics: Mapping[str, float] | None = None,
-    teacher_metrics: Mapping[str, float] | None = None,
+    teacher_metrics: Mapping[str, Mapping[str, float]] | None = None,
     base_model: str | None = None,
     datasets: Sequence[str] = (),
     tags: Sequence[str] = (),
@@ -123,7 +136,9 @@ def write_card(
         distillers: The distiller specs (``{"name": ..., **options}``), written as JSON.
         distiller_names: The names of the built distillers, added to the tags.
         distiller_modules: ``{key: repr}`` of the built distillers (options, layer maps, projectors).
-        student_metrics, teacher_metrics: Eval metrics without the ``eval_`` / ``eval_teacher_`` prefix.
+        student_metrics: The student's eval metrics without the ``eval_`` prefix.
+        teacher_metrics: Each teacher's eval metrics by label, in teacher order (``{"teacher": {"accuracy": ...}}``,
+            :func:`split_metrics`); the first is the one retention is measured against.
         base_model: The Hub id the student starts from, or None.
         datasets: Hub ids (or names) of the data; the first names the model-index results' dataset.
         tags, language, license, model_name: More front matter; ``model_name`` defaults to the folder's name.
@@ -136,6 +151,7 @@ def write_card(
     """
     folder = Path(folder)
     student_metrics, teacher_metrics = dict(student_metrics or {}), dict(teacher_metrics or {})
+    first_label, first = next(iter(teacher_metrics.items()), ("teacher", {}))
     model_name = model_name or folder.resolve().name
     auto_class = auto_class or auto_class_name(folder)
     pipeline_tag = PIPELINE_TAGS.get(auto_class)
@@ -143,12 +159,12 @@ def write_card(
     all_tags = list(dict.fromkeys([*BASE_TAGS, *tags, *names]))
     dataset_name = datasets[0] if datasets else "evaluation set"
     results = []
-    for role, metrics in (("student", student_metrics), ("teacher", teacher_metrics)):
+    for role, metrics in (("student", student_metrics), *teacher_metrics.items()):
         for key, value in metrics.items():
             results.append(EvalResult(
                 task_type=pipeline_tag or "other", dataset_type=datasets[0] if datasets else "custom",
                 dataset_name=dataset_name, metric_type=key, metric_value=value,
-                metric_name=key if role == "student" else f"teacher {key}"))
+                metric_name=key if role == "student" else f"{role} {key}"))
     card_data = ModelCardData(
         language=language, license=license, library_name="transformers", tags=all_tags,
         datasets=list(datasets) or None, metrics=list(student_metrics) or None, base_model=base_model,
@@ -182,14 +198,16 @@ def write_card(
     lines += ["## Results", ""]
     if results_table:
         lines += [results_table, ""]
-    metric_names = list(dict.fromkeys([*student_metrics, *teacher_metrics]))
+    metric_names = list(dict.fromkeys([*student_metrics, *(k for m in teacher_metrics.values() for k in m)]))
     if metric_names and not results_table:
-        lines += ["| metric | student | teacher |", "|---|---|---|"]
-        lines += [f"| {k} | {_fmt(student_metrics.get(k))} | {_fmt(teacher_metrics.get(k))} |" for k in metric_names]
+        columns = [student_metrics, *teacher_metrics.values()]
+        lines += ["| " + " | ".join(["metric", "student", *teacher_metrics]) + " |", "|---" * len(columns) + "|---|"]
+        lines += ["| " + " | ".join([k, *(_fmt(m.get(k)) for m in columns)]) + " |" for k in metric_names]
         lines.append("")
-    kept = retention(student_metrics, teacher_metrics)
+    kept = retention(student_metrics, first)
     if kept:
-        lines += ["Retention (student / teacher): " + ", ".join(f"{k} {v:.1%}" for k, v in kept.items()) + ".", ""]
+        lines += [f"Retention (student / {first_label}): " + ", ".join(f"{k} {v:.1%}" for k, v in kept.items())
+                  + ".", ""]
     if not metric_names and not results_table:
         lines += ["No evaluation was run before this card was written.", ""]
     if hyperparameters:
@@ -231,16 +249,20 @@ def hub_id(name: str | None) -> str | None:
 
 
 def trainer_card_inputs(trainer: Any, metric_key_prefix: str = "eval") -> dict[str, Any]:
-    """What :func:`write_card` takes, read from a ``DistillationTrainer``: the teacher (first one, or the cache),
-    the distillers (specs, names, module reprs), both models' sizes, the last evaluation's metrics, the base model
-    and the key hyperparameters."""
+    """What :func:`write_card` takes, read from a ``DistillationTrainer``: the teachers' names (or the cache), the
+    distillers (specs, names, module reprs), the student's size and the first teacher's (``teacher_model[0]``: the
+    ratios compare with it), the last evaluation's metrics of the student and of each teacher, the base model and
+    the key hyperparameters."""
     from .architecture import unwrap
 
     student = unwrap(trainer.model)
     teachers = [unwrap(t) for t in getattr(trainer, "teachers", [])]
     config = getattr(teachers[0], "config", None) if teachers else None
-    if teachers:
-        teacher = getattr(config, "_name_or_path", "") or type(teachers[0]).__name__
+    names = [getattr(getattr(t, "config", None), "_name_or_path", "") or type(t).__name__ for t in teachers]
+    if len(teachers) > 1:  # labelled as their eval metrics are (eval_teacher<i>_*)
+        teacher = ", ".join(f"teacher{i}: {name}" for i, name in enumerate(names))
+    elif teachers:
+        teacher = names[0]
     else:
         teacher = f"cached teacher outputs ({trainer.args.teacher_cache})"
     student_metrics, teacher_metrics = split_metrics(trainer.state.log_history, metric_key_prefix)
@@ -251,8 +273,8 @@ def trainer_card_inputs(trainer: Any, metric_key_prefix: str = "eval") -> dict[s
     return dict(
         teacher=teacher,
         teacher_revision=getattr(config, "_commit_hash", None) if config is not None else None,
-        teacher_params=sum(p.numel() for t in teachers for p in t.parameters()) or None,
-        teacher_bytes=sum(p.numel() * p.element_size() for t in teachers for p in t.parameters()) or None,
+        teacher_params=sum(p.numel() for p in teachers[0].parameters()) if teachers else None,
+        teacher_bytes=sum(p.numel() * p.element_size() for p in teachers[0].parameters()) if teachers else None,
         student_params=sum(p.numel() for p in student.parameters()),
         student_bytes=sum(p.numel() * p.element_size() for p in student.parameters()),
         distillers=[_plain(spec) for spec in trainer._distiller_specs],

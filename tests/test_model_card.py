@@ -112,10 +112,39 @@ def test_card_without_evaluation_and_with_latency(tmp_path):
 def test_split_metrics_and_retention():
     history = [{"loss": 1.0}, {"eval_teacher_loss": 0.5, "eval_teacher_accuracy": 0.8, "eval_teacher_runtime": 1.0},
                {"eval_loss": 0.7, "eval_accuracy": 0.6, "eval_loss/kl": 0.1, "eval_distillation_loss": 0.9,
-                "eval_runtime": 2.0, "epoch": 1.0}]
-    student, teacher = split_metrics(history)
-    assert student == {"loss": 0.7, "accuracy": 0.6} and teacher == {"loss": 0.5, "accuracy": 0.8}
-    assert retention(student, teacher) == {"accuracy": pytest.approx(0.75)}
+                "eval_teacher_agreement": 0.75, "eval_kl_to_teacher": 0.2, "eval_runtime": 2.0, "epoch": 1.0}]
+    student, teachers = split_metrics(history)
+    # the agreement metrics are the student's, though one of them starts like a teacher's key
+    assert student == {"loss": 0.7, "accuracy": 0.6, "teacher_agreement": 0.75, "kl_to_teacher": 0.2}
+    assert teachers == {"teacher": {"loss": 0.5, "accuracy": 0.8}}
+    assert retention(student, teachers["teacher"]) == {"accuracy": pytest.approx(0.75)}
+    several = [{"eval_teacher0_loss": 0.5, "eval_teacher0_accuracy": 0.8},
+               {"eval_teacher1_loss": 0.4, "eval_teacher1_accuracy": 0.9}, {"eval_loss": 0.7, "eval_accuracy": 0.6}]
+    student, teachers = split_metrics(several)
+    assert list(teachers) == ["teacher0", "teacher1"] and teachers["teacher1"] == {"loss": 0.4, "accuracy": 0.9}
+
+
+def test_two_teacher_card_names_each_teacher(tmp_path):
+    student, first, second = bert(seed=1, hidden=16), bert(layers=3, seed=2, hidden=32), bert(seed=3, hidden=24)
+    first.config._name_or_path, second.config._name_or_path = "org/big-teacher", "org/mid-teacher"
+    args = training_args(tmp_path, max_steps=2, teacher_eval_metrics=True)
+    trainer = DistillationTrainer(model=student, teacher_model=[first, second], args=args,
+                                  distillers=[{"name": "kl"}], train_dataset=text_classification_data(),
+                                  eval_dataset=text_classification_data(8, seed=3), compute_metrics=accuracy)
+    trainer.train()
+    metrics = trainer.evaluate()
+    trainer.evaluate()  # a second evaluation: its entry holds the agreement but no teacher metrics (measured once)
+    trainer.create_model_card()
+    card = front_matter(tmp_path)
+    results = {(r.metric_name, r.metric_type): r.metric_value for r in card.data.eval_results}
+    for i in (0, 1):
+        assert results[(f"teacher{i} accuracy", "accuracy")] == pytest.approx(metrics[f"eval_teacher{i}_accuracy"])
+    assert results[("teacher_agreement", "teacher_agreement")] == pytest.approx(metrics["eval_teacher_agreement"])
+    assert not any(name.startswith("teacher ") for name, _ in results)
+    assert "teacher0: org/big-teacher, teacher1: org/mid-teacher" in card.text
+    first_params = sum(p.numel() for p in first.parameters())
+    assert f"vs {first_params:,} (teacher)" in card.text  # the ratios compare with teacher_model[0]
+    assert "| metric | student | teacher0 | teacher1 |" in card.text
 
 
 # ---- push_to_hub: the student only -----------------------------------------------------------------------------

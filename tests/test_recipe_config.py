@@ -280,7 +280,8 @@ def test_cached_model_leaves_no_half_cache(tmp_path):
 
 RESULTS = {
     "teacher": ModelResult("teacher", 136138, 2_000_000, 3.5, {"accuracy": 0.967}, 40.0),
-    "student": ModelResult("student (KD)", 9674, 500_000, 0.75, {"accuracy": 0.953, "loss": 0.21}, 12.5),
+    "student": ModelResult("student (KD)", 9674, 500_000, 0.75, {"accuracy": 0.953, "loss": 0.21}, 12.5,
+                           retention={"accuracy": 0.953 / 0.967}),
 }
 
 
@@ -289,8 +290,10 @@ def test_write_results(tmp_path):
     data = json.loads(json_path.read_text())
     assert list(data) == ["teacher", "student"]
     assert data["student"] == {"name": "student (KD)", "params": 9674, "size_on_disk_bytes": 500000,
-                               "latency_ms": 0.75, "metrics": {"accuracy": 0.953, "loss": 0.21},
-                               "train_seconds": 12.5}
+                               "latency_ms": 0.75, "latency_spread_ms": None,
+                               "metrics": {"accuracy": 0.953, "loss": 0.21}, "train_seconds": 12.5,
+                               "retention": {"accuracy": 0.953 / 0.967}}
+    assert "retention" not in data["teacher"]  # a teacher has none
     lines = md_path.read_text().splitlines()
     assert lines[0] == "| model | params | size (MB) | latency (ms) | accuracy | loss |"
     assert "| teacher | 136,138 | 2.00 | 3.50 | 0.967 | – |" in lines

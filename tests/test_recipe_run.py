@@ -23,7 +23,7 @@ from hf_kd.recipes import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ENTRY = {"name", "params", "size_on_disk_bytes", "latency_ms", "metrics", "train_seconds"}
+ENTRY = {"name", "params", "size_on_disk_bytes", "latency_ms", "latency_spread_ms", "metrics", "train_seconds"}
 
 
 def arguments(tmp_path: Path, **extra) -> DistillationArguments:
@@ -63,13 +63,22 @@ def test_one_result_shape_and_its_files(tmp_path):
     saved = json.loads(Path(out["results_json"]).read_text())
     assert list(saved) == ["teacher", "baseline", "student"]
     for role, entry in saved.items():
-        assert set(entry) == ENTRY and set(entry["metrics"]) == {"accuracy"}
+        assert set(entry) == ENTRY | ({"retention"} if role != "teacher" else set())
+        assert set(entry["metrics"]) == {"accuracy"}
         assert entry["params"] > 0 and entry["size_on_disk_bytes"] > 0 and entry["latency_ms"] > 0
+        assert entry["latency_spread_ms"] >= 0
+        teacher_accuracy = saved["teacher"]["metrics"]["accuracy"]
+        if role != "teacher":  # metric / the teacher's (a teacher scoring 0 gives no ratio)
+            expected = {"accuracy": entry["metrics"]["accuracy"] / teacher_accuracy} if teacher_accuracy else {}
+            assert entry["retention"] == pytest.approx(expected)
         assert entry["train_seconds"] == 1.5 if role == "teacher" else entry["train_seconds"] > 0
     assert saved["baseline"]["params"] == saved["student"]["params"] < saved["teacher"]["params"]
     markdown = Path(out["results_md"]).read_text()
     ratio = saved["teacher"]["params"] / saved["student"]["params"]
     assert f"Compression: {ratio:.1f}x fewer parameters." in markdown
+    if saved["student"]["retention"]:
+        share = saved["student"]["retention"]["accuracy"]
+        assert f"Retention of the student (metric / the teacher's): accuracy {share:.1%}." in markdown
     assert "Wall seconds per phase: prepare 0, teacher_eval " in markdown and ", total " in markdown
     assert Path(out["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for role in ("baseline", "student"):
@@ -97,7 +106,7 @@ def test_options(tmp_path):
     assert list(results) == ["teacher", "student"] and results["student"].name == "student (KD)"
     assert list(out["seconds"]) == ["prepare", "teacher_eval", "distillation", "total"]
     saved = json.loads(Path(out["results_json"]).read_text())
-    assert set(saved["student"]) == ENTRY | {"layers"} and saved["student"]["layers"] == 1
+    assert set(saved["student"]) == ENTRY | {"retention", "layers"} and saved["student"]["layers"] == 1
     assert results["teacher"].extra == {"layers": 2}
     assert results["student"].metrics["error"] == pytest.approx(1 - results["student"].metrics["accuracy"])
     evals = [entry for entry in out["histories"]["distillation"] if "eval_loss" in entry]

@@ -73,7 +73,9 @@ def check_run(result: dict, baseline: bool = True) -> dict:
     data = json.loads((out / "results.json").read_text())
     assert list(data) == (["teacher", "baseline", "student"] if baseline else ["teacher", "student"])
     for role, row in data.items():
-        assert set(row) == {"name", "params", "size_on_disk_bytes", "latency_ms", "metrics", "train_seconds"}
+        assert set(row) == {"name", "params", "size_on_disk_bytes", "latency_ms", "latency_spread_ms", "metrics",
+                            "train_seconds", *(("retention",) if role != "teacher" else ())}
+        assert role == "teacher" or set(row["retention"]) <= set(row["metrics"])
         assert row["params"] > 0 and row["size_on_disk_bytes"] >= 4 * row["params"] and row["latency_ms"] > 0
         assert 0.0 <= row["metrics"]["accuracy"] <= 1.0
         assert set(row["metrics"]) in ({"accuracy", "f1"}, {"accuracy", "macro_f1"})

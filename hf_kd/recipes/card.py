@@ -27,10 +27,12 @@ def write_model_card(
     """Write ``output_dir/README.md`` for the student saved there; returns its path.
 
     The model-index, ratios, speed-up and retention come from ``results["student"]`` and ``results["teacher"]``
-    (the recipe's own measurements); with the distillation ``trainer``, also the distiller names (tags), the built
-    distillers, the teacher's revision and the training hyperparameters.
+    (the recipe's own measurements; the assistants' metrics, ``results["assistant_<i>"]``, join the model-index);
+    with the distillation ``trainer``, also the distiller names (tags), the built distillers, the teacher's revision
+    and the training hyperparameters.
     """
     student, teacher_result = results.get("student"), results.get("teacher")
+    teachers = [role for role in results if role == "teacher" or role.startswith("assistant_")]
     inputs: dict[str, Any] = trainer_card_inputs(trainer) if trainer is not None else {}
     inputs.pop("auto_class", None)  # the saved folder's config.json names it
     latency = ({"student": student.latency_ms, "teacher": teacher_result.latency_ms}
@@ -43,7 +45,7 @@ def write_model_card(
         "datasets": [dataset],
         "tags": [recipe],
         "student_metrics": student.metrics if student is not None else {},
-        "teacher_metrics": teacher_result.metrics if teacher_result is not None else {},
+        "teacher_metrics": {role: result.metrics for role, result in results.items() if role in teachers},
         "student_params": student.params if student is not None else None,
         "teacher_params": teacher_result.params if teacher_result is not None else None,
         "student_bytes": student.size_on_disk_bytes if student is not None else None,

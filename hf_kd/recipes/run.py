@@ -5,8 +5,10 @@ A recipe script prepares the pieces (data, teacher, student, how to measure a mo
 
     baseline/        the student trained without distillation (when a baseline is given)
     student/         the distilled student, its processing class and model card (README.md)
-    results.json     {role: name, params, size_on_disk_bytes, latency_ms, metrics, train_seconds, extra fields}
-    results.md       the same as a table, then the notes, the compression and the wall seconds per phase
+    results.json     {role: name, params, size_on_disk_bytes, latency_ms, latency_spread_ms (IQR), metrics,
+                     train_seconds, retention (trained models: metric / the teacher's), extra fields}
+    results.md       the same as a table, then the notes, the compression, the retention and the wall seconds per
+                     phase
     history.png      training loss components and the plotted eval metric over steps, per phase
 
 With ``teacher_cache: auto`` (and the recipe's arguments given as ``recipe_args``) the teacher's outputs over the
@@ -27,6 +29,7 @@ from torch import nn
 from transformers import Trainer
 
 from ..arguments import DistillationArguments
+from ..model_card import retention
 from .card import write_model_card
 from .config import RecipeArguments
 from .phases import evaluate_model, phase_arguments, train_model
@@ -185,11 +188,17 @@ def run_recipe(
     for role, latency in measure_latencies(timed, latency_batch).items():
         results[role] = dataclasses.replace(results[role], latency_ms=latency.median_ms,
                                             latency_spread_ms=latency.spread_ms)
+    for role in ("baseline", "student"):
+        if role in results:
+            results[role].retention = retention(results[role].metrics, results["teacher"].metrics)
 
     seconds = {**timer.seconds, "total": timer.elapsed()}
     student_dir = output_dir / "student"
     lines = [*(notes(results) if callable(notes) else notes),
              f"Compression: {results['teacher'].params / results['student'].params:.1f}x fewer parameters.",
+             *(f"Retention of the {names[role]} (metric / the teacher's): "
+               + ", ".join(f"{k} {v:.1%}" for k, v in results[role].retention.items()) + "."
+               for role in ("baseline", "student") if results.get(role) and results[role].retention),
              "Wall seconds per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + "."]
     state = PartialState()
     reports = None
