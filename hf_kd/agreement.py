@@ -6,12 +6,13 @@ Per evaluated row ``r`` (a sample of a classifier, a predicted token of a causal
     agree_r = [argmax_c s_r[c] == argmax_c t_r[c]]                          (top-1 agreement, 0 or 1)
     kl_r    = KL(p_t || p_s) = sum_c p_t[c] * (log p_t[c] - log p_s[c]),   p = softmax(logits)  (temperature 1)
 
-:func:`agreement_sums` returns ``(sum_r agree_r, sum_r kl_r, number of rows)`` for one batch, so that the reported
-metrics (``eval_teacher_agreement``, ``eval_kl_to_teacher``) are means over every row of the evaluation set
-(sums and counts added over batches and processes, then divided), not means of batch means.
+:func:`agreement_per_sample` returns ``(sum_r agree_r, sum_r kl_r, number of rows)`` per sample of one batch, so that
+the reported metrics (``eval_teacher_agreement``, ``eval_kl_to_teacher``) are means over every row of the evaluation
+set (the samples gathered over processes with the last batch's padding repeats dropped, then sums and counts added
+and divided), not means of batch means.
 
 The logits come from the views as the losses read them: a logits tensor, or on the fused causal-LM path the head's
-input and weights, formed chunk by chunk (:func:`~hf_kd.row_loss.row_losses`), so no ``[B, T, V]`` tensor is built;
+input and weights, formed chunk by chunk (:func:`~hf_kd.row_loss.row_values`), so no ``[B, T, V]`` tensor is built;
 a top-k teacher (:class:`~hf_kd.sparse_logits.SparseLogits`) is read as the dense logits it stands for.
 """
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .capture import ModelView
-from .row_loss import RowTerm, row_losses, rows_from_views
+from .row_loss import row_values, rows_from_views
 
 METRICS = ("teacher_agreement", "kl_to_teacher")  # their names after the eval prefix (the student's metrics)
 
@@ -41,25 +42,28 @@ def kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor, targets: torch.T
     return F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(-1)
 
 
-def agreement_sums(
+def agreement_per_sample(
     student: ModelView, teacher: ModelView, batch: Mapping[str, Any], chunk_size: int | None = None
 ) -> torch.Tensor:
-    """``[3]`` fp32 on the student's device: ``(sum_r agree_r, sum_r kl_r, rows)`` over the rows of ``batch``.
+    """``[B, 3]`` fp32 on the student's device: per sample of ``batch``, ``(sum agree_r, sum kl_r, rows)`` over its
+    rows (one for a classifier, its predicted tokens for a causal LM).
 
-    ``chunk_size`` rows of logits at a time (default as :func:`~hf_kd.row_loss.rows_per_chunk`). No gradient.
+    Per sample, so that evaluation can drop the repeated samples that pad the last batch across processes
+    (``Accelerator.gather_for_metrics``) before adding up. ``chunk_size`` rows of logits at a time (default as
+    :func:`~hf_kd.row_loss.rows_per_chunk`). No gradient.
     """
-    with torch.no_grad():
-        rows = rows_from_views(student, teacher.detached(), batch)
-        terms = [RowTerm("agreement", top1_agreement, 1.0), RowTerm("kl", kl_to_teacher, 1.0)]
-        _, sums = row_losses(terms, rows.student, rows.teacher, rows.rows, rows.targets, rows.vocab_size, 1.0,
-                             chunk_size)
-        count = torch.tensor(float(rows.rows.numel()), device=rows.rows.device)
-        return torch.stack([sums["agreement"].float(), sums["kl"].float(), count])
+    rows = rows_from_views(student, teacher.detached(), batch)
+    values = row_values([top1_agreement, kl_to_teacher], rows.student, rows.teacher, rows.rows, rows.vocab_size,
+                        chunk_size)
+    leading = rows.student.values.shape[:-1]  # [B] (a classifier) or [B, T] (a causal LM): rows index it flat
+    samples = rows.rows // (leading[1] if len(leading) > 1 else 1)
+    per_row = torch.cat([values, values.new_ones(len(values), 1)], dim=-1)
+    return per_row.new_zeros(leading[0], 3).index_add_(0, samples, per_row)
 
 
 def agreement_metrics(sums: torch.Tensor, prefix: str) -> dict[str, float]:
-    """The metrics of summed ``(agree, kl, rows)``: ``<prefix>_teacher_agreement`` and ``<prefix>_kl_to_teacher``
-    (none when no row was evaluated)."""
+    """The metrics of ``(agree, kl, rows)`` summed over the evaluation set's samples:
+    ``<prefix>_teacher_agreement`` and ``<prefix>_kl_to_teacher`` (none when no row was evaluated)."""
     agree, kl, count = sums.tolist()
     if not count:
         return {}

@@ -269,6 +269,29 @@ def row_losses(
     return total, {term.name: value for term, value in zip(terms, values.unbind())}
 
 
+def row_values(
+    fns: Sequence[RowFn],
+    student: LogitSource,
+    teacher: LogitSource | SparseLogits,
+    rows: torch.Tensor,
+    vocab_size: int,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``[n, len(fns)]`` fp32: ``fn(student_logits, teacher_logits, None)`` of every row, chunk by chunk, without
+    autograd (a per-row reading of what :func:`row_losses` sums, e.g. evaluation metrics); a top-k teacher is read as
+    the dense logits it stands for."""
+    chunk_size = rows_per_chunk(vocab_size, chunk_size)
+    sources = [(_source_tensors(source), source.width if isinstance(source, SparseLogits) else None)
+               for source in (student, teacher)]
+    out = []
+    with torch.no_grad():
+        for begin in range(0, rows.numel(), chunk_size):
+            chunk = rows[begin : begin + chunk_size]
+            s, t = (_dense(_chunk_logits(*tensors, chunk, vocab_size, width)[1]) for tensors, width in sources)
+            out.append(torch.stack([fn(s, t, None).float() for fn in fns], dim=-1))
+    return torch.cat(out) if out else torch.zeros(0, len(fns), device=rows.device)
+
+
 @dataclass
 class RowBatch:
     """The rows of one batch that row losses run over, and where the models' logits for them come from (``teacher``:

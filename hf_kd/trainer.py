@@ -28,7 +28,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import ModelOutput
 
-from .agreement import agreement_metrics, agreement_sums
+from .agreement import agreement_metrics, agreement_per_sample
 from .architecture import SAMPLE_INDEX, accepted_inputs, output_head, task_of, unwrap
 from .arguments import DEFAULT_DISTILLERS, DistillationArguments
 from .cache_slot import CacheSlot, check_cache, open_cache, refuse_uncached, stand_in_teacher
@@ -300,8 +300,10 @@ class DistillationTrainer(Trainer):
             release(slot.model)
         total = total + scale * distill_total
         if not model.training and self.args.eval_teacher_agreement and teachers and teachers[0] is not None:
-            # the first teacher's view, already computed for the losses: summed over rows here, divided per eval set
-            sums = agreement_sums(student, teachers[0], batch, self.args.loss_chunk_size)
+            # the first teacher's view, already computed for the losses; per sample, gathered over processes with
+            # the last batch's padding repeats dropped (as Trainer gathers predictions), then summed
+            samples = agreement_per_sample(student, teachers[0], batch, self.args.loss_chunk_size)
+            sums = self.accelerator.gather_for_metrics(samples).sum(0)
             self._agreement = sums if self._agreement is None else self._agreement + sums
         components.update({name: value * scale for name, value in values.items()})
         if training:
@@ -439,9 +441,9 @@ class DistillationTrainer(Trainer):
                         metric_key_prefix: str = "eval"):
         self._agreement = None
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        if self._agreement is not None:  # row-weighted over the whole set: sums and counts added over processes
-            sums, self._agreement = self.accelerator.gather(self._agreement[None]).sum(0), None
-            output.metrics.update(agreement_metrics(sums, metric_key_prefix))
+        if self._agreement is not None:  # row-weighted over the whole set (every process holds the same sums)
+            output.metrics.update(agreement_metrics(self._agreement, metric_key_prefix))
+            self._agreement = None
         for name, value in self.ledger.pop_eval(self._gather).items():
             key = f"{metric_key_prefix}_{name}" if name == OBJECTIVE else f"{metric_key_prefix}_loss/{name}"
             output.metrics[key] = value

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from conftest import bert, llama, lm_data, text_classification_data  # noqa: E402
 from hf_kd import DistillationArguments, DistillationTrainer, cache_teacher_outputs  # noqa: E402
+from hf_kd.agreement import METRICS as AGREEMENT  # noqa: E402
 from hf_kd.distillers.base import _REGISTRY  # noqa: E402
 from hf_kd.processes import close_process_group  # noqa: E402
 from hf_kd.sharding import local_parameter_share  # noqa: E402
@@ -26,8 +27,8 @@ from hf_kd.sharding import local_parameter_share  # noqa: E402
 STEPS, GLOBAL_BATCH = 4, 8
 
 CONFIGS = {
-    "kl_classifier": dict(family="text", distillers=[{"name": "kl", "temperature": 2.0}]),
-    "kl_padded_lm": dict(family="lm", distillers=[{"name": "kl", "temperature": 2.0}]),
+    "kl_classifier": dict(family="text", evaluate=True, distillers=[{"name": "kl", "temperature": 2.0}]),
+    "kl_padded_lm": dict(family="lm", evaluate=True, distillers=[{"name": "kl", "temperature": 2.0}]),
     "hidden_states_projector": dict(family="text", distillers=[{"name": "hidden_states", "projector": "linear"}]),
     "atsc_online_teacher": dict(family="text", distillers=[{"name": "atsc"}]),
     # Two teachers: a learned aggregation (its weights trained) and one projector per teacher.
@@ -63,7 +64,8 @@ def run(config: str, per_device: int, accumulation: int, output_dir: str) -> dic
         ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None,
         max_steps=STEPS, logging_steps=1, save_strategy="steps", save_steps=STEPS,
         per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
-        optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, **spec.get("args", {}),
+        optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, per_device_eval_batch_size=4,
+        **spec.get("args", {}),
     )
     cache = None
     if "cache_top_k" in spec:  # each process builds its own copy (the same rows), as a run reading a shared folder
@@ -73,8 +75,14 @@ def run(config: str, per_device: int, accumulation: int, output_dir: str) -> dic
     trainer = DistillationTrainer(model=student, teacher_model=teacher, teacher_cache=cache, args=args,
                                   train_dataset=data, distillers=spec["distillers"])
     trainer.train()
-    # Evaluation runs the (sharded) teacher too: distiller terms and the teacher's own metrics.
-    metrics = trainer.evaluate(text_classification_data(n=8, seed=7)) if spec.get("evaluate") else {}
+    # Evaluation runs the (sharded) teacher too: distiller terms, agreement and the teacher's own metrics; over 8 rows
+    # (2 x 4 per batch), and the agreement over 11 rows, whose last batch is padded with repeated rows across
+    # processes: those must not count (the batch-mean losses of a padded batch cannot drop them, as in Trainer).
+    data_of = text_classification_data if spec["family"] == "text" else lm_data
+    metrics, padded = {}, {}
+    if spec.get("evaluate"):
+        metrics = trainer.evaluate(data_of(n=8, seed=7))
+        padded = trainer.evaluate(data_of(n=11, seed=8), metric_key_prefix="padded")
     checkpoint = os.path.join(output_dir, f"checkpoint-{STEPS}")
     saved = {name: torch.load(os.path.join(checkpoint, name), weights_only=True)
              for name in ("distillers.pt", "teacher_trained.pt") if os.path.isfile(os.path.join(checkpoint, name))}
@@ -89,7 +97,8 @@ def run(config: str, per_device: int, accumulation: int, output_dir: str) -> dic
         "state_agrees": state_agrees(trainer.distillers.state_dict()),
         "teacher_shares": every_process(local_parameter_share(trainer.teacher) if trainer.teacher else 0.0),
         "fused": trainer._fused_lm,
-        "eval": {k: v for k, v in metrics.items() if "loss" in k},
+        "eval": {k: v for k, v in metrics.items() if "loss" in k or k.endswith(AGREEMENT)},
+        "padded_eval": {k: v for k, v in padded.items() if k.endswith(AGREEMENT)},
     }
 
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import bert, llama, lm_data, text_classification_data, training_args
 from hf_kd import DistillationTrainer, ModelView
-from hf_kd.agreement import agreement_sums, kl_to_teacher, top1_agreement
+from hf_kd.agreement import agreement_per_sample, kl_to_teacher, top1_agreement
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,9 +24,10 @@ def test_classifier_agreement_and_kl_by_hand():
     t = torch.tensor([[1.0, 0.5, 0.0], [2.0, 0.0, 1.0], [0.0, 0.0, 1.0], [4.0, 1.0, 0.0]])  # rows 0 and 2 agree
     assert top1_agreement(s, t).tolist() == [1.0, 0.0, 1.0, 0.0]
     torch.testing.assert_close(kl_to_teacher(s, t), kl_by_hand(s, t))
-    sums = agreement_sums(ModelView(None, "classification", logits=s), ModelView(None, "classification", logits=t),
-                          {"labels": torch.zeros(4, dtype=torch.long)})
-    torch.testing.assert_close(sums, torch.stack([torch.tensor(2.0), kl_by_hand(s, t).sum(), torch.tensor(4.0)]))
+    views = [ModelView(None, "classification", logits=logits) for logits in (s, t)]
+    samples = agreement_per_sample(*views, {"labels": torch.zeros(4, dtype=torch.long)})
+    expected = torch.stack([top1_agreement(s, t), kl_by_hand(s, t), torch.ones(4)], dim=-1)  # one row per sample
+    torch.testing.assert_close(samples, expected)
 
 
 def test_causal_lm_agreement_is_per_predicted_token_and_skips_padding():
@@ -35,11 +36,12 @@ def test_causal_lm_agreement_is_per_predicted_token_and_skips_padding():
     labels = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 3, -100, -100]])
     valid = labels[:, 1:] != -100  # position i predicts token i + 1
     rows_s, rows_t = s[:, :-1][valid], t[:, :-1][valid]
-    sums = agreement_sums(ModelView(None, "causal_lm", logits=s), ModelView(None, "causal_lm", logits=t),
-                          {"labels": labels}, chunk_size=2)
-    expected = torch.stack([(rows_s.argmax(-1) == rows_t.argmax(-1)).float().sum(), kl_by_hand(rows_s, rows_t).sum(),
-                            torch.tensor(6.0)])
-    torch.testing.assert_close(sums, expected)
+    samples = agreement_per_sample(ModelView(None, "causal_lm", logits=s), ModelView(None, "causal_lm", logits=t),
+                                   {"labels": labels}, chunk_size=3)  # a chunk spans both samples
+    agree, kl = (rows_s.argmax(-1) == rows_t.argmax(-1)).float(), kl_by_hand(rows_s, rows_t)
+    first = slice(0, 4)  # sample 0 predicts 4 tokens, sample 1 the next 2
+    expected = torch.tensor([[agree[first].sum(), kl[first].sum(), 4.0], [agree[4:].sum(), kl[4:].sum(), 2.0]])
+    torch.testing.assert_close(samples, expected)
 
 
 def test_the_fused_head_view_gives_what_the_logits_give():
@@ -55,7 +57,7 @@ def test_the_fused_head_view_gives_what_the_logits_give():
             head = model.get_output_embeddings()
             pair.append(ModelView(model, "causal_lm", head_input=out.hidden_states[-1], head=head) if fused
                         else ModelView(model, "causal_lm", logits=out.logits))
-        views.append(agreement_sums(*pair, batch, chunk_size=5))
+        views.append(agreement_per_sample(*pair, batch, chunk_size=5))
     torch.testing.assert_close(views[0], views[1], rtol=1e-5, atol=1e-5)
 
 
