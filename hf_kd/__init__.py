@@ -18,6 +18,7 @@ from .chain import distill_chain
 from .distillers import Distiller, build_distiller, list_distillers, register_distiller
 from .distillers.atsc import load_atsc_student
 from .progressive import ProgressiveLayerCallback, ProgressiveLayers
+from .prompts import PromptCompletionCollator, tokenize_prompts
 from .schedules import Schedule
 from .self_teacher import make_self_teacher
 from .trainer import DistillationTrainer
@@ -36,6 +37,7 @@ __all__ = [
     "ModelView",
     "ProgressiveLayerCallback",
     "ProgressiveLayers",
+    "PromptCompletionCollator",
     "Requirements",
     "Schedule",
     "build_distiller",
@@ -45,4 +47,5 @@ __all__ = [
     "load_atsc_student",
     "make_self_teacher",
     "register_distiller",
+    "tokenize_prompts",
 ]

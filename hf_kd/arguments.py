@@ -130,6 +130,30 @@ class DistillationArguments(TrainingArguments):
         },
     )
 
+    lmbda: float = field(
+        default=0.0,
+        metadata={"help": "Causal LMs, on-policy distillation (GKD): the probability that an optimizer step trains on "
+                  "completions the student samples for the step's prompts (prompt data: hf_kd.tokenize_prompts and "
+                  "PromptCompletionCollator). 0: never (the dataset's completions); 1: every step."},
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata={"help": "Sequence-level KD: the steps that are not on-policy train on completions the (first) "
+                  "teacher generates, instead of the dataset's."},
+    )
+    max_new_tokens: int = field(default=128, metadata={"help": "Most tokens generated per completion."})
+    generation_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Sampling temperature of generated completions (0: greedy). Separate from the loss "
+                  "temperature, which is each distiller's `temperature`."},
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of generated completions (1: off)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling of generated completions (0: off)."})
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Prompts per generate call (bounds generation memory); None: the whole micro-batch."},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.distillers, str):
@@ -185,6 +209,16 @@ class DistillationArguments(TrainingArguments):
             except (RuntimeError, TypeError) as error:
                 raise ValueError(f"`teacher_device` must name a torch device such as 'cpu' or 'cuda:1', got "
                                  f"{self.teacher_device!r}.") from error
+        if isinstance(self.lmbda, bool) or not isinstance(self.lmbda, int | float) or not 0 <= self.lmbda <= 1:
+            raise ValueError(f"`lmbda` is the probability of an on-policy step and must lie in [0, 1], got "
+                             f"{self.lmbda!r}.")
+        if self.generation_temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"Generation needs generation_temperature >= 0 (0: greedy), 0 < top_p <= 1 and "
+                             f"top_k >= 0; got {self.generation_temperature}, {self.top_p}, {self.top_k}.")
+        for name in ("max_new_tokens", "generation_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
         if self.teacher_dtype is not None and self.teacher_dtype not in _DTYPES:
             raise ValueError(
                 f"`teacher_dtype` must be one of {sorted(_DTYPES)} or None, got {self.teacher_dtype!r}."

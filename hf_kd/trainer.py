@@ -66,7 +66,9 @@ from .distillers.base import (
 from .ledger import LossLedger
 from .nonfinite import NonFiniteSteps
 from .normalization import StepBatch, StepCounts, batch_size, denominator, share, step_counts
+from .on_policy import completion_source
 from .progressive import ProgressiveLayerCallback
+from .prompts import PROMPT_KEYS, PROMPT_LENGTH
 from .row_loss import RowTerm, row_losses, rows_from_views
 from .sample_index import with_sample_index
 from .sharding import check_shardable, place_teachers, release, teacher_engine
@@ -208,6 +210,8 @@ class DistillationTrainer(Trainer):
             and not any(d.requires.logits for _, d in self._other_distillers)
         )
         self._student_inputs = accepted_inputs(student)
+        self._completions = completion_source(args, student, self._student_task, self.teachers, self._cached,
+                                              engine != "none", self.processing_class)
         self._position_limits = position_limits(roles)
         wanted = {"output_hidden_states": self.requirements.hidden_states,
                   "output_attentions": self.requirements.attentions}
@@ -235,12 +239,22 @@ class DistillationTrainer(Trainer):
         super()._set_signature_columns_if_needed()
         teacher_columns = [name for t in self.teachers for name in inspect.signature(unwrap(t).forward).parameters]
         index = [SAMPLE_INDEX] if self._index_readers else []
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *teacher_columns, *index]))
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *teacher_columns, *index,
+                                                      PROMPT_LENGTH]))  # prompt data: where completions start
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Trainer's prefetch of one optimizer step's micro-batches, plus their :class:`StepCounts` (summed over
         processes when ``average_tokens_across_devices``, as Trainer does for its token count)."""
         batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._completions is not None and batches:  # on-policy / seq_kd: the step's completions generated first
+            if PROMPT_KEYS[0] not in batches[0]:
+                raise ValueError("lmbda / seq_kd generate completions for the batch's prompts, and this batch has no "
+                                 "`prompt_input_ids`. Tokenize the data with hf_kd.tokenize_prompts and pass "
+                                 "data_collator=hf_kd.PromptCompletionCollator(tokenizer.pad_token_id).")
+            generated = self._completions.complete(batches, self.state.global_step, unwrap(self.model),
+                                                   unwrap(self.teachers[0]) if self.teachers else None)
+            if generated is not batches:
+                batches, num_items_in_batch = generated, self._get_num_items_in_batch(generated, device)
         reduce = (lambda totals: self.accelerator.reduce(totals, reduction="sum")) if self._global_counts else None
         self._step_counts = step_counts(batches, self._student_task, device, reduce) if batches else None
         return batches, num_items_in_batch
@@ -419,6 +433,9 @@ class DistillationTrainer(Trainer):
                                                **{key: d.weight for key, d in self._named}})
             if self._nonfinite.skipped_steps:
                 logs["skipped_steps"] = self._nonfinite.skipped_steps
+            if self._completions is not None:  # each process's own generations, averaged over processes
+                logs.update({k: self._gather(torch.tensor(v, device=self.args.device)).mean().item()
+                             for k, v in self._completions.stats.pop().items()})
         super().log(logs, start_time)
 
     def _end_step(self, args, state, control) -> None:

@@ -72,7 +72,7 @@ PUBLIC_API = {
     "DistillationArguments", "DistillationCallback", "DistillationTrainer", "Distiller", "FeatureSpec", "ModelView",
     "ProgressiveLayerCallback", "ProgressiveLayers", "Requirements", "Schedule", "build_distiller",
     "cache_teacher_outputs", "distill_chain", "list_distillers", "load_atsc_student", "make_self_teacher",
-    "register_distiller",
+    "register_distiller", "PromptCompletionCollator", "tokenize_prompts",
 }
 
 
