@@ -21,7 +21,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from hf_kd import DistillationArguments
+from hf_kd import DistillationArguments, tokenize_prompts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -120,6 +120,30 @@ def lm_data(n: int = 16, length: int = 12, vocab: int = VOCAB, seed: int = 0, wi
     if with_labels:
         columns["labels"] = ids.masked_fill(mask == 0, -100).tolist()
     return Dataset.from_dict(columns)
+
+
+PAD, EOS = 0, 2  # the tiny causal LMs' pad and EOS tokens (llama(), gpt2())
+
+
+class Ids:
+    """The tokenizer of prompt data given as token ids: only its EOS is read (tokenize_prompts ends completions)."""
+
+    eos_token_id = EOS
+
+
+def prompt_data(n: int = 16, with_completion: bool = True, seed: int = 0) -> Dataset:
+    """Prompt / completion rows of token ids (prompts of 2-5 tokens, completions of 2-4 and EOS), tokenized with
+    hf_kd.tokenize_prompts: for hf_kd.PromptCompletionCollator(PAD)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        prompt = torch.randint(3, 50, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
+        row = {"prompt": prompt}
+        if with_completion:
+            length = int(torch.randint(2, 5, (1,), generator=g))
+            row["completion"] = torch.randint(3, 50, (length,), generator=g).tolist()
+        rows.append(row)
+    return tokenize_prompts(Dataset.from_list(rows), Ids())
 
 
 def image_data(n: int = 16, num_labels: int = 4, seed: int = 0) -> Dataset:

@@ -17,8 +17,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from conftest import bert, llama, lm_data, text_classification_data  # noqa: E402
-from hf_kd import DistillationArguments, DistillationTrainer, cache_teacher_outputs  # noqa: E402
+from conftest import PAD, bert, llama, lm_data, prompt_data, text_classification_data  # noqa: E402
+from hf_kd import (  # noqa: E402
+    DistillationArguments,
+    DistillationTrainer,
+    PromptCompletionCollator,
+    cache_teacher_outputs,
+)
 from hf_kd.agreement import METRICS as AGREEMENT  # noqa: E402
 from hf_kd.distillers.base import _REGISTRY  # noqa: E402
 from hf_kd.processes import close_process_group  # noqa: E402
@@ -40,6 +45,10 @@ CONFIGS = {
         {"name": "kl", "temperature": 2.0}, {"name": "hidden_states", "projector": "linear"}]),
     "sharded_teacher_fused_lm": dict(family="lm", args={"teacher_sharding": "fsdp2"},
                                      distillers=[{"name": "kl", "temperature": 2.0}]),
+    # On-policy GKD: each process generates (greedy: the same sequences however prompts are batched) for its own
+    # micro-batches, then the one normalisation rule over the step's completion tokens.
+    "on_policy_lm": dict(family="prompt", args={"lmbda": 1.0, "generation_temperature": 0.0, "max_new_tokens": 4,
+                                                "hard_label_weight": 0.0}, distillers=[{"name": "jsd", "beta": 0.5}]),
     # No teacher run: a top-k offline cache, its rows found by sample index under the distributed sampler.
     "cached_teacher_lm": dict(family="lm", cache_top_k=8, distillers=[{"name": "kl", "temperature": 2.0}]),
 }
@@ -59,6 +68,9 @@ def run(config: str, per_device: int, accumulation: int, output_dir: str) -> dic
             teacher = [teacher, bert(layers=2, hidden=24, seed=3)]
     else:
         student, teacher, data = llama(seed=1), llama(layers=3, hidden=48, seed=2), lm_data(n=32)
+    collator = PromptCompletionCollator(PAD) if spec["family"] == "prompt" else None
+    if collator is not None:
+        data = prompt_data(n=32)
     args = DistillationArguments(
         output_dir=output_dir, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
         ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None,
@@ -73,7 +85,7 @@ def run(config: str, per_device: int, accumulation: int, output_dir: str) -> dic
         cache_teacher_outputs(teacher, data, cache, top_k=spec["cache_top_k"])
         teacher = None
     trainer = DistillationTrainer(model=student, teacher_model=teacher, teacher_cache=cache, args=args,
-                                  train_dataset=data, distillers=spec["distillers"])
+                                  train_dataset=data, distillers=spec["distillers"], data_collator=collator)
     trainer.train()
     # Evaluation runs the (sharded) teacher too: distiller terms, agreement and the teacher's own metrics; over 8 rows
     # (2 x 4 per batch), and the agreement over 11 rows, whose last batch is padded with repeated rows across
@@ -97,6 +109,8 @@ def run(config: str, per_device: int, accumulation: int, output_dir: str) -> dic
         "state_agrees": state_agrees(trainer.distillers.state_dict()),
         "teacher_shares": every_process(local_parameter_share(trainer.teacher) if trainer.teacher else 0.0),
         "fused": trainer._fused_lm,
+        "generate_calls": every_process(float(trainer._completions.generate_calls["student"])
+                                        if trainer._completions is not None else 0.0),
         "eval": {k: v for k, v in metrics.items() if "loss" in k or k.endswith(AGREEMENT)},
         "padded_eval": {k: v for k, v in padded.items() if k.endswith(AGREEMENT)},
     }

@@ -3,7 +3,8 @@ the final student, the projector and the teacher-side weights, for logit KD on a
 LM, hidden states through a projector, ATSC's online teacher, every relation distiller of the registry, two teachers
 (learned aggregation, a projector per teacher), and a teacher sharded over the processes with FSDP2
 (``teacher_sharding="fsdp2"``, the fused causal-LM path included), evaluation's teacher agreement (also over a set
-whose last batch is padded across processes), and no teacher at all: a top-k offline cache
+whose last batch is padded across processes), on-policy GKD (each process generating for its own micro-batches), and
+no teacher at all: a top-k offline cache
 read by sample index under the distributed sampler. Default
 TrainingArguments (``average_tokens_across_devices=True``); 2 processes x 4 and 2 processes x 2 x accumulation 2 vs
 1 process x 8, or, for relation distillers, vs 1 process running the same micro-batches (distributed_run.REFERENCES).
@@ -85,6 +86,9 @@ def test_two_processes_match_one_process(config, two_process_results, tmp_path, 
         assert result["fused"] and reference["fused"], "the fused causal-LM path must run with a sharded teacher"
     if config == "two_teachers_classifier":
         assert reference["distillers"]["0.aggregation.logits"].abs().sum() > 0, "the teacher weights must train"
+    if config == "on_policy_lm":  # every step generated, each process for its own micro-batches
+        assert reference["generate_calls"] == [distributed_run.STEPS]
+        assert result["generate_calls"] == [distributed_run.STEPS * accumulation] * 2
     if config == "hidden_states_projector":
         assert reference["distillers"], "the projector must be trained"
     if config == "atsc_online_teacher":

@@ -12,30 +12,9 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from conftest import bert, llama, training_args
+from conftest import EOS, PAD, Ids, bert, llama, prompt_data, training_args
 from hf_kd import DistillationTrainer, PromptCompletionCollator, tokenize_prompts
 from hf_kd.on_policy import completion_source, packed
-
-PAD, EOS = 0, 2
-
-
-class Ids:
-    """The tokenizer of data given as token ids: only its EOS is read."""
-
-    eos_token_id = EOS
-
-
-def prompt_data(n: int = 16, with_completion: bool = True, seed: int = 0) -> Dataset:
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        prompt = torch.randint(3, 50, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
-        row = {"prompt": prompt}
-        if with_completion:
-            length = int(torch.randint(2, 5, (1,), generator=g))
-            row["completion"] = torch.randint(3, 50, (length,), generator=g).tolist()
-        rows.append(row)
-    return tokenize_prompts(Dataset.from_list(rows), Ids())
 
 
 def trainer_for(tmp_path, distillers=({"name": "jsd", "beta": 0.5},), data=None, **overrides):
@@ -231,3 +210,33 @@ def test_the_loss_temperature_is_not_the_sampling_temperature(tmp_path):
     assert losses(cold) != losses(greedy)  # the same greedy completions, another loss temperature
     generated = [cold._completions.stats, greedy._completions.stats]
     assert all(stats.steps == 0 for stats in generated)  # popped by the logs
+
+
+def test_gradient_accumulation_gives_the_one_batch_losses(tmp_path):
+    """Greedy completions (the same sequences however the prompts are batched) and the one normalisation rule: 2
+    micro-batches of 4 with accumulation 2 train as one batch of 8."""
+    args = dict(lmbda=1.0, generation_temperature=0.0, max_steps=2, optim="sgd", learning_rate=0.5,
+                lr_scheduler_type="constant", max_grad_norm=0.0)
+    one = trainer_for(tmp_path / "one", per_device_train_batch_size=8, **args)
+    one.train()
+    split = trainer_for(tmp_path / "split", per_device_train_batch_size=4, gradient_accumulation_steps=2, **args)
+    split.train()
+    assert split._completions.generate_calls["student"] == 2 * one._completions.generate_calls["student"] == 4
+    assert losses(split) == pytest.approx(losses(one), rel=1e-5)
+    for a, b in zip(one.model.parameters(), split.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_lora_student_generates_with_its_adapters_and_trains_only_them(tmp_path):
+    peft = pytest.importorskip("peft")
+    student = peft.get_peft_model(llama(seed=1), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    trainer = DistillationTrainer(model=student, teacher_model=llama(layers=3, seed=2),
+                                  args=training_args(tmp_path, max_steps=2, hard_label_weight=0.0, lmbda=1.0,
+                                                     max_new_tokens=4, learning_rate=1e-2),
+                                  train_dataset=prompt_data(), data_collator=PromptCompletionCollator(PAD),
+                                  distillers=[{"name": "reverse_kl"}])
+    trainer.train()
+    assert trainer._completions.generate_calls["student"] == 2
+    moved = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("lora_" in n for n in moved)
