@@ -64,8 +64,8 @@ class GenerationStats:
     tokens: int = 0
     seconds: float = 0.0
 
-    def pop(self) -> dict[str, float]:
-        """The logged values (``on_policy/*``) of the window, then a fresh window."""
+    def logs(self) -> dict[str, float]:
+        """The logged values (``on_policy/*``) of the window."""
         if not self.steps:
             return {}
         logs = {"on_policy/student_share": self.authors[STUDENT] / self.steps,
@@ -73,7 +73,6 @@ class GenerationStats:
                 "on_policy/generation_seconds_per_step": self.seconds / self.steps}
         if self.sequences:
             logs["on_policy/generated_length"] = self.tokens / self.sequences
-        self.__init__()
         return logs
 
 
@@ -87,6 +86,11 @@ class CompletionSource:
         self.pad_token_id, self.eos_token_ids = pad_token_id, list(eos_token_ids)
         self.stats = GenerationStats()
         self.generate_calls = {STUDENT: 0, TEACHER: 0}  # counted for tests and benchmarks
+
+    def pop_logs(self) -> dict[str, float]:
+        """The logging window's :class:`GenerationStats` values; the next window starts empty."""
+        logs, self.stats = self.stats.logs(), GenerationStats()
+        return logs
 
     def author(self, step: int) -> str:
         """Who writes optimizer step ``step``'s completions: ``(seed, step)`` alone decide."""

@@ -435,7 +435,7 @@ class DistillationTrainer(Trainer):
                 logs["skipped_steps"] = self._nonfinite.skipped_steps
             if self._completions is not None:  # each process's own generations, averaged over processes
                 logs.update({k: self._gather(torch.tensor(v, device=self.args.device)).mean().item()
-                             for k, v in self._completions.stats.pop().items()})
+                             for k, v in self._completions.pop_logs().items()})
         super().log(logs, start_time)
 
     def _end_step(self, args, state, control) -> None:

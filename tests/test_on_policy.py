@@ -240,3 +240,17 @@ def test_a_lora_student_generates_with_its_adapters_and_trains_only_them(tmp_pat
     assert trainer._completions.generate_calls["student"] == 2
     moved = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all("lora_" in n for n in moved)
+
+
+def test_generation_batch_size_splits_the_prompts_not_the_result(tmp_path):
+    """Greedy completions of 4 prompts in calls of 1 are those of one call of 4; the call count says it split."""
+    whole = trainer_for(tmp_path / "whole", lmbda=1.0, generation_temperature=0.0, max_steps=1)
+    whole.train()
+    pieces = trainer_for(tmp_path / "pieces", lmbda=1.0, generation_temperature=0.0, max_steps=1,
+                         generation_batch_size=1)
+    calls = []
+    original = pieces.model.generate
+    pieces.model.generate = lambda **kwargs: calls.append(len(kwargs["input_ids"])) or original(**kwargs)
+    pieces.train()
+    assert calls == [1, 1, 1, 1]
+    assert losses(pieces) == pytest.approx(losses(whole), rel=1e-5)
