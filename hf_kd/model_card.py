@@ -45,6 +45,7 @@ PIPELINE_TAGS = {"AutoModelForCausalLM": "text-generation", "AutoModelForSequenc
                  "AutoModelForQuestionAnswering": "question-answering", "AutoModelForMaskedLM": "fill-mask",
                  "AutoModelForSeq2SeqLM": "text2text-generation",
                  "AutoModelForAudioClassification": "audio-classification"}
+LOWER_IS_BETTER = ("loss", "nll", "perplexity", "mse")  # metric names whose ratio is no retention
 # eval keys that are no model quality: Trainer's timings and the epoch
 NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "epoch", "model_preparation_time")
 HYPERPARAMETERS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
@@ -94,9 +95,10 @@ def split_metrics(log_history: Sequence[Mapping[str, Any]], prefix: str = "eval"
 
 
 def retention(student: Mapping[str, float], teacher: Mapping[str, float]) -> dict[str, float]:
-    """``student[k] / teacher[k]`` for each metric both have, losses and perplexities left out."""
+    """``student[k] / teacher[k]`` for each metric both have; losses, NLLs and perplexities (lower is better, so a
+    share means nothing) left out."""
     return {k: student[k] / teacher[k] for k in student
-            if k in teacher and teacher[k] and "loss" not in k and "perplexity" not in k}
+            if k in teacher and teacher[k] and not any(word in k for word in LOWER_IS_BETTER)}
 
 
 def write_card(

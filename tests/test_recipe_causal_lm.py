@@ -81,12 +81,16 @@ def check_run(result: dict, output_dir: Path, block_size: int) -> dict:
         assert math.isfinite(perplexity) and perplexity > 1
         assert perplexity == pytest.approx(math.exp(loss))
         assert isinstance(entry["sample"], str) and entry["sample"]
-        assert math.isfinite(entry["teacher_nll"]) and entry["teacher_nll"] > 0
+        assert math.isfinite(entry["metrics"]["teacher_nll"]) and entry["metrics"]["teacher_nll"] > 0
         assert (entry["train_seconds"] is None) == (role == "teacher")
     assert results["baseline"]["params"] == results["student"]["params"] < results["teacher"]["params"]
     markdown = (output_dir / "results.md").read_text()
     assert "| teacher |" in markdown and "Greedy sample, student" in markdown and "perplexity" in markdown
     assert "teacher_nll (the teacher's per-token NLL" in markdown
+    assert markdown.splitlines()[0].endswith("| teacher_nll |")  # a column of the table
+    card = (output_dir / "student" / "README.md").read_text()
+    assert "teacher_nll" in card  # in the model-index and the table
+    assert "teacher_nll" not in results["student"]["retention"]  # lower is better: no share
     assert (output_dir / "history.png").read_bytes().startswith(PNG_MAGIC)
     # The last periodic eval (CE part of the KD eval loss) agrees with the final plain evaluation of each student.
     for phase, role in (("baseline", "baseline"), ("distillation", "student")):
@@ -216,7 +220,7 @@ def test_seq_kd_prompt_completion_run(tiny, tmp_path):
     result = MODULE.run(*RECIPE.parse_dict(config))
     assert distillation_logs(result, "on_policy/teacher_share") == [1.0, 1.0]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert list(results) == ["teacher", "student"] and "teacher_nll" not in results["student"]
+    assert list(results) == ["teacher", "student"] and "teacher_nll" not in results["student"]["metrics"]
 
 
 @pytest.mark.parametrize(("setting", "value", "named"), [("lmbda", 0.5, "`lmbda=0.5`"),

@@ -86,6 +86,7 @@ def run_recipe(
     plain_evaluation: bool = False,
     labels: Mapping[str, str] | None = None,
     extra: Callable[[nn.Module], dict[str, Any]] | None = None,
+    model_metrics: Callable[[nn.Module], dict[str, float]] | None = None,
     notes: Sequence[str] | Callable[[Mapping[str, ModelResult]], Sequence[str]] = (),
     base_model: str | None = None,
     timer: PhaseTimer | None = None,
@@ -117,6 +118,8 @@ def run_recipe(
             their own trainer's ``evaluate()``.
         labels: The names of the roles in the results (``{"student": "student (KD)"}``); by default the roles.
         extra: ``extra(model)``: more fields of a model's ``results.json`` entry, e.g. a generated sample.
+        model_metrics: ``model_metrics(model)``: more metrics measured on the trained model itself (not by the eval
+            loop), joining its results' metrics (table, card, retention), e.g. the causal LM's ``teacher_nll``.
         notes: Lines under the results table, or ``notes(results)`` returning them.
         base_model: The model card's ``base_model`` (a Hub id the student derives from), or None.
         timer: The run's timer, started where the recipe began (its own phases already recorded); None: a new one.
@@ -156,7 +159,8 @@ def run_recipe(
                train_seconds: float | None) -> ModelResult:
         timed[role] = model  # its latency: measured with the others' once all are trained
         return ModelResult(names[role], count_parameters(model), saved_size(model, path), float("nan"),
-                           metrics(scores), train_seconds, extra(model) if extra else {})
+                           {**metrics(scores), **(model_metrics(model) if model_metrics else {})}, train_seconds,
+                           extra(model) if extra else {})
 
     def train(role: str, phase: str, model: nn.Module, args: DistillationArguments,
               distil_from: nn.Module | list[nn.Module] | None, teacher_cache: Path | None = None) -> Trainer:
