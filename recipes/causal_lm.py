@@ -240,28 +240,24 @@ def load_blocks(args: CausalLMArguments, tokenizer: PreTrainedTokenizerBase) -> 
 
 @dataclass
 class CompletionCollator:
-    """Pads :func:`prompt_rows` (and blocks) for both phases.
+    """Pads :func:`prompt_rows` (and blocks) for both phases with ``hf_kd.PromptCompletionCollator``.
 
-    A plain ``Trainer`` (the baseline, the evaluations) drops the ``prompt_length`` column, which the model does not
-    take: ``input_ids`` / ``labels`` are padded on the right (pad token / -100) with their ``attention_mask``. The
-    distillation trainer keeps it: the rows go through ``hf_kd.PromptCompletionCollator`` (the same labels), which
-    adds the left-padded prompts that ``lmbda`` / ``seq_kd`` generate from.
+    The distillation trainer keeps the ``prompt_length`` column: its batches also hold the left-padded prompts that
+    ``lmbda`` / ``seq_kd`` generate from. A plain ``Trainer`` (the baseline, the evaluations) drops it, as its model
+    does not take it: the prompt then ends where the row's ``labels`` start, and the batch is ``input_ids`` /
+    ``attention_mask`` / ``labels`` alone.
     """
 
     pad_token_id: int
 
     def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        collate = PromptCompletionCollator(self.pad_token_id)
         if PROMPT_LENGTH in features[0]:
-            return PromptCompletionCollator(self.pad_token_id)([{k: v for k, v in f.items() if k != "labels"}
-                                                                for f in features])
-        width = max(len(f["input_ids"]) for f in features)
-
-        def padded(key: str, value: int) -> torch.Tensor:
-            return torch.tensor([[*f[key], *[value] * (width - len(f[key]))] for f in features])
-
-        mask = torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features])
-        return {"input_ids": padded("input_ids", self.pad_token_id), "attention_mask": mask,
-                "labels": padded("labels", -100)}
+            return collate([{k: v for k, v in f.items() if k != "labels"} for f in features])
+        starts = [next((i for i, label in enumerate(f["labels"]) if label != -100), len(f["labels"]))
+                  for f in features]
+        batch = collate([{"input_ids": f["input_ids"], PROMPT_LENGTH: start} for f, start in zip(features, starts)])
+        return {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
 
 
 # ---- student ---------------------------------------------------------------------------------------------------
