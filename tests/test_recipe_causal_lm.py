@@ -337,6 +337,21 @@ def test_teacher_cache_auto(tiny, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "cli" / "student").exists()  # the students were not trained
 
 
+def test_prompt_completion_rows_distil_from_a_cache_as_from_the_live_teacher(tiny, tmp_path):
+    """data_mode: prompt_completion (lmbda=0) with an exact ``teacher_cache: auto``: the same student as the live
+    teacher gives; with lmbda > 0 the cache is refused before it is built."""
+    exact = {"baseline": False, "teacher_cache_top_k": None, "teacher_cache_dtype": "float32",
+             "data_mode": "prompt_completion", "eval_prompts": 0}
+    live = MODULE.run(*RECIPE.parse_dict(tiny_config(tiny, tmp_path / "live", **exact)))
+    cached = MODULE.run(*RECIPE.parse_dict(tiny_config(tiny, tmp_path, teacher_cache="auto", **exact)))
+    assert cached["teacher_cache"] is not None
+    for a, b in zip(live["student"].parameters(), cached["student"].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="`teacher_cache: auto` caches the teacher over the dataset's rows"):
+        MODULE.run(*RECIPE.parse_dict(tiny_config(tiny, tmp_path / "on", teacher_cache="auto", lmbda=1.0, **exact)))
+    assert not (tmp_path / "on" / "cache").exists()
+
+
 def test_teacher_cache_auto_refuses_assistants_and_uncached_distillers(tiny, tmp_path):
     args, training_args = RECIPE.parse_dict(tiny_config(tiny, tmp_path, teacher_cache="auto",
                                                         assistants=[str(tiny["teacher"])]))

@@ -35,8 +35,13 @@ AUTO = "auto"
 
 
 def check_auto_cache(training_args: DistillationArguments, assistants: Sequence[Any]) -> None:
-    """Before any work: ``teacher_cache: auto`` with several teachers, or with a distiller a cache cannot serve, is
-    an error naming ``teacher_cache`` and the fix."""
+    """Before any work: ``teacher_cache: auto`` with several teachers, with generated completions (``lmbda`` /
+    ``seq_kd``: text a cache of the dataset cannot cover), or with a distiller a cache cannot serve, is an error
+    naming ``teacher_cache`` and the fix."""
+    if training_args.lmbda > 0 or training_args.seq_kd:
+        raise ValueError("`teacher_cache: auto` caches the teacher over the dataset's rows, and `lmbda` / `seq_kd` "
+                         "train on newly generated completions; set `teacher_cache: null`, or lmbda=0 and "
+                         "seq_kd=False.")
     if assistants:
         raise ValueError(f"`teacher_cache: auto` caches one teacher, and this run has {len(assistants)} assistants "
                          "(`assistants`); remove the assistants or set `teacher_cache: null` to run the teachers.")
