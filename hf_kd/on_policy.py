@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .prompts import PROMPT_KEYS
+from .prompts import PROMPT_KEYS, lacks_completions
 from .step_random import StepRandom
 
 STUDENT, TEACHER, DATASET = "student", "teacher", "dataset"  # who wrote a step's completions
@@ -178,10 +178,15 @@ def packed(prompts: torch.Tensor, prompt_mask: torch.Tensor, completions: torch.
 
 
 def completion_source(args: Any, student: nn.Module, task: str, teachers: Sequence[nn.Module], cached: bool,
-                      sharded: bool, processing_class: Any = None) -> CompletionSource | None:
+                      sharded: bool, processing_class: Any = None,
+                      train_dataset: Any = None) -> CompletionSource | None:
     """The run's :class:`CompletionSource` when ``args.lmbda > 0`` or ``args.seq_kd`` (else None), after the checks
-    that can fail before training: a causal-LM student, a teacher to generate with ``seq_kd`` (not a cache, not
-    sharded), and a pad and an EOS token."""
+    that can fail before training: prompt-only data trains on generated completions only, a causal-LM student, a
+    teacher to generate with ``seq_kd`` (not a cache, not sharded), and a pad and an EOS token."""
+    if args.lmbda < 1 and not args.seq_kd and lacks_completions(train_dataset):
+        raise ValueError(f"The train rows are prompts without completions, and lmbda={args.lmbda} with seq_kd=False "
+                         "trains some steps on the dataset's completions. Set lmbda=1 or seq_kd=True, or give the "
+                         "rows a `completion`.")
     if not args.lmbda and not args.seq_kd:
         return None
     setting = "lmbda" if args.lmbda else "seq_kd"

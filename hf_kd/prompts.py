@@ -110,3 +110,12 @@ class PromptCompletionCollator:
         for key in features[0].keys() - {"input_ids", PROMPT_LENGTH}:
             batch[key] = torch.tensor([f[key] for f in features])
         return batch
+
+
+def lacks_completions(dataset: Any, rows: int = 64) -> bool:
+    """Whether the first ``rows`` rows of a :func:`tokenize_prompts` dataset are all prompt only (no token after
+    ``prompt_length``); False for a dataset without a ``prompt_length`` column."""
+    if dataset is None or PROMPT_LENGTH not in (getattr(dataset, "column_names", None) or []):
+        return False
+    head = dataset.select(range(min(rows, len(dataset))))
+    return all(len(ids) <= start for ids, start in zip(head["input_ids"], head[PROMPT_LENGTH]))

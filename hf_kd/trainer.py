@@ -211,7 +211,7 @@ class DistillationTrainer(Trainer):
         )
         self._student_inputs = accepted_inputs(student)
         self._completions = completion_source(args, student, self._student_task, self.teachers, self._cached,
-                                              engine != "none", self.processing_class)
+                                              engine != "none", self.processing_class, self.train_dataset)
         self._position_limits = position_limits(roles)
         wanted = {"output_hidden_states": self.requirements.hidden_states,
                   "output_attentions": self.requirements.attentions}

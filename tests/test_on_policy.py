@@ -170,8 +170,14 @@ def test_prompt_only_data_trains_on_generated_completions_and_is_refused_off_pol
     on = trainer_for(tmp_path / "on", data=data, lmbda=1.0)
     on.train()
     assert all(loss > 0 for loss in losses(on))
+    with pytest.raises(ValueError, match="prompts without completions, and lmbda=0.5"):  # when the trainer is built
+        trainer_for(tmp_path / "off", data=data, lmbda=0.5)
+    with pytest.raises(ValueError, match="prompts without completions, and lmbda=0.0"):
+        trainer_for(tmp_path / "plain", data=data)
+    late = trainer_for(tmp_path / "late", data=prompt_data(), lmbda=0.5, max_steps=20)
+    late.train_dataset = data  # rows found prompt-only only in training: the step that needs them stops
     with pytest.raises(ValueError, match="no completion"):
-        trainer_for(tmp_path / "off", data=data, lmbda=0.5, max_steps=20).train()
+        late.train()
 
 
 def test_settings_are_checked_before_training(tmp_path):
