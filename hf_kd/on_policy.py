@@ -107,7 +107,7 @@ class CompletionSource:
         self.stats.steps += 1
         self.stats.authors[author] += 1
         if author == DATASET:
-            if all(not (batch["labels"] != -100).any() for batch in batches):
+            if all("labels" in batch and not (batch["labels"] != -100).any() for batch in batches):
                 raise ValueError(f"Step {step} trains on the dataset's completions (lmbda={self.lmbda}, seq_kd=False), "
                                  "and its rows have no completion (prompt-only data). Set lmbda=1 or seq_kd=True, "
                                  "or give the rows a `completion`.")
