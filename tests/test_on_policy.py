@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 from conftest import EOS, PAD, Ids, bert, llama, prompt_data, training_args
 from hf_kd import DistillationTrainer, PromptCompletionCollator, tokenize_prompts
+from hf_kd.distillers.base import _REGISTRY
 from hf_kd.on_policy import completion_source, packed
 
 
@@ -207,15 +208,28 @@ def test_settings_are_checked_before_training(tmp_path):
 
 
 def test_the_loss_temperature_is_not_the_sampling_temperature(tmp_path):
-    """generation_temperature changes what is sampled; the distiller's temperature what is scored."""
-    cold = trainer_for(tmp_path / "cold", lmbda=1.0, generation_temperature=0.0, max_steps=1)
-    cold.train()
-    greedy = trainer_for(tmp_path / "greedy", lmbda=1.0, generation_temperature=0.0, max_steps=1,
-                         distillers=[{"name": "jsd", "beta": 0.5, "temperature": 2.0}])
-    greedy.train()
-    assert losses(cold) != losses(greedy)  # the same greedy completions, another loss temperature
-    generated = [cold._completions.stats, greedy._completions.stats]
-    assert all(stats.steps == 0 for stats in generated)  # popped by the logs
+    """generation_temperature changes what is sampled, not what is scored; the distiller's temperature the other
+    way round."""
+    def run(name, **overrides):
+        trainer = trainer_for(tmp_path / name, lmbda=1.0, max_steps=1, **overrides)
+        sequences, complete = [], trainer._completions.complete
+
+        def recorded(*args):
+            batches = complete(*args)
+            sequences.extend(batch["input_ids"] for batch in batches)
+            return batches
+
+        trainer._completions.complete = recorded
+        trainer.train()
+        return losses(trainer), sequences
+
+    greedy_t1, greedy = run("t1", generation_temperature=0.0)
+    greedy_t2, greedy_again = run("t2", generation_temperature=0.0,
+                                  distillers=[{"name": "jsd", "beta": 0.5, "temperature": 2.0}])
+    assert all(torch.equal(a, b) for a, b in zip(greedy, greedy_again, strict=True))  # the same completions
+    assert greedy_t1 != greedy_t2  # scored at another loss temperature
+    _, sampled = run("hot", generation_temperature=2.0)
+    assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(greedy, sampled))  # sampled otherwise
 
 
 def test_gradient_accumulation_gives_the_one_batch_losses(tmp_path):
@@ -260,3 +274,27 @@ def test_generation_batch_size_splits_the_prompts_not_the_result(tmp_path):
     pieces.train()
     assert calls == [1, 1, 1, 1]
     assert losses(pieces) == pytest.approx(losses(whole), rel=1e-5)
+
+
+def test_a_bf16_teacher_writes_the_completions_and_the_losses_stay_finite(tmp_path):
+    trainer = trainer_for(tmp_path, seq_kd=True, teacher_dtype="bfloat16", max_steps=2)
+    assert next(trainer.teacher.parameters()).dtype == torch.bfloat16
+    trainer.train()
+    assert trainer._completions.generate_calls == {"student": 0, "teacher": 2}
+    assert all(0 < loss < float("inf") for loss in losses(trainer))
+    metrics = trainer.evaluate(prompt_data(4, seed=1))
+    assert 0 <= metrics["eval_teacher_agreement"] <= 1 and metrics["eval_kl_to_teacher"] >= 0
+
+
+# Every per-row logit distiller of the registry reads generated completions (deit needs a distillation token, dgkd
+# and ces_kd several teachers; they are not token-level LM losses).
+ROW_LOGIT_DISTILLERS = sorted(name for name, cls in _REGISTRY.items() if cls.family == "logit"
+                              and hasattr(cls, "divergence") and cls.__module__.startswith("hf_kd."))
+
+
+@pytest.mark.parametrize("name", ROW_LOGIT_DISTILLERS)
+def test_every_row_logit_distiller_trains_on_generated_completions(tmp_path, name):
+    trainer = trainer_for(tmp_path, distillers=[{"name": name}], lmbda=1.0, max_steps=2)
+    trainer.train()
+    assert trainer._completions.generate_calls["student"] == 2
+    assert all(entry[f"loss/{name}"] < float("inf") for entry in trainer.state.log_history if "loss" in entry)
