@@ -63,6 +63,9 @@ def test_collator_masks_prompt_and_padding_and_left_pads_the_prompts():
     data = tokenize_prompts(Dataset.from_list([{"prompt": [5, 6], "completion": [7]},
                                                {"prompt": [8, 9, 10], "completion": [11, 12, EOS]}]), Ids())
     assert data["input_ids"] == [[5, 6, 7, EOS], [8, 9, 10, 11, 12, EOS]]  # EOS added once
+    cut = tokenize_prompts(Dataset.from_list([{"prompt": [8, 9, 10], "completion": [11, 12]}]), Ids(),
+                           max_prompt_length=2, max_completion_length=2)
+    assert cut[0] == {"input_ids": [9, 10, 11, 12], "prompt_length": 2}  # the prompt's end, the completion's start
     batch = PromptCompletionCollator(PAD)(list(data))
     assert batch["labels"].tolist() == [[-100, -100, 7, EOS, -100, -100], [-100, -100, -100, 11, 12, EOS]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6]
